@@ -1,0 +1,35 @@
+#pragma once
+// Process bootstrap: MPI init, rank/size/local rank, GPU binding. Public headers never
+// include mpi.h; only src/comm knows MPI.
+#include <string>
+
+#include "distattn/core/device.h"
+
+namespace distattn {
+
+struct RuntimeInfo {
+  int rank = 0;
+  int size = 1;
+  int local_rank = 0;  // rank among processes on this node (MPI_Comm_split_type SHARED)
+  int local_size = 1;
+  std::string hostname;
+  int cuda_devices = 0;  // visible CUDA devices on this node
+  Device device{};       // bound device: cuda(local_rank % cuda_devices) when requested
+};
+
+struct RuntimeOptions {
+  bool use_gpu = false;   // bind a GPU (cudaSetDevice(local_rank % count)) when one exists
+  bool verbose = false;   // print one placement line per rank
+};
+
+// Initializes MPI (MPI_THREAD_MULTIPLE when available, else FUNNELED) once. Safe to call
+// again (returns the same info). Reads SLURM/Open MPI env vars only when MPI cannot tell.
+const RuntimeInfo& runtime_init(int* argc, char*** argv, const RuntimeOptions& opts = {});
+// Finalizes MPI if runtime_init initialized it. Idempotent.
+void runtime_finalize();
+bool runtime_initialized();
+const RuntimeInfo& runtime_info();  // throws if not initialized
+// Ends the whole job with `code` (MPI_Abort), for unrecoverable errors.
+[[noreturn]] void runtime_abort(int code, const std::string& why);
+
+}  // namespace distattn

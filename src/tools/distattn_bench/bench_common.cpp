@@ -1,0 +1,146 @@
+#include "src/tools/distattn_bench/bench_common.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+
+#include "distattn/config.h"
+
+extern char** environ;
+
+namespace distattn::bench {
+
+std::map<std::string, Command>& commands() {
+  static std::map<std::string, Command> registry;
+  return registry;
+}
+
+CommandRegistrar::CommandRegistrar(const char* name, const char* help, CommandFn fn) {
+  commands()[name] = Command{name, help, fn};
+}
+
+uint64_t parse_size(const std::string& text) {
+  DISTATTN_CHECK(!text.empty(), "empty size (use e.g. 64, 4K, 16M, 1G)");
+  uint64_t mult = 1;
+  std::string digits = text;
+  const char last = static_cast<char>(std::toupper(static_cast<unsigned char>(text.back())));
+  if (last == 'K' || last == 'M' || last == 'G') {
+    mult = last == 'K' ? (1ull << 10) : last == 'M' ? (1ull << 20) : (1ull << 30);
+    digits = text.substr(0, text.size() - 1);
+  }
+  size_t used = 0;
+  unsigned long long v = 0;
+  try {
+    v = std::stoull(digits, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  DISTATTN_CHECK(used == digits.size() && !digits.empty(), "bad size '", text,
+                 "' (use a number with an optional K, M or G suffix, e.g. 16M)");
+  return static_cast<uint64_t>(v) * mult;
+}
+
+std::string format_size(uint64_t b) {
+  if (b >= (1ull << 30) && b % (1ull << 30) == 0) return std::to_string(b >> 30) + "G";
+  if (b >= (1ull << 20) && b % (1ull << 20) == 0) return std::to_string(b >> 20) + "M";
+  if (b >= (1ull << 10) && b % (1ull << 10) == 0) return std::to_string(b >> 10) + "K";
+  return std::to_string(b);
+}
+
+namespace {
+std::string json_escape(const std::string& s) {
+  std::string o = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      o += '\\';
+      o += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      o += buf;
+    } else {
+      o += c;
+    }
+  }
+  return o + "\"";
+}
+}  // namespace
+
+JsonRow& JsonRow::set(const std::string& key, double v) {
+  std::ostringstream os;
+  if (std::isfinite(v)) {
+    os << std::setprecision(9) << v;
+  } else {
+    os << "null";  // JSON has no inf/nan
+  }
+  fields_.emplace_back(key, os.str());
+  return *this;
+}
+JsonRow& JsonRow::set(const std::string& key, int64_t v) {
+  fields_.emplace_back(key, std::to_string(v));
+  return *this;
+}
+JsonRow& JsonRow::set(const std::string& key, const std::string& v) {
+  fields_.emplace_back(key, json_escape(v));
+  return *this;
+}
+JsonRow& JsonRow::set(const std::string& key, bool v) {
+  fields_.emplace_back(key, v ? "true" : "false");
+  return *this;
+}
+std::string JsonRow::str() const {
+  std::string o = "{";
+  for (size_t i = 0; i < fields_.size(); ++i) {
+    if (i) o += ", ";
+    o += json_escape(fields_[i].first) + ": " + fields_[i].second;
+  }
+  return o + "}";
+}
+
+void write_json(const std::string& path, const std::string& command, const JsonRow& header,
+                const std::vector<JsonRow>& rows) {
+  if (path.empty()) return;
+  std::ofstream f(path);
+  DISTATTN_CHECK_STATUS(f.good(), Status::kIoError, "cannot open '", path, "' for writing");
+  f << "{\n  \"command\": " << json_escape(command) << ",\n  \"header\": " << header.str()
+    << ",\n  \"rows\": [\n";
+  for (size_t i = 0; i < rows.size(); ++i)
+    f << "    " << rows[i].str() << (i + 1 < rows.size() ? ",\n" : "\n");
+  f << "  ]\n}\n";
+  DISTATTN_CHECK_STATUS(f.good(), Status::kIoError, "writing '", path, "' failed");
+}
+
+double max_over_ranks(comm::Communicator& comm, double value) {
+  double out = value;
+  comm.all_reduce(&value, &out, 1, DType::kFloat64, comm::ReduceOp::kMax);
+  return out;
+}
+
+double sum_over_ranks(comm::Communicator& comm, double value) {
+  double out = value;
+  comm.all_reduce(&value, &out, 1, DType::kFloat64, comm::ReduceOp::kSum);
+  return out;
+}
+
+std::string environment_header() {
+  std::ostringstream os;
+  os << "# distattn " << DISTATTN_VERSION << " (" << DISTATTN_BUILD_TYPE
+     << ", cuda=" << DISTATTN_WITH_CUDA << " archs=" << DISTATTN_CUDA_ARCHITECTURES
+     << ", nccl=" << DISTATTN_WITH_NCCL << ", nvtx=" << DISTATTN_WITH_NVTX
+     << ", avx512=" << DISTATTN_WITH_AVX512 << ")\n";
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    if (std::strncmp(*e, "DISTATTN_", 9) == 0 || std::strncmp(*e, "OMP_NUM_THREADS=", 16) == 0)
+      os << "# env " << *e << "\n";
+  }
+  return os.str();
+}
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace distattn::bench
