@@ -1,5 +1,6 @@
 #include "distattn/core/tensor_view.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -197,11 +198,38 @@ DeviceType pointer_device_type(const void* ptr) {
 #endif
 }
 
+namespace {
+struct MemoryCounter {
+  std::atomic<int64_t> current{0};
+  std::atomic<int64_t> peak{0};
+  void add(int64_t n) {
+    const int64_t now = current.fetch_add(n) + n;
+    int64_t p = peak.load();
+    while (now > p && !peak.compare_exchange_weak(p, now)) {
+    }
+  }
+};
+MemoryCounter& counter(DeviceType t) {
+  static MemoryCounter counters[2];
+  return counters[t == DeviceType::kCPU ? 0 : 1];
+}
+}  // namespace
+
+MemoryStats memory_stats(DeviceType type) {
+  return {counter(type).current.load(), counter(type).peak.load()};
+}
+void reset_peak_memory(DeviceType type) { counter(type).peak.store(counter(type).current.load()); }
+
 Tensor Tensor::empty(std::span<const int64_t> shape, DType dtype, Device device) {
   Tensor t;
   TensorView probe(nullptr, dtype, device, shape);
+  const int64_t bytes = static_cast<int64_t>(probe.nbytes());
   void* p = device_alloc(probe.nbytes(), device);
-  t.buffer_ = std::shared_ptr<void>(p, [device](void* q) { device_free(q, device); });
+  counter(device.type).add(bytes);
+  t.buffer_ = std::shared_ptr<void>(p, [device, bytes](void* q) {
+    device_free(q, device);
+    counter(device.type).add(-bytes);
+  });
   t.view_ = TensorView(p, dtype, device, shape);
   return t;
 }

@@ -97,6 +97,15 @@ class Tensor {
   TensorView view_;
 };
 
+// Bytes held by live Tensor buffers, per device type (all devices of a type together).
+// Peak is the high-water mark since the last reset; strategies' memory tests assert on it.
+struct MemoryStats {
+  int64_t current_bytes = 0;
+  int64_t peak_bytes = 0;
+};
+MemoryStats memory_stats(DeviceType type);
+void reset_peak_memory(DeviceType type);  // peak := current
+
 // Raw allocation on a device (host: 64-byte aligned). Free with device_free.
 void* device_alloc(size_t bytes, Device device);
 void device_free(void* ptr, Device device) noexcept;

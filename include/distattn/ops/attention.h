@@ -29,6 +29,11 @@ struct AttentionOptions {
   int64_t window_left = -1;   // < 0: unlimited
   int64_t window_right = -1;  // < 0: unlimited
   Stream stream = nullptr;    // CUDA stream for CUDA tensors
+  // CPU kernels call progress(progress_ctx) every few tiles from one thread (never
+  // concurrently). Strategies pass Communicator::progress here so that host-memory
+  // transfers (MPI) advance while the kernel computes. nullptr: no calls.
+  void (*progress)(void*) = nullptr;
+  void* progress_ctx = nullptr;
 
   float scale_for(int64_t head_dim) const;
 };
