@@ -33,13 +33,14 @@ int main(int argc, char** argv) {
   try {
     const auto& info = distattn::runtime_init(&argc, &argv, {.use_gpu = true});
     size = info.size;
-    std::string prog = std::string("distattn-bench ") + argv[1];
+    const std::string command = argv[1];
+    std::string prog = "distattn-bench " + command;
     argv[1] = prog.data();
     const int rc = it->second.fn(argc - 1, argv + 1);
     distattn::runtime_finalize();
     return rc;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "distattn-bench %s: %s\n", argv[1], e.what());
+    std::fprintf(stderr, "distattn-bench: %s\n", e.what());
     if (size > 1) distattn::runtime_abort(1, e.what());  // don't leave peers waiting
     distattn::runtime_finalize();
     return 1;
