@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages distattn's build needs. Idempotent: when every package
+# is already installed it touches nothing (no apt-get at all). CUDA and NCCL are not
+# installed here: the CUDA toolkit (with NCCL) comes from NVIDIA; without it distattn builds
+# its CPU/MPI parts only.
+set -euo pipefail
+
+PACKAGES=(
+  cmake ninja-build g++
+  openmpi-bin libopenmpi-dev
+  libboost-program-options-dev
+  libgtest-dev
+  libopenblas-dev
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg -s "$p" >/dev/null 2>&1; then missing+=("$p"); fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "[setup-deps] all build dependencies are installed"
+  exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "[setup-deps] missing packages: ${missing[*]}" >&2
+  echo "[setup-deps] apt-get not found: install them with your package manager" >&2
+  exit 1
+fi
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo)
+  else
+    echo "[setup-deps] missing packages: ${missing[*]}; run as root or install sudo" >&2
+    exit 1
+  fi
+fi
+
+echo "[setup-deps] installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update
+"${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+echo "[setup-deps] done"

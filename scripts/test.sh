@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs missing build dependencies, builds distattn with its tests, and runs the whole
+# suite with ctest. Arguments pass through to ctest (e.g. -R ring, -L mpi, -E _np4).
+# Environment: BUILD_DIR / BUILD_TYPE / DISTATTN_CUDA / CMAKE_ARGS / JOBS (see build.sh),
+# CTEST_JOBS (tests run at once; default 1: the MPI tests already start up to 4 ranks each,
+# and several of them at once oversubscribe small machines), SKIP_SETUP=1, SKIP_BUILD=1.
+# GPU tests skip cleanly ("skipped: no GPU") on machines without one.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export BUILD_DIR="${BUILD_DIR:-$REPO/build}"
+
+start=$(date +%s)
+if [ "${SKIP_SETUP:-0}" != 1 ]; then bash "$REPO/scripts/setup-deps.sh"; fi
+if [ "${SKIP_BUILD:-0}" != 1 ]; then bash "$REPO/scripts/build.sh"; fi
+built=$(date +%s)
+
+CTEST_JOBS="${CTEST_JOBS:-1}"
+echo "[test] ctest -j$CTEST_JOBS in $BUILD_DIR${*:+ (args: $*)}"
+rc=0
+(cd "$BUILD_DIR" && ctest --output-on-failure -j "$CTEST_JOBS" "$@") || rc=$?
+end=$(date +%s)
+echo "[test] setup+build $((built - start)) s, tests $((end - built)) s: $([ $rc -eq 0 ] && echo PASSED || echo "FAILED (rc=$rc)")"
+exit "$rc"
