@@ -87,13 +87,24 @@ void attention_decode(const TensorView& q, const TensorView& k, const TensorView
                       const TensorView& out, const TensorView& lse,
                       const AttentionOptions& opts = {}, const DecodeOptions& dopts = {});
 // Decode over a paged cache; batch b attends the first seq_lens[b] tokens of its pages.
+// Positions are per sequence: key t of sequence b sits at t, and its seq_q queries are the
+// last seq_q positions (query i at seq_lens[b] - seq_q + i), which is what causal/window
+// masks use. opts.q_offset and opts.k_offset must be 0. Equals attention_decode over the
+// contiguous cache with q_offset = seq_lens[b] - seq_q when all lengths are equal.
 void attention_decode_paged(const TensorView& q, const PagedKV& cache, const TensorView& out,
                             const TensorView& lse, const AttentionOptions& opts = {},
                             const DecodeOptions& dopts = {});
 
 // FLOPs as REFERENCE.md counts them (4*B*Hq*Sq*Sk*D forward, halved for causal Sq == Sk;
 // backward 2.5x forward), counting only visible pairs when causal with offsets.
+// Causal here places the queries at the end of the keys (q_offset = seq_k - seq_q), and
+// counts the exact visible pairs (S*(S+1)/2 for Sq == Sk == S).
 double attention_forward_flops(int64_t batch, int64_t heads_q, int64_t seq_q, int64_t seq_k,
                                int64_t head_dim, bool causal);
+// General form: 2*B*Hq*(D + Dv) per visible (query, key) pair under opts' mask (causal,
+// window, q_offset, k_offset), counted exactly.
+double attention_forward_flops(int64_t batch, int64_t heads_q, int64_t seq_q, int64_t seq_k,
+                               int64_t head_dim, int64_t head_dim_v,
+                               const AttentionOptions& opts);
 
 }  // namespace distattn::ops

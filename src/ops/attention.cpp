@@ -1,0 +1,393 @@
+// Validation and device dispatch of the local attention ops (distattn/ops/attention.h).
+// Every entry point checks all of its tensors before any kernel runs, with messages that
+// name the tensor and say what to change; the device switch lives only in this file so the
+// CUDA kernels plug in at one place.
+#include "distattn/ops/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "kernels/cpu/attention_cpu.h"
+
+namespace distattn::ops {
+
+float AttentionOptions::scale_for(int64_t head_dim) const {
+  if (softmax_scale.has_value()) {
+    DISTATTN_CHECK(std::isfinite(*softmax_scale), "softmax_scale must be finite, got ",
+                   *softmax_scale, " (leave it unset for 1/sqrt(head_dim))");
+    return *softmax_scale;
+  }
+  DISTATTN_CHECK(head_dim > 0, "head_dim must be positive to derive the softmax scale, got ",
+                 head_dim);
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+}
+
+namespace {
+
+bool is_storage_float(DType t) {
+  return t == DType::kFloat32 || t == DType::kBFloat16 || t == DType::kFloat16;
+}
+
+std::string shape_of(std::initializer_list<int64_t> s) {
+  std::string o = "[";
+  bool first = true;
+  for (int64_t x : s) {
+    o += (first ? "" : ", ") + std::to_string(x);
+    first = false;
+  }
+  return o + "]";
+}
+
+void check_shape(const char* op, const char* name, const TensorView& t,
+                 std::initializer_list<int64_t> want) {
+  bool ok = t.ndim == static_cast<int>(want.size());
+  if (ok) {
+    int d = 0;
+    for (int64_t w : want) ok = ok && t.shape[static_cast<size_t>(d++)] == w;
+  }
+  DISTATTN_CHECK(ok, op, ": ", name, " has shape ", t.shape_str(), " but must be ", shape_of(want));
+}
+
+void check_data(const char* op, const char* name, const TensorView& t) {
+  DISTATTN_CHECK(t.numel() == 0 || t.data != nullptr, op, ": ", name, " has a null data pointer (",
+                 t.str(), ")");
+  for (int d = 0; d < t.ndim; ++d)
+    DISTATTN_CHECK(t.shape[static_cast<size_t>(d)] == 1 || t.strides[static_cast<size_t>(d)] >= 0,
+                   op, ": ", name, " has a negative stride in dim ", d,
+                   "; pass a view with "
+                   "non-negative strides");
+}
+
+void check_last_contiguous(const char* op, const char* name, const TensorView& t) {
+  DISTATTN_CHECK(t.ndim == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name, " ", t.str(),
+                 " must be contiguous in its last dim (stride 1, got ", t.stride(-1),
+                 "); make a packed copy first");
+}
+
+void check_device(const char* op, const char* name, const TensorView& t, const Device& want) {
+  DISTATTN_CHECK(t.device == want, op, ": ", name, " is on ", t.device.str(), " but q is on ",
+                 want.str(), "; all tensors of one call must share a device");
+}
+
+// out-like tensors: q's dtype or fp32.
+void check_result_dtype(const char* op, const char* name, const TensorView& t, DType qt) {
+  DISTATTN_CHECK(t.dtype == qt || t.dtype == DType::kFloat32, op, ": ", name, " is ",
+                 dtype_name(t.dtype), " but must be q's dtype (", dtype_name(qt), ") or fp32");
+}
+
+struct Dims {
+  int64_t B, Sq, Sk, Hq, Hkv, D, Dv;
+};
+
+// paged: k/v are page pools [num_pages, page_size, heads_kv, dim] (no batch dim).
+Dims check_qkv(const char* op, const TensorView& q, const TensorView& k, const TensorView& v,
+               bool paged = false) {
+  const char* kn = paged ? "k_pages" : "k";
+  const char* vn = paged ? "v_pages" : "v";
+  const char* lead = paged ? "[num_pages, page_size" : "[batch, seq_k";
+  DISTATTN_CHECK(q.ndim == 4, op, ": q must be 4-D [batch, seq_q, heads_q, head_dim] (BSHD), got ",
+                 q.str());
+  DISTATTN_CHECK(k.ndim == 4, op, ": ", kn, " must be 4-D ", lead, ", heads_kv, head_dim], got ",
+                 k.str());
+  DISTATTN_CHECK(v.ndim == 4, op, ": ", vn, " must be 4-D ", lead, ", heads_kv, head_dim_v], got ",
+                 v.str());
+  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  DISTATTN_CHECK(is_storage_float(q.dtype), op, ": q is ", dtype_name(q.dtype),
+                 "; supported storage dtypes are fp32, bf16, fp16");
+  DISTATTN_CHECK(k.dtype == q.dtype && v.dtype == q.dtype, op,
+                 ": q, k, v must share one dtype, got q ", dtype_name(q.dtype), ", k ",
+                 dtype_name(k.dtype), ", v ", dtype_name(v.dtype),
+                 "; convert k and v to q's dtype");
+  check_device(op, kn, k, q.device);
+  check_device(op, vn, v, q.device);
+  if (!paged) {
+    DISTATTN_CHECK(k.size(0) == d.B, op, ": k batch ", k.size(0), " must equal q batch ", d.B);
+    DISTATTN_CHECK(v.size(0) == d.B, op, ": v batch ", v.size(0), " must equal q batch ", d.B);
+  } else {
+    DISTATTN_CHECK(v.size(0) == k.size(0), op, ": v_pages has ", v.size(0),
+                   " pages but k_pages has ", k.size(0));
+  }
+  DISTATTN_CHECK(v.size(1) == d.Sk, op, ": ", vn, " dim 1 (", v.size(1), ") must equal ", kn,
+                 " dim 1 (", d.Sk, ")");
+  DISTATTN_CHECK(v.size(2) == d.Hkv, op, ": ", vn, " has ", v.size(2), " KV heads but ", kn,
+                 " has ", d.Hkv);
+  DISTATTN_CHECK(k.size(3) == d.D, op, ": ", kn, " head_dim ", k.size(3), " must equal q head_dim ",
+                 d.D);
+  DISTATTN_CHECK(d.D > 0 && d.Dv > 0, op, ": head dims must be positive (q/k ", d.D, ", v ", d.Dv,
+                 ")");
+  DISTATTN_CHECK(d.Hkv > 0, op, ": ", kn, " must have at least one KV head, got ", k.shape_str());
+  DISTATTN_CHECK(d.Hq % d.Hkv == 0, op, ": query heads (", d.Hq,
+                 ") must be a multiple of KV heads (", d.Hkv,
+                 ") for GQA/MQA; change heads_q or heads_kv");
+  check_data(op, "q", q);
+  check_data(op, kn, k);
+  check_data(op, vn, v);
+  check_last_contiguous(op, "q", q);
+  check_last_contiguous(op, kn, k);
+  check_last_contiguous(op, vn, v);
+  return d;
+}
+
+void check_out_lse(const char* op, const Dims& d, const TensorView& q, const TensorView& out,
+                   const TensorView& lse, const char* out_name = "out",
+                   const char* lse_name = "lse") {
+  check_shape(op, out_name, out, {d.B, d.Sq, d.Hq, d.Dv});
+  check_shape(op, lse_name, lse, {d.B, d.Hq, d.Sq});
+  check_result_dtype(op, out_name, out, q.dtype);
+  DISTATTN_CHECK(lse.dtype == DType::kFloat32, op, ": ", lse_name, " must be fp32, got ",
+                 dtype_name(lse.dtype));
+  check_device(op, out_name, out, q.device);
+  check_device(op, lse_name, lse, q.device);
+  check_data(op, out_name, out);
+  check_data(op, lse_name, lse);
+  check_last_contiguous(op, out_name, out);
+}
+
+void check_options(const char* op, const AttentionOptions& o, int64_t head_dim) {
+  (void)o.scale_for(head_dim);  // validates softmax_scale
+  if (o.progress == nullptr)
+    DISTATTN_CHECK(o.progress_ctx == nullptr, op,
+                   ": progress_ctx is set but progress is null; set both or neither");
+}
+
+[[noreturn]] void cuda_unsupported(const char* op) {
+  DISTATTN_THROW(Status::kUnsupported, op,
+                 ": CUDA attention kernels are not in this build (CPU kernels only); pass CPU "
+                 "tensors, or use a build that includes kernels/cuda attention");
+}
+
+// Sk == 0 (or an empty query set): every row is fully masked -> out = 0, lse = -inf.
+void fill_fully_masked_cpu(const TensorView& out, const TensorView& lse) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t b = 0; b < lse.size(0); ++b)
+    for (int64_t h = 0; h < lse.size(1); ++h)
+      for (int64_t i = 0; i < lse.size(2); ++i)
+        lse.data_as<float>()[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] = neg_inf;
+  const int64_t es = static_cast<int64_t>(out.element_size());
+  for (int64_t b = 0; b < out.size(0); ++b)
+    for (int64_t s = 0; s < out.size(1); ++s)
+      for (int64_t h = 0; h < out.size(2); ++h) {
+        char* row = static_cast<char*>(out.data) +
+                    (b * out.stride(0) + s * out.stride(1) + h * out.stride(2)) * es;
+        std::fill(row, row + out.size(3) * es, char{0});
+      }
+}
+
+void zero_cpu(const TensorView& t) {
+  if (t.numel() == 0) return;
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  for (int64_t a = 0; a < t.size(0); ++a)
+    for (int64_t b = 0; b < t.size(1); ++b)
+      for (int64_t c = 0; c < t.size(2); ++c) {
+        char* row =
+            static_cast<char*>(t.data) + (a * t.stride(0) + b * t.stride(1) + c * t.stride(2)) * es;
+        std::fill(row, row + t.size(3) * es, char{0});
+      }
+}
+
+}  // namespace
+
+void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const TensorView& out, const TensorView& lse, const AttentionOptions& opts) {
+  constexpr const char* op = "attention_forward";
+  const Dims d = check_qkv(op, q, k, v);
+  check_out_lse(op, d, q, out, lse);
+  check_options(op, opts, d.D);
+  if (q.device.is_cuda()) cuda_unsupported(op);
+  if (d.B == 0 || d.Sq == 0 || d.Hq == 0) return;
+  if (d.Sk == 0) {
+    fill_fully_masked_cpu(out, lse);
+    return;
+  }
+  kernels::cpu::flash_forward(q, k, v, out, lse, opts);
+}
+
+void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const TensorView& out, const TensorView& dout, const TensorView& lse,
+                        const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                        const AttentionOptions& opts, const BackwardOptions& bopts) {
+  constexpr const char* op = "attention_backward";
+  const Dims d = check_qkv(op, q, k, v);
+  check_out_lse(op, d, q, out, lse);
+  check_shape(op, "dout", dout, {d.B, d.Sq, d.Hq, d.Dv});
+  check_result_dtype(op, "dout", dout, q.dtype);
+  check_device(op, "dout", dout, q.device);
+  check_data(op, "dout", dout);
+  check_last_contiguous(op, "dout", dout);
+  const struct {
+    const char* name;
+    const TensorView& t;
+    const TensorView& like;
+  } grads[] = {{"dq", dq, q}, {"dk", dk, k}, {"dv", dv, v}};
+  for (const auto& g : grads) {
+    check_shape(op, g.name, g.t, {g.like.size(0), g.like.size(1), g.like.size(2), g.like.size(3)});
+    check_result_dtype(op, g.name, g.t, q.dtype);
+    check_device(op, g.name, g.t, q.device);
+    check_data(op, g.name, g.t);
+    check_last_contiguous(op, g.name, g.t);
+  }
+  check_options(op, opts, d.D);
+  if (q.device.is_cuda()) cuda_unsupported(op);
+  if (d.B == 0) return;
+  if (d.Sq == 0 || d.Sk == 0 || d.Hq == 0) {
+    // No (query, key) pair: every gradient contribution is zero.
+    if (!bopts.accumulate) {
+      zero_cpu(dq);
+      zero_cpu(dk);
+      zero_cpu(dv);
+    }
+    return;
+  }
+  kernels::cpu::flash_backward(q, k, v, out, dout, lse, dq, dk, dv, opts, bopts);
+}
+
+void attention_merge(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,
+                     const TensorView& lse_b, const TensorView& out, const TensorView& lse,
+                     Stream stream) {
+  constexpr const char* op = "attention_merge";
+  DISTATTN_CHECK(out_a.ndim == 4, op, ": out_a must be 4-D [batch, seq_q, heads, head_dim_v], got ",
+                 out_a.str());
+  const int64_t B = out_a.size(0), Sq = out_a.size(1), H = out_a.size(2), Dv = out_a.size(3);
+  const struct {
+    const char* name;
+    const TensorView& t;
+    bool is_out;
+  } all[] = {{"out_a", out_a, true},  {"lse_a", lse_a, false}, {"out_b", out_b, true},
+             {"lse_b", lse_b, false}, {"out", out, true},      {"lse", lse, false}};
+  for (const auto& x : all) {
+    if (x.is_out) {
+      check_shape(op, x.name, x.t, {B, Sq, H, Dv});
+      check_last_contiguous(op, x.name, x.t);
+    } else {
+      check_shape(op, x.name, x.t, {B, H, Sq});
+    }
+    DISTATTN_CHECK(x.t.dtype == DType::kFloat32, op, ": ", x.name,
+                   " must be fp32 (partials are "
+                   "merged in fp32), got ",
+                   dtype_name(x.t.dtype));
+    DISTATTN_CHECK(x.t.device == out_a.device, op, ": ", x.name, " is on ", x.t.device.str(),
+                   " but out_a is on ", out_a.device.str(), "; all tensors must share a device");
+    check_data(op, x.name, x.t);
+  }
+  if (out_a.device.is_cuda()) cuda_unsupported(op);
+  (void)stream;
+  if (out.numel() == 0 && lse.numel() == 0) return;
+  kernels::cpu::merge(out_a, lse_a, out_b, lse_b, out, lse);
+}
+
+void attention_decode(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& out, const TensorView& lse, const AttentionOptions& opts,
+                      const DecodeOptions& dopts) {
+  constexpr const char* op = "attention_decode";
+  const Dims d = check_qkv(op, q, k, v);
+  check_out_lse(op, d, q, out, lse);
+  check_options(op, opts, d.D);
+  DISTATTN_CHECK(d.Sq <= 16, op,
+                 ": decode takes at most 16 queries per sequence, got seq_q = ", d.Sq,
+                 "; use attention_forward for prefill");
+  DISTATTN_CHECK(dopts.num_splits >= 0, op, ": num_splits must be >= 0 (0 = choose), got ",
+                 dopts.num_splits);
+  if (q.device.is_cuda()) cuda_unsupported(op);
+  if (d.B == 0 || d.Sq == 0 || d.Hq == 0) return;
+  if (d.Sk == 0) {
+    fill_fully_masked_cpu(out, lse);
+    return;
+  }
+  kernels::cpu::decode(q, k, v, out, lse, opts, dopts);
+}
+
+void attention_decode_paged(const TensorView& q, const PagedKV& cache, const TensorView& out,
+                            const TensorView& lse, const AttentionOptions& opts,
+                            const DecodeOptions& dopts) {
+  constexpr const char* op = "attention_decode_paged";
+  const TensorView& kp = cache.k_pages;
+  const TensorView& vp = cache.v_pages;
+  const Dims d = check_qkv(op, q, kp, vp, /*paged=*/true);
+  const int64_t B = d.B, Sq = d.Sq, Hq = d.Hq, D = d.D, Dv = d.Dv, Hkv = d.Hkv;
+  const int64_t P = kp.size(0), ps = kp.size(1);
+  DISTATTN_CHECK(ps > 0, op, ": page_size (k_pages dim 1) must be positive, got ", ps);
+  const Dims full{B, Sq, 0, Hq, Hkv, D, Dv};
+  check_out_lse(op, full, q, out, lse);
+  check_options(op, opts, D);
+  const TensorView& pt = cache.page_table;
+  const TensorView& sl = cache.seq_lens;
+  DISTATTN_CHECK(pt.ndim == 2 && pt.size(0) == B, op,
+                 ": page_table must be 2-D [batch, max_pages_per_seq] with batch ", B, ", got ",
+                 pt.str());
+  DISTATTN_CHECK(sl.ndim == 1 && sl.size(0) == B, op, ": seq_lens must be 1-D [batch] with batch ",
+                 B, ", got ", sl.str());
+  DISTATTN_CHECK(pt.dtype == DType::kInt32, op, ": page_table must be int32, got ",
+                 dtype_name(pt.dtype));
+  DISTATTN_CHECK(sl.dtype == DType::kInt32, op, ": seq_lens must be int32, got ",
+                 dtype_name(sl.dtype));
+  check_device(op, "page_table", pt, q.device);
+  check_device(op, "seq_lens", sl, q.device);
+  check_data(op, "page_table", pt);
+  check_data(op, "seq_lens", sl);
+  DISTATTN_CHECK(Sq <= 16, op, ": decode takes at most 16 queries per sequence, got seq_q = ", Sq,
+                 "; use attention_forward for prefill");
+  DISTATTN_CHECK(dopts.num_splits >= 0, op, ": num_splits must be >= 0 (0 = choose), got ",
+                 dopts.num_splits);
+  DISTATTN_CHECK(opts.q_offset == 0 && opts.k_offset == 0, op,
+                 ": q_offset/k_offset must be 0 for a paged cache (positions are per sequence: "
+                 "keys at 0..seq_lens[b]-1, queries are the last seq_q positions)");
+  if (q.device.is_cuda()) cuda_unsupported(op);
+  // Contents are host memory here: check every sequence length and every page id used.
+  const int64_t max_pages = pt.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = sl.data_as<const int32_t>()[b * sl.stride(0)];
+    DISTATTN_CHECK(len >= 0 && len <= max_pages * ps, op, ": seq_lens[", b, "] = ", len,
+                   " must lie in [0, max_pages_per_seq * page_size = ", max_pages * ps, "]");
+    const int64_t used = (len + ps - 1) / ps;
+    for (int64_t p = 0; p < used; ++p) {
+      const int64_t id = pt.data_as<const int32_t>()[b * pt.stride(0) + p * pt.stride(1)];
+      DISTATTN_CHECK(id >= 0 && id < P, op, ": page_table[", b, ", ", p, "] = ", id,
+                     " is not a page id in [0, ", P, ")");
+    }
+  }
+  if (B == 0 || Sq == 0 || Hq == 0) return;
+  kernels::cpu::decode_paged(q, cache, out, lse, opts, dopts);
+}
+
+namespace {
+// Exact number of visible (query, key) pairs under the mask of `o`.
+double visible_pairs(int64_t seq_q, int64_t seq_k, const AttentionOptions& o) {
+  double pairs = 0;
+  for (int64_t i = 0; i < seq_q; ++i) {
+    const int64_t qpos = o.q_offset + i;
+    int64_t lo = o.k_offset, hi = o.k_offset + seq_k - 1;
+    if (o.causal) hi = std::min(hi, qpos);
+    if (o.window_left >= 0) lo = std::max(lo, qpos - o.window_left);
+    if (o.window_right >= 0) hi = std::min(hi, qpos + o.window_right);
+    if (hi >= lo) pairs += static_cast<double>(hi - lo + 1);
+  }
+  return pairs;
+}
+}  // namespace
+
+double attention_forward_flops(int64_t batch, int64_t heads_q, int64_t seq_q, int64_t seq_k,
+                               int64_t head_dim, bool causal) {
+  DISTATTN_CHECK(batch >= 0 && heads_q >= 0 && seq_q >= 0 && seq_k >= 0 && head_dim >= 0,
+                 "attention_forward_flops: sizes must be non-negative");
+  if (!causal)
+    return 4.0 * static_cast<double>(batch) * static_cast<double>(heads_q) *
+           static_cast<double>(seq_q) * static_cast<double>(seq_k) * static_cast<double>(head_dim);
+  AttentionOptions o;
+  o.causal = true;
+  o.q_offset = seq_k - seq_q;  // queries are the last seq_q positions (prefill: Sq == Sk)
+  return attention_forward_flops(batch, heads_q, seq_q, seq_k, head_dim, head_dim, o);
+}
+
+double attention_forward_flops(int64_t batch, int64_t heads_q, int64_t seq_q, int64_t seq_k,
+                               int64_t head_dim, int64_t head_dim_v, const AttentionOptions& opts) {
+  DISTATTN_CHECK(
+      batch >= 0 && heads_q >= 0 && seq_q >= 0 && seq_k >= 0 && head_dim >= 0 && head_dim_v >= 0,
+      "attention_forward_flops: sizes must be non-negative");
+  // Q K^T: 2*D per pair; P V: 2*Dv per pair.
+  return 2.0 * static_cast<double>(batch) * static_cast<double>(heads_q) *
+         visible_pairs(seq_q, seq_k, opts) * static_cast<double>(head_dim + head_dim_v);
+}
+
+}  // namespace distattn::ops
