@@ -1,0 +1,714 @@
+// MPI backend: nonblocking MPI-3 collectives on a duplicated communicator.
+//
+// Every op is posted as one or more MPI requests held by an MpiOpState; Handle::wait()
+// polls them (MPI_Testall) under the watchdog. Messages longer than max_count() elements
+// are chunked (reductions) or described by one derived datatype (data movement), so
+// counts of 2^31 elements and more work with the int-count MPI-3 API. bf16/fp16
+// reductions are widened to fp32, reduced in fp32 and rounded once at the end.
+#include "src/comm/mpi_communicator.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <iomanip>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "distattn/config.h"
+#include "distattn/core/half.h"
+#include "distattn/core/tensor_view.h"
+#if DISTATTN_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace distattn::comm {
+
+std::string mpi_error_string(int code) {
+  char buf[MPI_MAX_ERROR_STRING] = {};
+  int len = 0;
+  if (MPI_Error_string(code, buf, &len) != MPI_SUCCESS || len <= 0)
+    return "MPI error code " + std::to_string(code);
+  return std::string(buf, static_cast<size_t>(len)) + " (code " + std::to_string(code) + ")";
+}
+
+size_t mpi_max_count_from_env() {
+  const char* v = std::getenv("DISTATTN_MPI_MAX_COUNT");
+  if (v == nullptr || *v == '\0') return static_cast<size_t>(INT_MAX);
+  char* end = nullptr;
+  const long long x = std::strtoll(v, &end, 10);
+  DISTATTN_CHECK(end != v && *end == '\0' && x >= 1 && x <= INT_MAX, "DISTATTN_MPI_MAX_COUNT='", v,
+                 "' must be an integer in [1, ", INT_MAX, "]");
+  return static_cast<size_t>(x);
+}
+
+namespace detail {
+
+class MpiOpState;
+
+// Ops still in flight on one communicator, so progress() can drive them.
+struct MpiRegistry {
+  std::mutex mu;
+  std::vector<MpiOpState*> ops;
+};
+
+#if DISTATTN_WITH_CUDA
+// Pinned host buffers for staging device memory, reused across ops of one communicator.
+struct PinnedPool : std::enable_shared_from_this<PinnedPool> {
+  std::mutex mu;
+  std::multimap<size_t, void*> free_list;
+
+  std::shared_ptr<void> acquire(size_t bytes) {
+    void* p = nullptr;
+    size_t cap = bytes;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = free_list.lower_bound(bytes);
+      if (it != free_list.end() && it->first <= 2 * bytes + 4096) {
+        p = it->second;
+        cap = it->first;
+        free_list.erase(it);
+      }
+    }
+    if (p == nullptr) {
+      const cudaError_t e = cudaMallocHost(&p, bytes);
+      DISTATTN_CHECK_STATUS(e == cudaSuccess, Status::kCudaError, "cudaMallocHost(", bytes,
+                            ") for MPI staging failed: ", cudaGetErrorString(e));
+    }
+    auto self = shared_from_this();
+    return std::shared_ptr<void>(p, [self, cap](void* q) {
+      std::lock_guard<std::mutex> lock(self->mu);
+      self->free_list.emplace(cap, q);
+    });
+  }
+  ~PinnedPool() {
+    for (auto& [cap, p] : free_list) cudaFreeHost(p);
+  }
+};
+#else
+struct PinnedPool {};
+#endif
+
+// Backend state of one posted op: its requests and the buffers MPI reads/writes.
+class MpiOpState final : public PendingOp {
+ public:
+  MpiOpState(std::shared_ptr<MpiRegistry> registry, std::string context)
+      : registry_(std::move(registry)), context_(std::move(context)) {
+    std::lock_guard<std::mutex> lock(registry_->mu);
+    registry_->ops.push_back(this);
+  }
+  ~MpiOpState() override { unregister(); }
+
+  // Never throws; records failure. True once every request completed.
+  bool poll() noexcept {
+    if (done_ || failed_rc_ != MPI_SUCCESS) return done_;
+    int flag = 1;
+    if (!reqs.empty()) {
+      const int rc =
+          MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &flag, MPI_STATUSES_IGNORE);
+      if (rc != MPI_SUCCESS) {
+        failed_rc_ = rc;
+        unregister();
+        return false;
+      }
+    }
+    if (flag) {
+      done_ = true;
+      unregister();
+    }
+    return done_;
+  }
+
+  bool test() override {
+    const bool done = poll();
+    DISTATTN_CHECK_STATUS(failed_rc_ == MPI_SUCCESS, Status::kMpiError, context_,
+                          " failed: ", mpi_error_string(failed_rc_));
+    return done;
+  }
+
+  void finish() override {
+    for (auto& f : post) f();
+    for (auto& f : copy_back) f();
+  }
+
+  std::vector<MPI_Request> reqs;
+  std::vector<std::function<void()>> post;       // host-side work after completion
+  std::vector<std::function<void()>> copy_back;  // staged results to device, last
+  std::vector<std::unique_ptr<char[]>> scratch;
+  std::vector<std::shared_ptr<void>> pinned;
+
+ private:
+  void unregister() noexcept {
+    if (!registered_) return;
+    registered_ = false;
+    std::lock_guard<std::mutex> lock(registry_->mu);
+    auto& v = registry_->ops;
+    v.erase(std::remove(v.begin(), v.end(), this), v.end());
+  }
+
+  std::shared_ptr<MpiRegistry> registry_;
+  std::string context_;
+  bool registered_ = true;
+  bool done_ = false;
+  int failed_rc_ = MPI_SUCCESS;
+};
+
+}  // namespace detail
+
+namespace {
+
+using detail::MpiOpState;
+
+constexpr int kP2PTag = 0x5d1;
+constexpr int kAllToAllVTag = 0x5d2;
+
+MPI_Datatype mpi_type(DType t) {
+  switch (t) {
+    case DType::kFloat32:
+      return MPI_FLOAT;
+    case DType::kFloat64:
+      return MPI_DOUBLE;
+    case DType::kBFloat16:
+      return MPI_UINT16_T;  // moved as bits; reduced through fp32
+    case DType::kFloat16:
+      return MPI_UINT16_T;
+    case DType::kInt32:
+      return MPI_INT32_T;
+    case DType::kInt64:
+      return MPI_INT64_T;
+    case DType::kUInt8:
+      return MPI_UINT8_T;
+  }
+  DISTATTN_THROW(Status::kInternal, "unhandled dtype ", static_cast<int>(t));
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return MPI_SUM;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
+  }
+  DISTATTN_THROW(Status::kInvalidArgument, "unknown reduce op ", static_cast<int>(op),
+                 " (supported: sum, max, min)");
+}
+
+bool is_half(DType t) {
+  return t == DType::kBFloat16 || t == DType::kFloat16;
+}
+
+void widen(const void* src, float* dst, size_t n, DType t) {
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  if (t == DType::kBFloat16) {
+    for (size_t i = 0; i < n; ++i) dst[i] = bf16_t::to_float(s[i]);
+  } else {
+    for (size_t i = 0; i < n; ++i) dst[i] = fp16_t::to_float(s[i]);
+  }
+}
+
+void narrow(const float* src, void* dst, size_t n, DType t) {
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  if (t == DType::kBFloat16) {
+    for (size_t i = 0; i < n; ++i) d[i] = bf16_t::from_float(src[i]);
+  } else {
+    for (size_t i = 0; i < n; ++i) d[i] = fp16_t::from_float(src[i]);
+  }
+}
+
+const char* cptr(const void* p, size_t off) {
+  return static_cast<const char*>(p) + off;
+}
+char* mptr(void* p, size_t off) {
+  return static_cast<char*>(p) + off;
+}
+
+bool overlaps(const void* a, size_t an, const void* b, size_t bn) {
+  if (an == 0 || bn == 0) return false;
+  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + bn && y < x + an;
+}
+
+// Polls a setup request (idup, the barrier before split) with the watchdog's backoff.
+// Returns false on timeout (the request is then abandoned).
+bool wait_request(MPI_Request* req, std::chrono::milliseconds timeout, const std::string& ctx) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  int polls = 0;
+  auto sleep = std::chrono::microseconds(20);
+  for (;;) {
+    int flag = 0;
+    DISTATTN_MPI_CHECK(MPI_Test(req, &flag, MPI_STATUS_IGNORE), ctx);
+    if (flag) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    if (++polls > 200) {
+      std::this_thread::sleep_for(sleep);
+      sleep = std::min(sleep * 2, std::chrono::microseconds(200));
+    }
+  }
+}
+
+std::string timeout_message(const std::string& what, int rank, int size,
+                            std::chrono::milliseconds t, bool aborted) {
+  std::ostringstream os;
+  os << what << " on rank " << rank << " did not complete within " << std::fixed
+     << std::setprecision(1) << std::chrono::duration<double>(t).count() << " s; peers: all "
+     << size << " ranks of the communicator (one of them never joined, failed or is stuck; "
+     << "raise DISTATTN_COMM_TIMEOUT_S if it is only slow)";
+  if (aborted) os << "; the communicator was aborted";
+  return os.str();
+}
+
+}  // namespace
+
+// Collects the requests, scratch and staging buffers of one op while it is being posted.
+class MpiOpBuilder {
+ public:
+  MpiOpBuilder(MpiCommunicator& comm, const char* op, Stream stream)
+      : comm_(comm),
+        op_(op),
+        stream_(stream),
+        uncaught_(std::uncaught_exceptions()),
+        state_(std::make_unique<MpiOpState>(comm.registry_, context(comm, op))) {}
+
+  ~MpiOpBuilder() {
+    for (MPI_Datatype& t : types_) MPI_Type_free(&t);
+    if (state_ && std::uncaught_exceptions() > uncaught_ && !state_->reqs.empty()) {
+      // Some requests were posted before the failure: MPI may still use their buffers,
+      // and the ranks no longer agree on the op sequence. Abandon both.
+      comm_.abort();
+      (void)state_.release();
+    }
+  }
+
+  std::string ctx() const { return context(comm_, op_); }
+  MpiOpState& st() { return *state_; }
+  MPI_Comm mpi() const { return comm_.comm_; }
+  std::unique_ptr<PendingOp> done() { return std::move(state_); }
+
+  MPI_Request* req() {
+    state_->reqs.push_back(MPI_REQUEST_NULL);
+    return &state_->reqs.back();
+  }
+
+  void* scratch(size_t bytes) {
+    state_->scratch.push_back(std::make_unique_for_overwrite<char[]>(std::max<size_t>(bytes, 1)));
+    return state_->scratch.back().get();
+  }
+  float* scratch_floats(size_t n) { return static_cast<float*>(scratch(n * sizeof(float))); }
+
+  // Host address MPI may read for an input buffer (device data is staged).
+  const void* in(const void* p, size_t bytes) {
+#if DISTATTN_WITH_CUDA
+    if (bytes > 0 && is_device(p)) {
+      void* h = pinned(bytes);
+      cuda_check(cudaMemcpy(h, p, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
+      return h;
+    }
+#endif
+    return p;
+  }
+  // Host address MPI may write for an output buffer (copied to the device in finish()).
+  void* out(void* p, size_t bytes) {
+    return stage_out(p, bytes, false);
+  }
+  // Both: the current contents are read (in place) and the result written back.
+  void* inout(void* p, size_t bytes) {
+    return stage_out(p, bytes, true);
+  }
+
+  // An (int count, datatype) pair that MPI can express for `count` elements.
+  struct Count {
+    int n;
+    MPI_Datatype type;
+  };
+  Count express(size_t count, DType dtype) {
+    const MPI_Datatype base = mpi_type(dtype);
+    const size_t c = comm_.max_count_;
+    if (count <= c) return {static_cast<int>(count), base};
+    const size_t q = count / c, r = count % c, elt = dtype_size(dtype);
+    DISTATTN_CHECK_STATUS(q <= static_cast<size_t>(INT_MAX), Status::kUnsupported, ctx(), ": ",
+                          count, " elements cannot be described to MPI (max ", c, " x ", INT_MAX,
+                          ")");
+    MPI_Datatype chunk = MPI_DATATYPE_NULL, body = MPI_DATATYPE_NULL, whole = MPI_DATATYPE_NULL;
+    DISTATTN_MPI_CHECK(MPI_Type_contiguous(static_cast<int>(c), base, &chunk), ctx());
+    DISTATTN_MPI_CHECK(MPI_Type_contiguous(static_cast<int>(q), chunk, &body), ctx());
+    MPI_Type_free(&chunk);
+    MPI_Datatype joined = body;
+    if (r > 0) {
+      MPI_Datatype tail = MPI_DATATYPE_NULL;
+      DISTATTN_MPI_CHECK(MPI_Type_contiguous(static_cast<int>(r), base, &tail), ctx());
+      int lens[2] = {1, 1};
+      MPI_Aint displs[2] = {0, static_cast<MPI_Aint>(q * c * elt)};
+      MPI_Datatype parts[2] = {body, tail};
+      DISTATTN_MPI_CHECK(MPI_Type_create_struct(2, lens, displs, parts, &joined), ctx());
+      MPI_Type_free(&tail);
+      MPI_Type_free(&body);
+    }
+    // The extent must be exactly count*elt so that block j of a collective starts at j*count.
+    DISTATTN_MPI_CHECK(
+        MPI_Type_create_resized(joined, 0, static_cast<MPI_Aint>(count * elt), &whole), ctx());
+    MPI_Type_free(&joined);
+    DISTATTN_MPI_CHECK(MPI_Type_commit(&whole), ctx());
+    types_.push_back(whole);  // freed once posted; MPI keeps it alive for pending ops
+    return {1, whole};
+  }
+
+ private:
+  static std::string context(const MpiCommunicator& c, const char* op) {
+    return std::string(op) + " on rank " + std::to_string(c.rank()) + " of " +
+           std::to_string(c.size()) + " (mpi backend)";
+  }
+
+  void* stage_out(void* p, size_t bytes, bool read_first) {
+#if DISTATTN_WITH_CUDA
+    if (bytes > 0 && is_device(p)) {
+      void* h = pinned(bytes);
+      if (read_first) cuda_check(cudaMemcpy(h, p, bytes, cudaMemcpyDeviceToHost), "D2H");
+      state_->copy_back.push_back([h, p, bytes] {
+        const cudaError_t e = cudaMemcpy(p, h, bytes, cudaMemcpyHostToDevice);
+        DISTATTN_CHECK_STATUS(
+            e == cudaSuccess, Status::kCudaError,
+            "copying an MPI result to the device failed: ", cudaGetErrorString(e));
+      });
+      return h;
+    }
+#endif
+    (void)read_first;
+    return p;
+  }
+
+#if DISTATTN_WITH_CUDA
+  bool is_device(const void* p) {
+    if (p == nullptr || pointer_device_type(p) != DeviceType::kCUDA) return false;
+    if (!synced_) {
+      // Producers of the data run on `stream`; MPI reads host copies, so wait for them.
+      cuda_check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)),
+                 "cudaStreamSynchronize");
+      synced_ = true;
+    }
+    return true;
+  }
+  void* pinned(size_t bytes) {
+    state_->pinned.push_back(comm_.pinned_->acquire(bytes));
+    return state_->pinned.back().get();
+  }
+  void cuda_check(cudaError_t e, const char* what) {
+    DISTATTN_CHECK_STATUS(e == cudaSuccess, Status::kCudaError, ctx(), ": ", what,
+                          " while staging device memory: ", cudaGetErrorString(e));
+  }
+  bool synced_ = false;
+#endif
+
+  MpiCommunicator& comm_;
+  const char* op_;
+  Stream stream_;
+  int uncaught_;
+  std::unique_ptr<MpiOpState> state_;
+  std::vector<MPI_Datatype> types_;
+};
+
+// ---- MpiCommunicator ---------------------------------------------------------------------------
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, size_t max_count)
+    : comm_(comm),
+      max_count_(std::clamp<size_t>(max_count, 1, static_cast<size_t>(INT_MAX))),
+      registry_(std::make_shared<detail::MpiRegistry>()),
+      pinned_(std::make_shared<detail::PinnedPool>()) {
+  DISTATTN_CHECK(comm != MPI_COMM_NULL, "MpiCommunicator needs a valid MPI communicator");
+  DISTATTN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "mpi communicator");
+  DISTATTN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_), "mpi communicator");
+  DISTATTN_MPI_CHECK(MPI_Comm_size(comm_, &size_), "mpi communicator");
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  // Freeing is legal with abandoned requests pending: MPI frees it once they complete.
+  if (!finalized && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+}
+
+std::unique_ptr<MpiCommunicator> MpiCommunicator::dup_world() {
+  int init = 0;
+  MPI_Initialized(&init);
+  DISTATTN_CHECK(init,
+                 "MPI is not initialized: call distattn::runtime_init(&argc, &argv) "
+                 "before creating a communicator");
+  const size_t max_count = mpi_max_count_from_env();
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  MPI_Comm dup = MPI_COMM_NULL;
+  MPI_Request req = MPI_REQUEST_NULL;
+  DISTATTN_MPI_CHECK(MPI_Comm_idup(MPI_COMM_WORLD, &dup, &req), "create_world(mpi) on rank ", rank);
+  const auto timeout = default_timeout();
+  DISTATTN_CHECK_STATUS(
+      wait_request(&req, timeout, "create_world(mpi)"), Status::kTimeout,
+      timeout_message("create_world(mpi) (MPI_Comm_idup)", rank, size, timeout, false));
+  return std::make_unique<MpiCommunicator>(dup, max_count);
+}
+
+bool MpiCommunicator::accepts_device_memory() const {
+  return DISTATTN_WITH_CUDA != 0;
+}
+
+void MpiCommunicator::progress() {
+  if (aborted()) return;
+  std::vector<MpiOpState*> ops;
+  {
+    std::lock_guard<std::mutex> lock(registry_->mu);
+    ops = registry_->ops;
+  }
+  for (MpiOpState* op : ops) op->poll();  // failures surface in the owner's test()/wait()
+}
+
+void MpiCommunicator::wait_setup(MPI_Request* req, const char* what) {
+  if (wait_request(req, timeout(), std::string(what) + " on rank " + std::to_string(rank_))) return;
+  abort();
+  DISTATTN_THROW(Status::kTimeout, timeout_message(what, rank_, size_, timeout(), true));
+}
+
+void MpiCommunicator::do_abort() noexcept {
+  // In-flight requests cannot be cancelled portably (collectives never): their owners
+  // leak them on purpose, so progress() must stop touching them.
+  std::lock_guard<std::mutex> lock(registry_->mu);
+  registry_->ops.clear();
+}
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_all_reduce(const void* send, void* recv,
+                                                             size_t count, DType dtype, ReduceOp op,
+                                                             Stream s) {
+  MpiOpBuilder b(*this, "all_reduce", s);
+  if (count == 0) return b.done();
+  const MPI_Op mop = mpi_op(op);
+  const size_t elt = dtype_size(dtype), bytes = count * elt;
+  const bool in_place = send == recv;
+  void* hr = in_place ? b.inout(recv, bytes) : b.out(recv, bytes);
+  const void* hs = in_place ? hr : b.in(send, bytes);
+  void* target = hr;
+  MPI_Datatype type = mpi_type(dtype);
+  size_t tsize = elt;
+  bool mpi_in_place = in_place;
+  if (is_half(dtype)) {
+    // Accumulate in fp32 and round once: pairwise bf16 rounding loses ~log2(n) bits.
+    float* acc = b.scratch_floats(count);
+    widen(hs, acc, count, dtype);
+    b.st().post.push_back([acc, hr, count, dtype] { narrow(acc, hr, count, dtype); });
+    target = acc;
+    type = MPI_FLOAT;
+    tsize = sizeof(float);
+    mpi_in_place = true;
+  }
+  for (size_t off = 0; off < count; off += max_count_) {
+    const int len = static_cast<int>(std::min(max_count_, count - off));
+    const void* sb = mpi_in_place ? MPI_IN_PLACE : cptr(hs, off * tsize);
+    DISTATTN_MPI_CHECK(
+        MPI_Iallreduce(sb, mptr(target, off * tsize), len, type, mop, comm_, b.req()), b.ctx());
+  }
+  return b.done();
+}
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_all_gather(const void* send, void* recv,
+                                                             size_t send_count, DType dtype,
+                                                             Stream s) {
+  MpiOpBuilder b(*this, "all_gather", s);
+  if (send_count == 0) return b.done();
+  const size_t block = send_count * dtype_size(dtype);
+  const size_t total = block * static_cast<size_t>(size_);
+  const bool in_place = send == cptr(recv, block * static_cast<size_t>(rank_));
+  void* hr = in_place ? b.inout(recv, total) : b.out(recv, total);
+  const void* hs = in_place ? MPI_IN_PLACE : b.in(send, block);
+  const auto c = b.express(send_count, dtype);
+  DISTATTN_MPI_CHECK(MPI_Iallgather(hs, c.n, c.type, hr, c.n, c.type, comm_, b.req()), b.ctx());
+  return b.done();
+}
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter(const void* send, void* recv,
+                                                                 size_t recv_count, DType dtype,
+                                                                 ReduceOp op, Stream s) {
+  MpiOpBuilder b(*this, "reduce_scatter", s);
+  if (recv_count == 0) return b.done();
+  const MPI_Op mop = mpi_op(op);
+  const size_t n = static_cast<size_t>(size_);
+  const size_t elt = dtype_size(dtype), block = recv_count * elt, total = block * n;
+  const void* hs = b.in(send, total);
+  void* hr = b.out(recv, block);
+  const void* src = hs;
+  void* dst = hr;
+  MPI_Datatype type = mpi_type(dtype);
+  size_t tsize = elt;
+  if (is_half(dtype)) {
+    float* acc = b.scratch_floats(recv_count * n);
+    widen(hs, acc, recv_count * n, dtype);
+    float* racc = b.scratch_floats(recv_count);
+    b.st().post.push_back([racc, hr, recv_count, dtype] { narrow(racc, hr, recv_count, dtype); });
+    src = acc;
+    dst = racc;
+    type = MPI_FLOAT;
+    tsize = sizeof(float);
+  } else if (overlaps(hs, total, hr, block)) {
+    // In place (recv == send + rank*recv_count): MPI forbids aliased buffers, and its own
+    // MPI_IN_PLACE form would overwrite block 0 of send; go through scratch instead.
+    void* tmp = b.scratch(block);
+    b.st().post.push_back([tmp, hr, block] { std::memcpy(hr, tmp, block); });
+    dst = tmp;
+  }
+  if (recv_count <= max_count_) {
+    DISTATTN_MPI_CHECK(MPI_Ireduce_scatter_block(src, dst, static_cast<int>(recv_count), type, mop,
+                                                 comm_, b.req()),
+                       b.ctx());
+  } else {
+    // Too long for one call: reduce each chunk of each block to its owner.
+    for (int r = 0; r < size_; ++r) {
+      for (size_t off = 0; off < recv_count; off += max_count_) {
+        const int len = static_cast<int>(std::min(max_count_, recv_count - off));
+        const size_t soff = (static_cast<size_t>(r) * recv_count + off) * tsize;
+        void* rb = r == rank_ ? mptr(dst, off * tsize) : nullptr;
+        DISTATTN_MPI_CHECK(MPI_Ireduce(cptr(src, soff), rb, len, type, mop, r, comm_, b.req()),
+                           b.ctx());
+      }
+    }
+  }
+  return b.done();
+}
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_all_to_all(const void* send, void* recv,
+                                                             size_t count, DType dtype, Stream s) {
+  MpiOpBuilder b(*this, "all_to_all", s);
+  if (count == 0) return b.done();
+  const size_t total = count * dtype_size(dtype) * static_cast<size_t>(size_);
+  const bool in_place = send == recv;
+  void* hr = in_place ? b.inout(recv, total) : b.out(recv, total);
+  const void* hs = nullptr;
+  if (in_place) {
+    // Nonblocking in-place alltoall is not supported by every MPI: send from a copy.
+    void* tmp = b.scratch(total);
+    std::memcpy(tmp, hr, total);
+    hs = tmp;
+  } else {
+    hs = b.in(send, total);
+  }
+  const auto c = b.express(count, dtype);
+  DISTATTN_MPI_CHECK(MPI_Ialltoall(hs, c.n, c.type, hr, c.n, c.type, comm_, b.req()), b.ctx());
+  return b.done();
+}
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_all_to_all_v(
+    const void* send, std::span<const size_t> send_counts, std::span<const size_t> send_displs,
+    void* recv, std::span<const size_t> recv_counts, std::span<const size_t> recv_displs,
+    DType dtype, Stream s) {
+  MpiOpBuilder b(*this, "all_to_all_v", s);
+  const size_t elt = dtype_size(dtype);
+  const size_t n = static_cast<size_t>(size_);
+  size_t send_extent = 0, recv_extent = 0;
+  bool fits = true;
+  for (size_t j = 0; j < n; ++j) {
+    if (send_counts[j] > 0) send_extent = std::max(send_extent, send_displs[j] + send_counts[j]);
+    if (recv_counts[j] > 0) recv_extent = std::max(recv_extent, recv_displs[j] + recv_counts[j]);
+    fits = fits && send_counts[j] <= max_count_ && recv_counts[j] <= max_count_ &&
+           send_displs[j] <= max_count_ && recv_displs[j] <= max_count_;
+  }
+  const void* hs = b.in(send, send_extent * elt);
+  void* hr = b.out(recv, recv_extent * elt);
+  if (fits) {
+    std::vector<int> sc(n), sd(n), rc(n), rd(n);
+    for (size_t j = 0; j < n; ++j) {
+      sc[j] = static_cast<int>(send_counts[j]);
+      sd[j] = static_cast<int>(send_displs[j]);
+      rc[j] = static_cast<int>(recv_counts[j]);
+      rd[j] = static_cast<int>(recv_displs[j]);
+    }
+    const MPI_Datatype t = mpi_type(dtype);
+    // MPI rejects null buffers even when every count is zero.
+    static char dummy = 0;
+    const void* sb = hs != nullptr ? hs : &dummy;
+    void* rb = hr != nullptr ? hr : &dummy;
+    DISTATTN_MPI_CHECK(
+        MPI_Ialltoallv(sb, sc.data(), sd.data(), t, rb, rc.data(), rd.data(), t, comm_, b.req()),
+        b.ctx());
+  } else {
+    // Counts or displacements beyond one int: point-to-point with derived datatypes, on a
+    // tag of its own so that it never matches the user's send/recv.
+    for (size_t j = 0; j < n; ++j) {
+      if (recv_counts[j] == 0) continue;
+      const auto c = b.express(recv_counts[j], dtype);
+      DISTATTN_MPI_CHECK(MPI_Irecv(mptr(hr, recv_displs[j] * elt), c.n, c.type, static_cast<int>(j),
+                                   kAllToAllVTag, comm_, b.req()),
+                         b.ctx());
+    }
+    for (size_t j = 0; j < n; ++j) {
+      if (send_counts[j] == 0) continue;
+      const auto c = b.express(send_counts[j], dtype);
+      DISTATTN_MPI_CHECK(MPI_Isend(cptr(hs, send_displs[j] * elt), c.n, c.type, static_cast<int>(j),
+                                   kAllToAllVTag, comm_, b.req()),
+                         b.ctx());
+    }
+  }
+  return b.done();
+}
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_broadcast(const void* send, void* recv,
+                                                            size_t count, DType dtype, int root,
+                                                            Stream s) {
+  MpiOpBuilder b(*this, "broadcast", s);
+  if (count == 0) return b.done();
+  const size_t bytes = count * dtype_size(dtype);
+  void* hr = nullptr;
+  if (rank_ == root) {
+    const void* hs = b.in(send, bytes);
+    hr = b.out(recv, bytes);
+    if (hr != hs) std::memmove(hr, hs, bytes);
+  } else {
+    hr = b.out(recv, bytes);
+  }
+  const auto c = b.express(count, dtype);
+  DISTATTN_MPI_CHECK(MPI_Ibcast(hr, c.n, c.type, root, comm_, b.req()), b.ctx());
+  return b.done();
+}
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_group(std::span<const P2POp> ops, Stream s) {
+  MpiOpBuilder b(*this, "send_recv", s);
+  // Receives first so that eager sends land in posted buffers; the order among the
+  // messages to one peer is kept, which is what matches them (same tag).
+  for (const P2POp& p : ops) {
+    if (p.kind != P2POp::Kind::kRecv || p.count == 0) continue;
+    void* hr = b.out(p.buffer, p.count * dtype_size(p.dtype));
+    const auto c = b.express(p.count, p.dtype);
+    DISTATTN_MPI_CHECK(MPI_Irecv(hr, c.n, c.type, p.peer, kP2PTag, comm_, b.req()), b.ctx(),
+                       " (recv from ", p.peer, ")");
+  }
+  for (const P2POp& p : ops) {
+    if (p.kind != P2POp::Kind::kSend || p.count == 0) continue;
+    const void* hs = b.in(p.buffer, p.count * dtype_size(p.dtype));
+    const auto c = b.express(p.count, p.dtype);
+    DISTATTN_MPI_CHECK(MPI_Isend(hs, c.n, c.type, p.peer, kP2PTag, comm_, b.req()), b.ctx(),
+                       " (send to ", p.peer, ")");
+  }
+  return b.done();
+}
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_barrier() {
+  MpiOpBuilder b(*this, "barrier", nullptr);
+  DISTATTN_MPI_CHECK(MPI_Ibarrier(comm_, b.req()), b.ctx());
+  return b.done();
+}
+
+std::unique_ptr<Communicator> MpiCommunicator::do_split(int color, int key) {
+  // MPI_Comm_split blocks and has no nonblocking form: make sure every rank has arrived
+  // (under the watchdog) before entering it, so a missing rank becomes a timeout.
+  MPI_Request req = MPI_REQUEST_NULL;
+  DISTATTN_MPI_CHECK(MPI_Ibarrier(comm_, &req), "split on rank ", rank_);
+  wait_setup(&req, "split");
+  MPI_Comm child = MPI_COMM_NULL;
+  DISTATTN_MPI_CHECK(MPI_Comm_split(comm_, color == kNoColor ? MPI_UNDEFINED : color, key, &child),
+                     "split(color=", color, ", key=", key, ") on rank ", rank_);
+  if (child == MPI_COMM_NULL) return nullptr;
+  return std::make_unique<MpiCommunicator>(child, max_count_);
+}
+
+}  // namespace distattn::comm
