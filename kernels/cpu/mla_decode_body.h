@@ -1,0 +1,300 @@
+#pragma once
+// The MLA decode kernel body, compiled twice: portably (mla_decode.cpp) and with AVX-512
+// flags (mla_decode_avx512.cpp). Everything that holds code lives in an anonymous namespace
+// so the two builds never share an out-of-line function (no ODR mixing of instruction
+// sets); the caller allocates all scratch, so this body instantiates no std templates.
+//
+// Algorithm per (sequence, split of its tokens): tiles of kTile tokens are gathered from
+// the pages into fp32 scratch (transposed keys Kt [W][kTile], values V [kTile][Dl]); for
+// each block of 4 heads: logits (row of q) x Kt, online softmax update, P x V into the
+// head's accumulator. All heads reuse one tile: the cache is a single KV head.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace distattn::kernels::cpu::detail {
+
+constexpr int kMlaTile = 64;
+
+struct MlaDecodeParams {
+  int64_t batch = 0, heads = 0, latent = 0, rope = 0;  // Dl, Dr
+  const float* q_lat = nullptr;  // [B, H, Dl] strides below (last dim contiguous)
+  int64_t ql_sb = 0, ql_sh = 0;
+  const float* q_pe = nullptr;  // [B, H, Dr]
+  int64_t qp_sb = 0, qp_sh = 0;
+  const void* pages = nullptr;  // [num_pages, page_size, W]
+  bool pages_bf16 = false;
+  int64_t pg_s0 = 0, pg_s1 = 0, page_size = 0;
+  const int32_t* page_table = nullptr;
+  int64_t pt_s0 = 0, pt_s1 = 0;
+  const int32_t* seq_lens = nullptr;
+  int64_t sl_s0 = 0;
+  float* out = nullptr;  // [B, H, Dl]
+  int64_t o_sb = 0, o_sh = 0;
+  float* lse = nullptr;  // [B, H]
+  int64_t l_sb = 0, l_sh = 0;
+  float scale = 1.0f, mu = 1.0f;
+  int splits = 1;                   // per sequence
+  int threads = 1;                  // OpenMP threads to use
+  float* thread_scratch = nullptr;  // threads * thread_scratch_floats
+  int64_t thread_scratch_floats = 0;
+  float* part_acc = nullptr;  // [B*splits, H, Dl]
+  float* part_m = nullptr;    // [B*splits, H]
+  float* part_l = nullptr;    // [B*splits, H]
+};
+
+// Floats of per-thread scratch the body needs.
+inline int64_t mla_thread_scratch_floats(int64_t heads, int64_t latent, int64_t rope) {
+  const int64_t w = latent + rope;
+  return w * kMlaTile + kMlaTile * latent + heads * w + 2 * 4 * kMlaTile + 64;
+}
+
+}  // namespace distattn::kernels::cpu::detail
+
+namespace {
+
+using distattn::kernels::cpu::detail::kMlaTile;
+using distattn::kernels::cpu::detail::MlaDecodeParams;
+
+inline float mla_fmax(float a, float b) {
+  return a > b ? a : b;
+}
+
+inline float mla_bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// exp(x) for x <= 0 (Cephes polynomial, ~1 ulp), branch-free so that loops vectorize.
+// Results below 2^-126 flush to 0; exp(-inf) = 0.
+inline float mla_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f;
+  r = r + fx * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fx);
+  const int32_t bits = (n + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, 4);
+  return y * s;
+}
+
+// s[hh][t] = q[hh] . Kt[:, t] for HB heads and one tile.
+template <int HB>
+inline void mla_qk(const float* const* q, const float* kt, int64_t w, float (*s)[kMlaTile]) {
+  for (int hh = 0; hh < HB; ++hh)
+    for (int t = 0; t < kMlaTile; ++t) s[hh][t] = 0.0f;
+  for (int64_t d = 0; d < w; ++d) {
+    const float* kr = kt + d * kMlaTile;
+#pragma GCC unroll 4
+    for (int hh = 0; hh < HB; ++hh) {
+      const float qv = q[hh][d];
+      float* sr = s[hh];
+#pragma omp simd
+      for (int t = 0; t < kMlaTile; ++t) sr[t] += qv * kr[t];
+    }
+  }
+}
+
+// acc[hh][:] = alpha[hh] * acc[hh][:] + sum_t p[hh][t] * V[t][:], in 64-wide column blocks
+// so the HB accumulator rows stay in registers across the token loop.
+template <int HB>
+inline void mla_pv(float* const* acc, const float* alpha, const float (*p)[kMlaTile],
+                   const float* v, int64_t dl, int nt) {
+  for (int64_t d0 = 0; d0 < dl; d0 += 64) {
+    const int64_t dw = dl - d0 < 64 ? dl - d0 : 64;
+    float a[HB][64];
+    for (int hh = 0; hh < HB; ++hh) {
+      const float al = alpha[hh];
+      const float* src = acc[hh] + d0;
+#pragma omp simd
+      for (int64_t d = 0; d < dw; ++d) a[hh][d] = al * src[d];
+    }
+    for (int t = 0; t < nt; ++t) {
+      const float* vr = v + t * dl + d0;
+#pragma GCC unroll 4
+      for (int hh = 0; hh < HB; ++hh) {
+        const float pv = p[hh][t];
+#pragma omp simd
+        for (int64_t d = 0; d < dw; ++d) a[hh][d] += pv * vr[d];
+      }
+    }
+    for (int hh = 0; hh < HB; ++hh) {
+      float* dst = acc[hh] + d0;
+#pragma omp simd
+      for (int64_t d = 0; d < dw; ++d) dst[d] = a[hh][d];
+    }
+  }
+}
+
+// Online-softmax update of HB heads for one tile (nt valid tokens): p, alpha, m, l.
+template <int HB>
+inline void mla_softmax(float (*s)[kMlaTile], float (*p)[kMlaTile], int nt, float* m, float* l,
+                        float* alpha) {
+  for (int hh = 0; hh < HB; ++hh) {
+    float mx = -INFINITY;
+    for (int t = 0; t < nt; ++t) mx = mla_fmax(mx, s[hh][t]);
+    const float m_new = mla_fmax(m[hh], mx);
+    if (m_new == -INFINITY) {  // nothing finite yet: keep the state empty
+      alpha[hh] = 1.0f;
+      for (int t = 0; t < kMlaTile; ++t) p[hh][t] = 0.0f;
+      continue;
+    }
+    alpha[hh] = m[hh] == -INFINITY ? 0.0f : mla_exp(m[hh] - m_new);
+    float sum = 0.0f;
+    const float* sr = s[hh];
+    float* pr = p[hh];
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < kMlaTile; ++t) {
+      const float e = mla_exp(sr[t] - m_new);
+      const float pv = t < nt ? e : 0.0f;
+      pr[t] = pv;
+      sum += pv;
+    }
+    l[hh] = l[hh] * alpha[hh] + sum;
+    m[hh] = m_new;
+  }
+}
+
+template <int HB>
+inline void mla_head_block(const MlaDecodeParams& pr, int64_t h0, const float* qbuf,
+                           const float* kt, const float* v, int nt, float* acc_base, float* m,
+                           float* l, float* s_scr, float* p_scr) {
+  const int64_t w = pr.latent + pr.rope;
+  const float* q[HB];
+  float* acc[HB];
+  for (int hh = 0; hh < HB; ++hh) {
+    q[hh] = qbuf + (h0 + hh) * w;
+    acc[hh] = acc_base + (h0 + hh) * pr.latent;
+  }
+  auto* s = reinterpret_cast<float(*)[kMlaTile]>(s_scr);
+  auto* p = reinterpret_cast<float(*)[kMlaTile]>(p_scr);
+  float alpha[HB];
+  mla_qk<HB>(q, kt, w, s);
+  mla_softmax<HB>(s, p, nt, m + h0, l + h0, alpha);
+  mla_pv<HB>(acc, alpha, p, v, pr.latent, nt);
+}
+
+// Gathers tokens [tok0, tok0 + nt) of sequence b into Kt (transposed, zero-padded to kTile
+// columns) and V (latent part, rows beyond nt zeroed).
+inline void mla_gather(const MlaDecodeParams& pr, int64_t b, int64_t tok0, int nt, float* kt,
+                       float* v) {
+  const int64_t w = pr.latent + pr.rope, dl = pr.latent;
+  for (int t = 0; t < kMlaTile; ++t) {
+    if (t >= nt) {
+      for (int64_t d = 0; d < w; ++d) kt[d * kMlaTile + t] = 0.0f;
+      for (int64_t d = 0; d < dl; ++d) v[t * dl + d] = 0.0f;
+      continue;
+    }
+    const int64_t tok = tok0 + t;
+    const int64_t page = pr.page_table[b * pr.pt_s0 + (tok / pr.page_size) * pr.pt_s1];
+    const int64_t off = page * pr.pg_s0 + (tok % pr.page_size) * pr.pg_s1;
+    float* vr = v + t * dl;
+    if (pr.pages_bf16) {
+      const uint16_t* src = static_cast<const uint16_t*>(pr.pages) + off;
+      for (int64_t d = 0; d < w; ++d) kt[d * kMlaTile + t] = mla_bf16_to_float(src[d]);
+    } else {
+      const float* src = static_cast<const float*>(pr.pages) + off;
+      for (int64_t d = 0; d < w; ++d) kt[d * kMlaTile + t] = src[d];
+    }
+    for (int64_t d = 0; d < dl; ++d) vr[d] = kt[d * kMlaTile + t];
+  }
+}
+
+inline void mla_decode_task(const MlaDecodeParams& pr, int64_t task, float* scratch) {
+  const int64_t b = task / pr.splits, split = task % pr.splits;
+  const int64_t h = pr.heads, dl = pr.latent, dr = pr.rope, w = dl + dr;
+  float* kt = scratch;
+  float* v = kt + w * kMlaTile;
+  float* qbuf = v + kMlaTile * dl;
+  float* s_scr = qbuf + h * w;
+  float* p_scr = s_scr + 4 * kMlaTile;
+  float* acc = pr.part_acc + task * h * dl;
+  float* m = pr.part_m + task * h;
+  float* l = pr.part_l + task * h;
+  for (int64_t i = 0; i < h * dl; ++i) acc[i] = 0.0f;
+  for (int64_t i = 0; i < h; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+  }
+  // Pre-scaled query rows [mu*scale*q_lat | scale*q_pe]: one W-wide dot gives the logit.
+  for (int64_t hh = 0; hh < h; ++hh) {
+    const float* ql = pr.q_lat + b * pr.ql_sb + hh * pr.ql_sh;
+    float* qr = qbuf + hh * w;
+    const float sl = pr.scale * pr.mu;
+    for (int64_t d = 0; d < dl; ++d) qr[d] = sl * ql[d];
+    if (dr > 0) {
+      const float* qp = pr.q_pe + b * pr.qp_sb + hh * pr.qp_sh;
+      for (int64_t d = 0; d < dr; ++d) qr[dl + d] = pr.scale * qp[d];
+    }
+  }
+  const int64_t len = pr.seq_lens[b * pr.sl_s0];
+  const int64_t tiles = (len + kMlaTile - 1) / kMlaTile;
+  const int64_t t_begin = tiles * split / pr.splits, t_end = tiles * (split + 1) / pr.splits;
+  for (int64_t ti = t_begin; ti < t_end; ++ti) {
+    const int64_t tok0 = ti * kMlaTile;
+    const int nt = static_cast<int>(len - tok0 < kMlaTile ? len - tok0 : kMlaTile);
+    mla_gather(pr, b, tok0, nt, kt, v);
+    int64_t h0 = 0;
+    for (; h0 + 4 <= h; h0 += 4)
+      mla_head_block<4>(pr, h0, qbuf, kt, v, nt, acc, m, l, s_scr, p_scr);
+    for (; h0 < h; ++h0) mla_head_block<1>(pr, h0, qbuf, kt, v, nt, acc, m, l, s_scr, p_scr);
+  }
+}
+
+// LSE merge of the splits of sequence b, head hh, into out/lse.
+inline void mla_finish(const MlaDecodeParams& pr, int64_t b, int64_t hh) {
+  const int64_t h = pr.heads, dl = pr.latent;
+  float mx = -INFINITY;
+  for (int s = 0; s < pr.splits; ++s) mx = mla_fmax(mx, pr.part_m[(b * pr.splits + s) * h + hh]);
+  float* o = pr.out + b * pr.o_sb + hh * pr.o_sh;
+  float* lse = pr.lse + b * pr.l_sb + hh * pr.l_sh;
+  if (mx == -INFINITY) {
+    for (int64_t d = 0; d < dl; ++d) o[d] = 0.0f;
+    *lse = -INFINITY;
+    return;
+  }
+  float total = 0.0f;
+  for (int s = 0; s < pr.splits; ++s) {
+    const int64_t task = b * pr.splits + s;
+    const float ms = pr.part_m[task * h + hh];
+    if (ms != -INFINITY) total += pr.part_l[task * h + hh] * std::exp(ms - mx);
+  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < dl; ++d) o[d] = 0.0f;
+  for (int s = 0; s < pr.splits; ++s) {
+    const int64_t task = b * pr.splits + s;
+    const float ms = pr.part_m[task * h + hh];
+    if (ms == -INFINITY) continue;
+    const float wgt = std::exp(ms - mx) * inv;
+    const float* a = pr.part_acc + (task * h + hh) * dl;
+#pragma omp simd
+    for (int64_t d = 0; d < dl; ++d) o[d] += wgt * a[d];
+  }
+  *lse = mx + std::log(total);
+}
+
+inline void mla_decode_run(const MlaDecodeParams& pr) {
+  const int64_t tasks = pr.batch * pr.splits;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(pr.threads)
+  for (int64_t task = 0; task < tasks; ++task) {
+    float* scratch = pr.thread_scratch + omp_get_thread_num() * pr.thread_scratch_floats;
+    mla_decode_task(pr, task, scratch);
+  }
+  const int64_t rows = pr.batch * pr.heads;
+#pragma omp parallel for schedule(static) num_threads(pr.threads) if (rows * pr.latent > 65536)
+  for (int64_t i = 0; i < rows; ++i) mla_finish(pr, i / pr.heads, i % pr.heads);
+}
+
+}  // namespace
