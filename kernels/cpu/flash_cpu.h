@@ -1,0 +1,62 @@
+#pragma once
+// Internal to kernels/cpu: the plain parameter blocks the flash kernels run on, the tile
+// entry points of each instruction set, and the run-time choice between them.
+//
+// Tensors (strides in elements, last dim contiguous):
+//   q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv], out/dout [B, Sq, Hq, Dv],
+//   lse fp32 [B, Hq, Sq]; dq/dk/dv have q/k/v's shapes.
+#include <cstdint>
+
+#include "distattn/config.h"
+#include "distattn/core/dtype.h"
+#include "distattn/core/tensor_view.h"
+#include "distattn/ops/attention.h"
+
+namespace distattn::kernels::cpu {
+
+enum class CpuKernelIsa { kAuto, kPortable, kAvx512 };
+
+// Forces an instruction set for the next flash_forward/flash_backward calls (tests and
+// benchmarks); kAuto goes back to DISTATTN_CPU_KERNEL / CPU detection. Throws if the
+// requested set is not available in this build or on this CPU.
+void set_cpu_kernel_isa(CpuKernelIsa isa);
+// What the next call uses. DISTATTN_CPU_KERNEL=auto|portable|avx512 is read once.
+CpuKernelIsa active_cpu_kernel_isa();
+bool cpu_kernel_isa_available(CpuKernelIsa isa);
+const char* cpu_kernel_isa_name(CpuKernelIsa isa);
+
+// One BSHD operand: base pointer, dtype and the batch/seq/head strides (elements).
+// For lse ([B, H, Sq]) sh is the head stride and ss the query stride.
+struct FlashOperand {
+  void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t sb = 0, ss = 0, sh = 0;
+};
+
+struct FlashForwardParams {
+  FlashOperand q, k, v, out, lse;
+  int64_t batch = 0, seq_q = 0, seq_k = 0, heads_q = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
+  float scale = 1.f;
+  bool causal = false;
+  int64_t q_offset = 0, k_offset = 0, window_left = -1, window_right = -1;
+  void (*progress)(void*) = nullptr;
+  void* progress_ctx = nullptr;
+};
+
+struct FlashBackwardParams : FlashForwardParams {
+  FlashOperand dout, dq, dk, dv;
+  bool accumulate = false;
+};
+
+FlashForwardParams make_forward_params(const TensorView& q, const TensorView& k,
+                                       const TensorView& v, const TensorView& out,
+                                       const TensorView& lse, const ops::AttentionOptions& opts);
+
+void flash_forward_portable(const FlashForwardParams& p);
+void flash_backward_portable(const FlashBackwardParams& p);
+#if DISTATTN_WITH_AVX512
+void flash_forward_avx512(const FlashForwardParams& p);
+void flash_backward_avx512(const FlashBackwardParams& p);
+#endif
+
+}  // namespace distattn::kernels::cpu

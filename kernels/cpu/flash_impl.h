@@ -1,0 +1,478 @@
+#pragma once
+// The tiled online-softmax forward and the FlashAttention-2 style backward, written once
+// against an instruction-set policy `Isa` that supplies the inner pieces:
+//   Isa::gemm(M, N, K, a, ars, ats, b, ldb, c, ldc, accumulate)
+//       c[m*ldc + n] (+)= sum_k a[m*ars + k*ats] * b[k*ldb + n]      (all fp32)
+//   Isa::softmax_columns(st, ld, rows, cols, m, l, alpha)   forward online-softmax step on a
+//       transposed score tile st[j*ld + i] (log2 domain), turns it into P^T in place
+//   Isa::probs_rows(s, ld, rows, cols, c2, lse2)   s[i][j] <- exp2(s[i][j]*c2 - lse2[i])
+// Included by exactly one portable and one AVX-512 translation unit; everything here has
+// internal linkage so the two instantiations (compiled with different flags) never merge.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+
+#include "distattn/core/half.h"
+#include "kernels/cpu/flash_cpu.h"
+
+namespace distattn::kernels::cpu {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+// 64-byte aligned fp32 scratch.
+struct FloatBuffer {
+  float* ptr = nullptr;
+  explicit FloatBuffer(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
+    ptr = static_cast<float*>(std::aligned_alloc(64, bytes));
+    DISTATTN_CHECK_STATUS(ptr != nullptr, Status::kInternal, "flash kernel: cannot allocate ",
+                          bytes, " bytes of scratch");
+  }
+  ~FloatBuffer() { std::free(ptr); }
+  FloatBuffer(const FloatBuffer&) = delete;
+  FloatBuffer& operator=(const FloatBuffer&) = delete;
+  float* get() const { return ptr; }
+};
+
+inline float load_scalar(const void* base, DType t, int64_t idx) {
+  switch (t) {
+    case DType::kBFloat16:
+      return bf16_t::to_float(static_cast<const uint16_t*>(base)[idx]);
+    case DType::kFloat16:
+      return fp16_t::to_float(static_cast<const uint16_t*>(base)[idx]);
+    default:
+      return static_cast<const float*>(base)[idx];
+  }
+}
+
+// dst[0..n) = src[0..n) * mul, converting from the storage dtype.
+inline void load_row(const void* src, DType t, int64_t n, float* dst, float mul = 1.f) {
+  if (t == DType::kFloat32) {
+    const float* s = static_cast<const float*>(src);
+    for (int64_t x = 0; x < n; ++x) dst[x] = s[x] * mul;
+  } else if (t == DType::kBFloat16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t x = 0; x < n; ++x) {
+      const uint32_t u = static_cast<uint32_t>(s[x]) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      dst[x] = f * mul;
+    }
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t x = 0; x < n; ++x) dst[x] = fp16_t::to_float(s[x]) * mul;
+  }
+}
+
+// dst (storage dtype) = src * mul, or dst += src * mul when accumulate.
+inline void store_row(const float* src, int64_t n, void* dst, DType t, bool accumulate,
+                      float mul = 1.f) {
+  if (t == DType::kFloat32) {
+    float* d = static_cast<float*>(dst);
+    if (accumulate) {
+      for (int64_t x = 0; x < n; ++x) d[x] += src[x] * mul;
+    } else {
+      for (int64_t x = 0; x < n; ++x) d[x] = src[x] * mul;
+    }
+  } else if (t == DType::kBFloat16) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t x = 0; x < n; ++x) {
+      const float base = accumulate ? bf16_t::to_float(d[x]) : 0.f;
+      d[x] = bf16_t::from_float(base + src[x] * mul);
+    }
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t x = 0; x < n; ++x) {
+      const float base = accumulate ? fp16_t::to_float(d[x]) : 0.f;
+      d[x] = fp16_t::from_float(base + src[x] * mul);
+    }
+  }
+}
+
+inline char* byte_ptr(void* base, DType t, int64_t elem_offset) {
+  return static_cast<char*>(base) + elem_offset * static_cast<int64_t>(dtype_size(t));
+}
+
+// fp32 rows [rows][cols] of an operand starting at element `offset`, row stride `ld`
+// elements: the operand itself when it is fp32 (no copy), else converted into `scratch`.
+struct Rows {
+  const float* ptr;
+  int64_t ld;
+};
+inline Rows fp32_rows(const FlashOperand& op, int64_t offset, int64_t ld, int64_t rows,
+                      int64_t cols, float* scratch) {
+  if (op.dtype == DType::kFloat32) return {static_cast<const float*>(op.data) + offset, ld};
+  for (int64_t r = 0; r < rows; ++r)
+    load_row(byte_ptr(op.data, op.dtype, offset + r * ld), op.dtype, cols, scratch + r * cols);
+  return {scratch, cols};
+}
+
+// Key j (global k_offset+j) is visible to query i (global q_offset+i) iff
+// lo(qpos) <= kpos <= hi(qpos); lo and hi are nondecreasing in qpos.
+struct Mask {
+  bool causal;
+  int64_t wl, wr, q_offset, k_offset;
+  static constexpr int64_t kFar = std::numeric_limits<int64_t>::max() / 4;
+
+  int64_t lo(int64_t qpos) const { return wl >= 0 ? qpos - wl : -kFar; }
+  int64_t hi(int64_t qpos) const {
+    int64_t h = kFar;
+    if (causal) h = qpos;
+    if (wr >= 0) h = std::min(h, qpos + wr);
+    return h;
+  }
+  bool visible(int64_t i, int64_t j) const {
+    const int64_t qp = q_offset + i, kp = k_offset + j;
+    return lo(qp) <= kp && kp <= hi(qp);
+  }
+  enum Kind { kSkip, kFull, kPartial };
+  // Queries [i0, i1) x keys [j0, j1), both non-empty.
+  Kind classify(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    const int64_t qa = q_offset + i0, qb = q_offset + i1 - 1;
+    const int64_t ka = k_offset + j0, kb = k_offset + j1 - 1;
+    if (hi(qb) < ka || lo(qa) > kb) return kSkip;
+    if (lo(qb) <= ka && hi(qa) >= kb) return kFull;
+    return kPartial;
+  }
+};
+
+Mask make_mask(const FlashForwardParams& p) {
+  return Mask{p.causal, p.window_left, p.window_right, p.q_offset, p.k_offset};
+}
+
+// Calls the progress hook every `every` ticks, only from the calling team's thread 0.
+struct ProgressTicker {
+  void (*fn)(void*);
+  void* ctx;
+  bool master;
+  int every;
+  int count = 0;
+  void tick() {
+    if (fn != nullptr && master && ++count >= every) {
+      count = 0;
+      fn(ctx);
+    }
+  }
+  // Unconditional call (thread 0 only): at entry and exit of each parallel loop, so the
+  // hook runs even when thread 0 got no tile (e.g. descheduled on a busy machine).
+  void now() {
+    if (fn != nullptr && master) {
+      count = 0;
+      fn(ctx);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Forward. Work item = (batch, query head, block of kBq queries); K/V tiles of kBk keys.
+// Scores are computed transposed (st[j][i] = K Q^T with Q^T packed once per item, prescaled
+// by scale*log2(e)), so the per-query softmax statistics are vertical, lane-parallel
+// reductions; O += P V then broadcasts P^T entries against contiguous V rows.
+template <class Isa>
+void forward_impl(const FlashForwardParams& p) {
+  constexpr int64_t kBq = Isa::kFwdBlockQ;
+  constexpr int64_t kBk = Isa::kFwdBlockK;
+  const int64_t B = p.batch, Sq = p.seq_q, Sk = p.seq_k, Hq = p.heads_q, D = p.head_dim,
+                Dv = p.head_dim_v;
+  const int64_t group = Hq / p.heads_kv;
+  const int64_t nqb = (Sq + kBq - 1) / kBq;
+  const int64_t items = B * Hq * nqb;
+  const float c2 = p.scale * kLog2e;
+  const Mask mask = make_mask(p);
+  float* lse_base = static_cast<float*>(p.lse.data);
+
+#pragma omp parallel
+  {
+    FloatBuffer qt(D * kBq), st(kBk * kBq), o(kBq * Dv), kbuf(kBk * D), vbuf(kBk * Dv),
+        stats(3 * kBq), row(std::max(D, Dv));
+    float* m = stats.get();
+    float* l = m + kBq;
+    float* alpha = l + kBq;
+    ProgressTicker progress{p.progress, p.progress_ctx, omp_get_thread_num() == 0, 2};
+
+    progress.now();
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < items; ++item) {
+      // Last query blocks first: under causal masks they carry the most keys.
+      const int64_t qb = nqb - 1 - item % nqb;
+      const int64_t h = (item / nqb) % Hq;
+      const int64_t b = item / (nqb * Hq);
+      const int64_t hk = h / group;
+      const int64_t i0 = qb * kBq;
+      const int64_t bq = std::min(kBq, Sq - i0);
+
+      for (int64_t i = 0; i < bq; ++i) {
+        const int64_t off = b * p.q.sb + (i0 + i) * p.q.ss + h * p.q.sh;
+        load_row(byte_ptr(p.q.data, p.q.dtype, off), p.q.dtype, D, row.get(), c2);
+        for (int64_t d = 0; d < D; ++d) qt.get()[d * kBq + i] = row.get()[d];
+      }
+      for (int64_t i = 0; i < bq; ++i) {
+        m[i] = kNegInf;
+        l[i] = 0.f;
+      }
+      std::fill(o.get(), o.get() + bq * Dv, 0.f);
+
+      // Keys that can be visible to some query of the block.
+      const int64_t jlo = std::max<int64_t>(0, mask.lo(p.q_offset + i0) - p.k_offset);
+      const int64_t jhi = std::min<int64_t>(Sk, mask.hi(p.q_offset + i0 + bq - 1) - p.k_offset + 1);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kBk) {
+        const int64_t bk = std::min(kBk, jhi - j0);
+        const Mask::Kind kind = mask.classify(i0, i0 + bq, j0, j0 + bk);
+        if (kind == Mask::kSkip) continue;
+        const Rows kr =
+            fp32_rows(p.k, b * p.k.sb + j0 * p.k.ss + hk * p.k.sh, p.k.ss, bk, D, kbuf.get());
+        const Rows vr =
+            fp32_rows(p.v, b * p.v.sb + j0 * p.v.ss + hk * p.v.sh, p.v.ss, bk, Dv, vbuf.get());
+        Isa::gemm(bk, bq, D, kr.ptr, kr.ld, 1, qt.get(), kBq, st.get(), kBq, false);
+        if (kind == Mask::kPartial) {
+          for (int64_t j = 0; j < bk; ++j)
+            for (int64_t i = 0; i < bq; ++i)
+              if (!mask.visible(i0 + i, j0 + j)) st.get()[j * kBq + i] = kNegInf;
+        }
+        Isa::softmax_columns(st.get(), kBq, bk, bq, m, l, alpha);
+        for (int64_t i = 0; i < bq; ++i) {
+          const float a = alpha[i];
+          if (a != 1.f) {
+            float* orow = o.get() + i * Dv;
+            for (int64_t d = 0; d < Dv; ++d) orow[d] *= a;
+          }
+        }
+        Isa::gemm(bq, Dv, bk, st.get(), 1, kBq, vr.ptr, vr.ld, o.get(), Dv, true);
+        progress.tick();
+      }
+
+      for (int64_t i = 0; i < bq; ++i) {
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        const int64_t off = b * p.out.sb + (i0 + i) * p.out.ss + h * p.out.sh;
+        store_row(o.get() + i * Dv, Dv, byte_ptr(p.out.data, p.out.dtype, off), p.out.dtype, false,
+                  inv);
+        lse_base[b * p.lse.sb + h * p.lse.sh + (i0 + i) * p.lse.ss] =
+            l[i] > 0.f ? (m[i] + std::log2(l[i])) * kLn2 : kNegInf;
+      }
+      progress.tick();
+    }
+    progress.now();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward. A pre-pass computes delta = rowsum(dout * out) and lse in log2 units. Work item
+// = (batch, KV head, chunk of key blocks): dK/dV of a key block are owned by one item
+// (summed over the group's query heads there), so they need no atomics; dQ goes to an fp32
+// scratch with one slice per key chunk (one chunk when there are enough (batch, KV head)
+// pairs to keep every thread busy), reduced into dq at the end.
+template <class Isa>
+void backward_impl(const FlashBackwardParams& p) {
+  constexpr int64_t kBq = Isa::kBwdBlockQ;
+  constexpr int64_t kBk = Isa::kBwdBlockK;
+  const int64_t B = p.batch, Sq = p.seq_q, Sk = p.seq_k, Hq = p.heads_q, Hkv = p.heads_kv,
+                D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t group = Hq / Hkv;
+  const float c2 = p.scale * kLog2e;
+  const Mask mask = make_mask(p);
+  const int64_t rows = B * Hq * Sq;
+
+  // delta[(b*Hq + h)*Sq + i], lse2 likewise (+inf marks a fully masked row: P = 0 there).
+  FloatBuffer delta(rows), lse2(rows);
+  const float* lse_base = static_cast<const float*>(p.lse.data);
+#pragma omp parallel
+  {
+    FloatBuffer ro(Dv), rd(Dv);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = r % Sq, h = (r / Sq) % Hq, b = r / (Sq * Hq);
+      load_row(byte_ptr(p.out.data, p.out.dtype, b * p.out.sb + i * p.out.ss + h * p.out.sh),
+               p.out.dtype, Dv, ro.get());
+      load_row(byte_ptr(p.dout.data, p.dout.dtype, b * p.dout.sb + i * p.dout.ss + h * p.dout.sh),
+               p.dout.dtype, Dv, rd.get());
+      float acc = 0.f;
+      for (int64_t d = 0; d < Dv; ++d) acc += ro.get()[d] * rd.get()[d];
+      delta.get()[r] = acc;
+      const float lv = lse_base[b * p.lse.sb + h * p.lse.sh + i * p.lse.ss];
+      lse2.get()[r] = lv == kNegInf ? kPosInf : lv * kLog2e;
+    }
+  }
+
+  const int64_t nkb = (Sk + kBk - 1) / kBk;
+  const int64_t pairs = B * Hkv;
+  const int64_t threads = omp_get_max_threads();
+  int64_t chunks = 1;
+  if (pairs < 2 * threads && nkb > 1) chunks = std::min(nkb, (2 * threads + pairs - 1) / pairs);
+  // dq scratch: [chunk][b][h][i][D]
+  const int64_t dq_slice = B * Hq * Sq * D;
+  FloatBuffer dqs(chunks * dq_slice);
+#pragma omp parallel for schedule(static)
+  for (int64_t x = 0; x < chunks * B * Hq * Sq; ++x)
+    std::fill(dqs.get() + x * D, dqs.get() + (x + 1) * D, 0.f);
+
+#pragma omp parallel
+  {
+    FloatBuffer kt(D * kBk), vt(Dv * kBk), kbuf(kBk * D), vbuf(kBk * Dv), dk_acc(kBk * D),
+        dv_acc(kBk * Dv), qbuf(kBq * D), dobuf(kBq * Dv), s(kBq * kBk), dp(kBq * kBk);
+    ProgressTicker progress{p.progress, p.progress_ctx, omp_get_thread_num() == 0, 2};
+
+    progress.now();
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < pairs * chunks; ++item) {
+      const int64_t c = item % chunks;
+      const int64_t hk = (item / chunks) % Hkv;
+      const int64_t b = item / (chunks * Hkv);
+      const int64_t kb_begin = c * nkb / chunks, kb_end = (c + 1) * nkb / chunks;
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+        const int64_t j0 = kb * kBk;
+        const int64_t bk = std::min(kBk, Sk - j0);
+        const Rows kr =
+            fp32_rows(p.k, b * p.k.sb + j0 * p.k.ss + hk * p.k.sh, p.k.ss, bk, D, kbuf.get());
+        const Rows vr =
+            fp32_rows(p.v, b * p.v.sb + j0 * p.v.ss + hk * p.v.sh, p.v.ss, bk, Dv, vbuf.get());
+        for (int64_t j = 0; j < bk; ++j) {
+          for (int64_t d = 0; d < D; ++d) kt.get()[d * kBk + j] = kr.ptr[j * kr.ld + d];
+          for (int64_t d = 0; d < Dv; ++d) vt.get()[d * kBk + j] = vr.ptr[j * vr.ld + d];
+        }
+        std::fill(dk_acc.get(), dk_acc.get() + bk * D, 0.f);
+        std::fill(dv_acc.get(), dv_acc.get() + bk * Dv, 0.f);
+
+        // Queries that can see some key of the block: hi(qpos) >= first key and
+        // lo(qpos) <= last key.
+        const int64_t ka = p.k_offset + j0, kz = p.k_offset + j0 + bk - 1;
+        int64_t qmin = -Mask::kFar, qmax = Mask::kFar;
+        if (p.causal) qmin = std::max(qmin, ka);
+        if (p.window_right >= 0) qmin = std::max(qmin, ka - p.window_right);
+        if (p.window_left >= 0) qmax = std::min(qmax, kz + p.window_left);
+        const int64_t ilo = std::max<int64_t>(0, qmin - p.q_offset);
+        const int64_t ihi = std::min<int64_t>(Sq, qmax - p.q_offset + 1);
+
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const int64_t row0 = (b * Hq + h) * Sq;
+          float* dq_rows = dqs.get() + c * dq_slice + row0 * D;
+          for (int64_t i0 = ilo; i0 < ihi; i0 += kBq) {
+            const int64_t bq = std::min(kBq, ihi - i0);
+            const Mask::Kind kind = mask.classify(i0, i0 + bq, j0, j0 + bk);
+            if (kind == Mask::kSkip) continue;
+            const Rows qr =
+                fp32_rows(p.q, b * p.q.sb + i0 * p.q.ss + h * p.q.sh, p.q.ss, bq, D, qbuf.get());
+            const Rows dor = fp32_rows(p.dout, b * p.dout.sb + i0 * p.dout.ss + h * p.dout.sh,
+                                       p.dout.ss, bq, Dv, dobuf.get());
+            // S = Q K^T, P = exp2(S * scale*log2e - lse2).
+            Isa::gemm(bq, bk, D, qr.ptr, qr.ld, 1, kt.get(), kBk, s.get(), kBk, false);
+            if (kind == Mask::kPartial) {
+              for (int64_t i = 0; i < bq; ++i)
+                for (int64_t j = 0; j < bk; ++j)
+                  if (!mask.visible(i0 + i, j0 + j)) s.get()[i * kBk + j] = kNegInf;
+            }
+            Isa::probs_rows(s.get(), kBk, bq, bk, c2, lse2.get() + row0 + i0);
+            // dP = dO V^T; dV += P^T dO.
+            Isa::gemm(bq, bk, Dv, dor.ptr, dor.ld, 1, vt.get(), kBk, dp.get(), kBk, false);
+            Isa::gemm(bk, Dv, bq, s.get(), 1, kBk, dor.ptr, dor.ld, dv_acc.get(), Dv, true);
+            // dS = scale * P * (dP - delta), kept in dp.
+            const float* drow = delta.get() + row0 + i0;
+            for (int64_t i = 0; i < bq; ++i) {
+              const float di = drow[i];
+              const float* pr = s.get() + i * kBk;
+              float* dr = dp.get() + i * kBk;
+              for (int64_t j = 0; j < bk; ++j) dr[j] = p.scale * pr[j] * (dr[j] - di);
+            }
+            // dK += dS^T Q; dQ += dS K.
+            Isa::gemm(bk, D, bq, dp.get(), 1, kBk, qr.ptr, qr.ld, dk_acc.get(), D, true);
+            Isa::gemm(bq, D, bk, dp.get(), kBk, 1, kr.ptr, kr.ld, dq_rows + i0 * D, D, true);
+            progress.tick();
+          }
+        }
+        for (int64_t j = 0; j < bk; ++j) {
+          store_row(
+              dk_acc.get() + j * D, D,
+              byte_ptr(p.dk.data, p.dk.dtype, b * p.dk.sb + (j0 + j) * p.dk.ss + hk * p.dk.sh),
+              p.dk.dtype, p.accumulate);
+          store_row(
+              dv_acc.get() + j * Dv, Dv,
+              byte_ptr(p.dv.data, p.dv.dtype, b * p.dv.sb + (j0 + j) * p.dv.ss + hk * p.dv.sh),
+              p.dv.dtype, p.accumulate);
+        }
+        progress.tick();
+      }
+    }
+    progress.now();
+  }
+
+  // dq (+)= sum over chunks.
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r % Sq, h = (r / Sq) % Hq, b = r / (Sq * Hq);
+    float* acc = dqs.get() + r * D;
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* part = dqs.get() + c * dq_slice + r * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] += part[d];
+    }
+    store_row(acc, D, byte_ptr(p.dq.data, p.dq.dtype, b * p.dq.sb + i * p.dq.ss + h * p.dq.sh),
+              p.dq.dtype, p.accumulate);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Portable policy: plain loops the compiler vectorizes for the baseline target.
+struct PortableIsa {
+  static constexpr int64_t kFwdBlockQ = 64;
+  static constexpr int64_t kFwdBlockK = 64;
+  static constexpr int64_t kBwdBlockQ = 64;
+  static constexpr int64_t kBwdBlockK = 64;
+
+  static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t ats,
+                   const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* cr = c + m * ldc;
+      if (!accumulate) std::fill(cr, cr + N, 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float av = a[m * ars + k * ats];
+        const float* br = b + k * ldb;
+        for (int64_t n = 0; n < N; ++n) cr[n] += av * br[n];
+      }
+    }
+  }
+
+  static void softmax_columns(float* st, int64_t ld, int64_t rows, int64_t cols, float* m, float* l,
+                              float* alpha) {
+    float mx[kFwdBlockQ], mu[kFwdBlockQ], sum[kFwdBlockQ];
+    for (int64_t i = 0; i < cols; ++i) mx[i] = m[i];
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t i = 0; i < cols; ++i) mx[i] = std::max(mx[i], st[j * ld + i]);
+    for (int64_t i = 0; i < cols; ++i) {
+      // A column with no visible key so far keeps m = -inf; exponentiate against 0 there so
+      // that -inf - -inf never makes a NaN.
+      mu[i] = mx[i] == kNegInf ? 0.f : mx[i];
+      alpha[i] = std::exp2(m[i] - mu[i]);
+      m[i] = mx[i];
+      sum[i] = 0.f;
+    }
+    for (int64_t j = 0; j < rows; ++j) {
+      float* r = st + j * ld;
+      for (int64_t i = 0; i < cols; ++i) {
+        const float e = std::exp2(r[i] - mu[i]);
+        r[i] = e;
+        sum[i] += e;
+      }
+    }
+    for (int64_t i = 0; i < cols; ++i) l[i] = l[i] * alpha[i] + sum[i];
+  }
+
+  static void probs_rows(float* s, int64_t ld, int64_t rows, int64_t cols, float c2,
+                         const float* lse2) {
+    for (int64_t i = 0; i < rows; ++i) {
+      float* r = s + i * ld;
+      const float sub = lse2[i];
+      for (int64_t j = 0; j < cols; ++j) r[j] = std::exp2(r[j] * c2 - sub);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace distattn::kernels::cpu

@@ -1,0 +1,201 @@
+#pragma once
+// AVX-512 policy for flash_impl.h. Include only from *_avx512.cpp files (built with
+// -mavx512f/bw/vl/dq -mfma); everything has internal linkage.
+// GCC 12 flags the _mm512_undefined_ps() inside max/min/roundscale/scalef intrinsics as
+// maybe-uninitialized when they inline; the lanes are fully written.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels/cpu/flash_impl.h"
+
+namespace distattn::kernels::cpu {
+namespace {
+
+// 2^x for x <= 0 (larger x are fine up to 127). x is clamped at -151 so -inf gives 0; the
+// fraction f = x - round(x) in [-0.5, 0.5] goes through a degree-7 polynomial (relative
+// error ~1e-8, below fp32 rounding), and scalef applies 2^round(x) without overflow.
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-151.f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(127.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059840e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Register-blocked C[MR x 16*NV] (+)= A[MR x K] B[K x 16*NV]: MR broadcasts of A and NV
+// loads of B feed MR*NV FMAs per k. The last B/C vector is masked with `last`.
+template <int MR, int NV>
+inline void micro_kernel(int64_t K, const float* a, int64_t ars, int64_t ats, const float* b,
+                         int64_t ldb, float* c, int64_t ldc, bool accumulate, __mmask16 last) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const float* ar[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) ar[r] = a + r * ars;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * ldb;
+    __m512 bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV - 1; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
+    bv[NV - 1] = _mm512_maskz_loadu_ps(last, bk + 16 * (NV - 1));
+    const int64_t ao = k * ats;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(ar[r][ao]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + r * ldc + 16 * v;
+      const __mmask16 mk = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      __m512 x = acc[r][v];
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk, cp));
+      _mm512_mask_storeu_ps(cp, mk, x);
+    }
+  }
+}
+
+template <int NV>
+inline void micro_rows(int64_t mr, int64_t K, const float* a, int64_t ars, int64_t ats,
+                       const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+                       __mmask16 last) {
+  switch (mr) {
+    case 6:
+      micro_kernel<6, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
+      break;
+    case 5:
+      micro_kernel<5, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
+      break;
+    case 4:
+      micro_kernel<4, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
+      break;
+    case 3:
+      micro_kernel<3, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
+      break;
+    case 2:
+      micro_kernel<2, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
+      break;
+    default:
+      micro_kernel<1, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
+      break;
+  }
+}
+
+struct Avx512Isa {
+  static constexpr int64_t kFwdBlockQ = 64;
+  static constexpr int64_t kFwdBlockK = 128;
+  static constexpr int64_t kBwdBlockQ = 64;
+  static constexpr int64_t kBwdBlockK = 64;
+  static constexpr int64_t kMr = 6;
+
+  static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t ats,
+                   const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+    if (K == 0) {
+      if (!accumulate)
+        for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, 0.f);
+      return;
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      const int64_t nn = std::min<int64_t>(64, N - n0);
+      const int64_t nv = (nn + 15) / 16;
+      const __mmask16 last = tail_mask(nn - 16 * (nv - 1));
+      for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+        const int64_t mr = std::min<int64_t>(kMr, M - m0);
+        const float* am = a + m0 * ars;
+        const float* bn = b + n0;
+        float* cm = c + m0 * ldc + n0;
+        switch (nv) {
+          case 4:
+            micro_rows<4>(mr, K, am, ars, ats, bn, ldb, cm, ldc, accumulate, last);
+            break;
+          case 3:
+            micro_rows<3>(mr, K, am, ars, ats, bn, ldb, cm, ldc, accumulate, last);
+            break;
+          case 2:
+            micro_rows<2>(mr, K, am, ars, ats, bn, ldb, cm, ldc, accumulate, last);
+            break;
+          default:
+            micro_rows<1>(mr, K, am, ars, ats, bn, ldb, cm, ldc, accumulate, last);
+            break;
+        }
+      }
+    }
+  }
+
+  // Lane i of each vector is query i; rows j are keys.
+  static void softmax_columns(float* st, int64_t ld, int64_t rows, int64_t cols, float* m, float* l,
+                              float* alpha) {
+    const __m512 ninf = _mm512_set1_ps(kNegInf);
+    for (int64_t i0 = 0; i0 < cols; i0 += 16) {
+      const __mmask16 mk = tail_mask(cols - i0);
+      const __m512 m_old = _mm512_mask_loadu_ps(ninf, mk, m + i0);
+      __m512 mx = m_old;
+      for (int64_t j = 0; j < rows; ++j)
+        mx = _mm512_max_ps(mx, _mm512_maskz_loadu_ps(mk, st + j * ld + i0));
+      // Columns with no visible key so far stay at -inf; exponentiate against 0 there.
+      const __m512 mu =
+          _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
+      const __m512 al = exp2_ps(_mm512_sub_ps(m_old, mu));
+      __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 1 < rows; j += 2) {
+        float* r0 = st + j * ld + i0;
+        float* r1 = r0 + ld;
+        const __m512 e0 = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, r0), mu));
+        const __m512 e1 = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, r1), mu));
+        _mm512_mask_storeu_ps(r0, mk, e0);
+        _mm512_mask_storeu_ps(r1, mk, e1);
+        sum0 = _mm512_add_ps(sum0, e0);
+        sum1 = _mm512_add_ps(sum1, e1);
+      }
+      for (; j < rows; ++j) {
+        float* r0 = st + j * ld + i0;
+        const __m512 e0 = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, r0), mu));
+        _mm512_mask_storeu_ps(r0, mk, e0);
+        sum0 = _mm512_add_ps(sum0, e0);
+      }
+      const __m512 l_old = _mm512_maskz_loadu_ps(mk, l + i0);
+      _mm512_mask_storeu_ps(l + i0, mk, _mm512_fmadd_ps(l_old, al, _mm512_add_ps(sum0, sum1)));
+      _mm512_mask_storeu_ps(m + i0, mk, mx);
+      _mm512_mask_storeu_ps(alpha + i0, mk, al);
+    }
+  }
+
+  static void probs_rows(float* s, int64_t ld, int64_t rows, int64_t cols, float c2,
+                         const float* lse2) {
+    const __m512 vc = _mm512_set1_ps(c2);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* r = s + i * ld;
+      const __m512 sub = _mm512_set1_ps(lse2[i]);
+      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+        const __mmask16 mk = tail_mask(cols - j0);
+        const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, r + j0), vc, sub);
+        _mm512_mask_storeu_ps(r + j0, mk, exp2_ps(x));
+      }
+    }
+  }
+};
+
+}  // namespace
+}  // namespace distattn::kernels::cpu

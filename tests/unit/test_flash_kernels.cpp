@@ -1,0 +1,614 @@
+// The CPU flash kernels (kernels/cpu/flash_*) against a naive fp64 attention written here,
+// on both the AVX-512 and the portable instruction-set paths.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/test_data.h"
+#include "distattn/core/tensor_view.h"
+#include "kernels/cpu/attention_cpu.h"
+#include "kernels/cpu/flash_cpu.h"
+
+namespace distattn {
+namespace {
+
+using kernels::cpu::CpuKernelIsa;
+using testing::compare;
+using testing::to_double_vector;
+
+struct Case {
+  int64_t B = 1, Sq = 7, Sk = 7, Hq = 2, Hkv = 2, D = 64, Dv = 64;
+  DType dtype = DType::kFloat32;      // q, k, v (and dout)
+  DType out_dtype = DType::kFloat32;  // out, dq, dk, dv
+  bool causal = false;
+  int64_t q_offset = 0, k_offset = 0, wl = -1, wr = -1;
+  bool strided = false;  // pad seq/head strides and lse
+  std::string str() const {
+    std::ostringstream os;
+    os << "B" << B << " Sq" << Sq << " Sk" << Sk << " Hq" << Hq << " Hkv" << Hkv << " D" << D
+       << " Dv" << Dv << " " << dtype_name(dtype) << "->" << dtype_name(out_dtype)
+       << (causal ? " causal" : "") << " qoff" << q_offset << " koff" << k_offset << " win(" << wl
+       << "," << wr << ")" << (strided ? " strided" : "");
+    return os.str();
+  }
+  ops::AttentionOptions opts() const {
+    ops::AttentionOptions o;
+    o.causal = causal;
+    o.q_offset = q_offset;
+    o.k_offset = k_offset;
+    o.window_left = wl;
+    o.window_right = wr;
+    return o;
+  }
+  double scale() const { return 1.0 / std::sqrt(static_cast<double>(D)); }
+  bool visible(int64_t i, int64_t j) const {
+    const int64_t qp = q_offset + i, kp = k_offset + j;
+    if (causal && kp > qp) return false;
+    if (wl >= 0 && kp < qp - wl) return false;
+    if (wr >= 0 && kp > qp + wr) return false;
+    return true;
+  }
+};
+
+// A BSHD tensor, packed or with padded seq/head strides (the padding holds garbage).
+struct Buf {
+  Tensor storage;
+  TensorView view;
+};
+Buf make_bshd(int64_t B, int64_t S, int64_t H, int64_t D, DType t, bool strided) {
+  Buf b;
+  if (!strided) {
+    b.storage = Tensor::empty({B, S, H, D}, t);
+    b.view = b.storage.view();
+    return b;
+  }
+  b.storage = Tensor::empty({B, S, H + 1, D + 5}, t);
+  testing::fill_test_data(b.storage, 999, 77);  // garbage in the padding
+  b.view = b.storage.view().slice(2, 0, H).slice(3, 0, D);
+  return b;
+}
+// Fill a (possibly strided) view with test data: packed temp, then element copy.
+void fill(const TensorView& v, uint64_t id) {
+  Tensor packed = Tensor::empty(std::span<const int64_t>(v.shape.data(), v.ndim), v.dtype);
+  testing::fill_test_data(packed, 1234, id);
+  const size_t es = v.element_size();
+  const char* src = static_cast<const char*>(packed.data());
+  for (int64_t b = 0; b < v.size(0); ++b)
+    for (int64_t s = 0; s < v.size(1); ++s)
+      for (int64_t h = 0; h < v.size(2); ++h) {
+        const int64_t di = ((b * v.size(1) + s) * v.size(2) + h) * v.size(3);
+        char* dst =
+            static_cast<char*>(v.data) +
+            (b * v.stride(0) + s * v.stride(1) + h * v.stride(2)) * static_cast<int64_t>(es);
+        std::memcpy(dst, src + di * static_cast<int64_t>(es), static_cast<size_t>(v.size(3)) * es);
+      }
+}
+
+struct NaiveForward {
+  std::vector<double> out, lse;
+};
+// q,k,v as packed fp64 BSHD.
+NaiveForward naive_forward(const Case& c, const std::vector<double>& q,
+                           const std::vector<double>& k, const std::vector<double>& v) {
+  NaiveForward r;
+  r.out.assign(static_cast<size_t>(c.B * c.Sq * c.Hq * c.Dv), 0.0);
+  r.lse.assign(static_cast<size_t>(c.B * c.Hq * c.Sq), -std::numeric_limits<double>::infinity());
+  const int64_t g = c.Hq / c.Hkv;
+  std::vector<double> s(static_cast<size_t>(c.Sk));
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.Hq; ++h)
+      for (int64_t i = 0; i < c.Sq; ++i) {
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < c.Sk; ++j) {
+          if (!c.visible(i, j)) continue;
+          double acc = 0;
+          for (int64_t d = 0; d < c.D; ++d)
+            acc += q[((b * c.Sq + i) * c.Hq + h) * c.D + d] *
+                   k[((b * c.Sk + j) * c.Hkv + h / g) * c.D + d];
+          s[j] = acc * c.scale();
+          mx = std::max(mx, s[j]);
+        }
+        if (mx == -std::numeric_limits<double>::infinity()) continue;
+        double sum = 0;
+        double* o = &r.out[((b * c.Sq + i) * c.Hq + h) * c.Dv];
+        for (int64_t j = 0; j < c.Sk; ++j) {
+          if (!c.visible(i, j)) continue;
+          const double p = std::exp(s[j] - mx);
+          sum += p;
+          for (int64_t d = 0; d < c.Dv; ++d)
+            o[d] += p * v[((b * c.Sk + j) * c.Hkv + h / g) * c.Dv + d];
+        }
+        for (int64_t d = 0; d < c.Dv; ++d) o[d] /= sum;
+        r.lse[(b * c.Hq + h) * c.Sq + i] = mx + std::log(sum);
+      }
+  return r;
+}
+
+struct NaiveBackward {
+  std::vector<double> dq, dk, dv;
+};
+NaiveBackward naive_backward(const Case& c, const std::vector<double>& q,
+                             const std::vector<double>& k, const std::vector<double>& v,
+                             const std::vector<double>& dout) {
+  const NaiveForward f = naive_forward(c, q, k, v);
+  NaiveBackward r;
+  r.dq.assign(q.size(), 0.0);
+  r.dk.assign(k.size(), 0.0);
+  r.dv.assign(v.size(), 0.0);
+  const int64_t g = c.Hq / c.Hkv;
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.Hq; ++h)
+      for (int64_t i = 0; i < c.Sq; ++i) {
+        const double lse = f.lse[(b * c.Hq + h) * c.Sq + i];
+        if (std::isinf(lse)) continue;
+        const double* qi = &q[((b * c.Sq + i) * c.Hq + h) * c.D];
+        const double* doi = &dout[((b * c.Sq + i) * c.Hq + h) * c.Dv];
+        const double* oi = &f.out[((b * c.Sq + i) * c.Hq + h) * c.Dv];
+        double delta = 0;
+        for (int64_t d = 0; d < c.Dv; ++d) delta += doi[d] * oi[d];
+        for (int64_t j = 0; j < c.Sk; ++j) {
+          if (!c.visible(i, j)) continue;
+          const int64_t kvrow = (b * c.Sk + j) * c.Hkv + h / g;
+          const double* kj = &k[kvrow * c.D];
+          const double* vj = &v[kvrow * c.Dv];
+          double s = 0, dp = 0;
+          for (int64_t d = 0; d < c.D; ++d) s += qi[d] * kj[d];
+          for (int64_t d = 0; d < c.Dv; ++d) dp += doi[d] * vj[d];
+          const double p = std::exp(s * c.scale() - lse);
+          const double ds = p * (dp - delta) * c.scale();
+          for (int64_t d = 0; d < c.Dv; ++d) r.dv[kvrow * c.Dv + d] += p * doi[d];
+          for (int64_t d = 0; d < c.D; ++d) {
+            r.dq[((b * c.Sq + i) * c.Hq + h) * c.D + d] += ds * kj[d];
+            r.dk[kvrow * c.D + d] += ds * qi[d];
+          }
+        }
+      }
+  return r;
+}
+
+// Relative tolerance (max error / max |ref|) for results stored in `t` computed from inputs
+// stored in `in`: fp32 accumulation everywhere, so only the result's rounding matters.
+double tol(DType t) {
+  switch (t) {
+    case DType::kBFloat16:
+      return 2e-2;
+    case DType::kFloat16:
+      return 2e-3;
+    default:
+      return 1e-5;
+  }
+}
+
+std::vector<CpuKernelIsa> isas() {
+  std::vector<CpuKernelIsa> r{CpuKernelIsa::kPortable};
+  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512))
+    r.push_back(CpuKernelIsa::kAvx512);
+  return r;
+}
+
+struct IsaGuard {
+  explicit IsaGuard(CpuKernelIsa isa) { kernels::cpu::set_cpu_kernel_isa(isa); }
+  ~IsaGuard() { kernels::cpu::set_cpu_kernel_isa(CpuKernelIsa::kAuto); }
+};
+
+struct Inputs {
+  Buf q, k, v;
+  std::vector<double> qd, kd, vd;
+};
+Inputs make_inputs(const Case& c) {
+  Inputs in;
+  in.q = make_bshd(c.B, c.Sq, c.Hq, c.D, c.dtype, c.strided);
+  in.k = make_bshd(c.B, c.Sk, c.Hkv, c.D, c.dtype, c.strided);
+  in.v = make_bshd(c.B, c.Sk, c.Hkv, c.Dv, c.dtype, c.strided);
+  fill(in.q.view, 1);
+  fill(in.k.view, 2);
+  fill(in.v.view, 3);
+  in.qd = to_double_vector(in.q.view);
+  in.kd = to_double_vector(in.k.view);
+  in.vd = to_double_vector(in.v.view);
+  return in;
+}
+
+struct ForwardResult {
+  Buf out;
+  Tensor lse_storage;
+  TensorView lse;
+};
+ForwardResult run_forward(const Case& c, const Inputs& in, const ops::AttentionOptions& o) {
+  ForwardResult r;
+  r.out = make_bshd(c.B, c.Sq, c.Hq, c.Dv, c.out_dtype, c.strided);
+  if (c.strided) {
+    r.lse_storage = Tensor::empty({c.B, c.Hq, c.Sq + 3}, DType::kFloat32);
+    r.lse = r.lse_storage.view().slice(2, 0, c.Sq);
+  } else {
+    r.lse_storage = Tensor::empty({c.B, c.Hq, c.Sq}, DType::kFloat32);
+    r.lse = r.lse_storage.view();
+  }
+  kernels::cpu::flash_forward(in.q.view, in.k.view, in.v.view, r.out.view, r.lse, o);
+  return r;
+}
+
+void check_forward(const Case& c) {
+  const Inputs in = make_inputs(c);
+  const NaiveForward ref = naive_forward(c, in.qd, in.kd, in.vd);
+  for (CpuKernelIsa isa : isas()) {
+    SCOPED_TRACE(c.str() + " isa=" + kernels::cpu::cpu_kernel_isa_name(isa));
+    IsaGuard guard(isa);
+    const ForwardResult r = run_forward(c, in, c.opts());
+    const auto eo = compare(to_double_vector(r.out.view), ref.out);
+    EXPECT_EQ(eo.non_finite, 0);
+    EXPECT_LE(eo.rel(), tol(c.out_dtype)) << "out max abs err " << eo.max_abs_err;
+    const auto el = compare(to_double_vector(r.lse), ref.lse);
+    EXPECT_EQ(el.non_finite, 0) << "lse must be finite or -inf exactly where the reference is";
+    EXPECT_LE(el.max_abs_err, 1e-5 * std::max(1.0, el.max_ref));
+  }
+}
+
+void check_backward(const Case& c, bool accumulate = false) {
+  const Inputs in = make_inputs(c);
+  Buf dout = make_bshd(c.B, c.Sq, c.Hq, c.Dv, c.dtype, c.strided);
+  fill(dout.view, 4);
+  const NaiveBackward ref = naive_backward(c, in.qd, in.kd, in.vd, to_double_vector(dout.view));
+  for (CpuKernelIsa isa : isas()) {
+    SCOPED_TRACE(c.str() + " isa=" + kernels::cpu::cpu_kernel_isa_name(isa) +
+                 (accumulate ? " accumulate" : ""));
+    IsaGuard guard(isa);
+    const ForwardResult f = run_forward(c, in, c.opts());
+    Buf dq = make_bshd(c.B, c.Sq, c.Hq, c.D, c.out_dtype, c.strided);
+    Buf dk = make_bshd(c.B, c.Sk, c.Hkv, c.D, c.out_dtype, c.strided);
+    Buf dv = make_bshd(c.B, c.Sk, c.Hkv, c.Dv, c.out_dtype, c.strided);
+    // Overwrite mode must not read what is there; accumulate mode must add to it.
+    fill(dq.view, 11);
+    fill(dk.view, 12);
+    fill(dv.view, 13);
+    std::vector<double> rq = ref.dq, rk = ref.dk, rv = ref.dv;
+    if (accumulate) {
+      const auto q0 = to_double_vector(dq.view), k0 = to_double_vector(dk.view),
+                 v0 = to_double_vector(dv.view);
+      for (size_t x = 0; x < rq.size(); ++x) rq[x] += q0[x];
+      for (size_t x = 0; x < rk.size(); ++x) rk[x] += k0[x];
+      for (size_t x = 0; x < rv.size(); ++x) rv[x] += v0[x];
+    }
+    ops::BackwardOptions bo;
+    bo.accumulate = accumulate;
+    kernels::cpu::flash_backward(in.q.view, in.k.view, in.v.view, f.out.view, dout.view, f.lse,
+                                 dq.view, dk.view, dv.view, c.opts(), bo);
+    // Backward reads the stored out (delta = rowsum(dout*out)), so the out dtype's rounding
+    // also enters the gradients.
+    const double t = tol(c.out_dtype);
+    const auto eq = compare(to_double_vector(dq.view), rq);
+    const auto ek = compare(to_double_vector(dk.view), rk);
+    const auto ev = compare(to_double_vector(dv.view), rv);
+    EXPECT_EQ(eq.non_finite + ek.non_finite + ev.non_finite, 0);
+    EXPECT_LE(eq.rel(), t) << "dq max abs err " << eq.max_abs_err << " ref " << eq.max_ref;
+    EXPECT_LE(ek.rel(), t) << "dk max abs err " << ek.max_abs_err << " ref " << ek.max_ref;
+    EXPECT_LE(ev.rel(), t) << "dv max abs err " << ev.max_abs_err << " ref " << ev.max_ref;
+  }
+}
+
+// Mask variants at one size: none, causal, causal with offsets, windows.
+std::vector<Case> mask_variants(Case base) {
+  std::vector<Case> r;
+  r.push_back(base);
+  Case c = base;
+  c.causal = true;
+  r.push_back(c);
+  c.q_offset = base.Sk > 3 ? base.Sk - base.Sq + 2 : 0;  // queries at the end of the keys
+  r.push_back(c);
+  c = base;
+  c.wl = 5;
+  c.wr = 0;
+  c.causal = true;
+  r.push_back(c);  // sliding window
+  c = base;
+  c.wl = 40;
+  c.wr = 9;
+  c.q_offset = 3;
+  c.k_offset = 1;
+  r.push_back(c);  // two-sided window with offsets
+  return r;
+}
+
+TEST(FlashForward, MatchesNaiveAcrossSizesAndMasksFp32) {
+  for (int64_t s : {1, 7, 131, 257}) {
+    Case base;
+    base.Sq = s;
+    base.Sk = s;
+    for (const Case& c : mask_variants(base)) check_forward(c);
+  }
+  Case c;  // Sq != Sk, batch 2, GQA
+  c.B = 2;
+  c.Sq = 70;
+  c.Sk = 131;
+  c.Hq = 4;
+  c.Hkv = 1;
+  for (const Case& v : mask_variants(c)) check_forward(v);
+}
+
+TEST(FlashForward, Bf16AndFp16InputsWithNativeAndFp32Outputs) {
+  for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+    for (DType o : {t, DType::kFloat32}) {
+      Case c;
+      c.Sq = 131;
+      c.Sk = 257;
+      c.Hq = 4;
+      c.Hkv = 2;
+      c.dtype = t;
+      c.out_dtype = o;
+      c.causal = true;
+      c.q_offset = 126;
+      check_forward(c);
+    }
+  }
+}
+
+TEST(FlashForward, HeadDimsIncludingOddAndMlaSized) {
+  const std::vector<std::pair<int64_t, int64_t>> dims{
+      {128, 128}, {80, 80}, {192, 128}, {576, 512}, {7, 3}};
+  for (auto [d, dv] : dims) {
+    Case c;
+    c.Sq = 37;
+    c.Sk = 131;
+    c.D = d;
+    c.Dv = dv;
+    c.Hq = 2;
+    c.Hkv = 1;
+    check_forward(c);
+    c.causal = true;
+    c.q_offset = 94;
+    c.strided = true;
+    check_forward(c);
+  }
+}
+
+TEST(FlashForward, StridedOperandsAndLse) {
+  Case c;
+  c.B = 2;
+  c.Sq = 131;
+  c.Sk = 131;
+  c.strided = true;
+  for (const Case& v : mask_variants(c)) check_forward(v);
+}
+
+TEST(FlashForward, FullyMaskedRowsGiveZeroOutAndNegInfLse) {
+  Case c;
+  c.Sq = 20;
+  c.Sk = 9;
+  c.causal = true;
+  c.q_offset = 0;
+  c.k_offset = 10;  // queries 0..9 see nothing, 10..19 see some keys
+  for (CpuKernelIsa isa : isas()) {
+    SCOPED_TRACE(kernels::cpu::cpu_kernel_isa_name(isa));
+    IsaGuard guard(isa);
+    const Inputs in = make_inputs(c);
+    const ForwardResult r = run_forward(c, in, c.opts());
+    const auto out = to_double_vector(r.out.view);
+    const auto lse = to_double_vector(r.lse);
+    for (int64_t h = 0; h < c.Hq; ++h)
+      for (int64_t i = 0; i < c.Sq; ++i) {
+        const double l = lse[h * c.Sq + i];
+        if (i < 10) {
+          EXPECT_TRUE(std::isinf(l) && l < 0) << "row " << i << " lse " << l;
+          for (int64_t d = 0; d < c.Dv; ++d) ASSERT_EQ(out[(i * c.Hq + h) * c.Dv + d], 0.0);
+        } else {
+          EXPECT_TRUE(std::isfinite(l)) << "row " << i;
+        }
+      }
+  }
+  check_forward(c);
+  check_backward(c);
+}
+
+TEST(FlashForward, NoVisibleKeysAtAll) {
+  Case c;
+  c.Sq = 7;
+  c.Sk = 131;
+  c.wl = 0;
+  c.wr = 0;
+  c.k_offset = 1000;  // window never reaches the keys
+  check_forward(c);
+  check_backward(c);
+}
+
+TEST(FlashBackward, MatchesNaiveAcrossSizesAndMasksFp32) {
+  for (int64_t s : {1, 7, 131, 257}) {
+    Case base;
+    base.Sq = s;
+    base.Sk = s;
+    for (const Case& c : mask_variants(base)) check_backward(c);
+  }
+}
+
+TEST(FlashBackward, GqaSumsKeyGradientsOverTheGroup) {
+  Case c;
+  c.B = 2;
+  c.Sq = 70;
+  c.Sk = 257;  // several key blocks for one (batch, KV head): the chunked dq path
+  c.Hq = 4;
+  c.Hkv = 1;
+  for (const Case& v : mask_variants(c)) check_backward(v);
+  c.Hkv = 2;
+  c.B = 1;
+  c.causal = true;
+  c.q_offset = 187;
+  check_backward(c);
+}
+
+TEST(FlashBackward, Bf16AndFp16Inputs) {
+  for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+    for (DType o : {t, DType::kFloat32}) {
+      Case c;
+      c.Sq = 131;
+      c.Sk = 131;
+      c.dtype = t;
+      c.out_dtype = o;
+      c.causal = true;
+      check_backward(c);
+    }
+  }
+}
+
+TEST(FlashBackward, HeadDimsIncludingOddAndMlaSized) {
+  const std::vector<std::pair<int64_t, int64_t>> dims{
+      {128, 128}, {80, 80}, {192, 128}, {576, 512}, {7, 3}};
+  for (auto [d, dv] : dims) {
+    Case c;
+    c.Sq = 37;
+    c.Sk = 70;
+    c.D = d;
+    c.Dv = dv;
+    c.Hq = 2;
+    c.Hkv = 1;
+    c.causal = true;
+    c.q_offset = 40;
+    c.strided = true;
+    check_backward(c);
+  }
+}
+
+TEST(FlashBackward, AccumulateAddsIntoExistingGradients) {
+  Case c;
+  c.Sq = 131;
+  c.Sk = 70;
+  c.Hq = 4;
+  c.Hkv = 2;
+  c.causal = true;
+  c.q_offset = 70;
+  check_backward(c, true);
+  c.out_dtype = DType::kFloat32;
+  c.dtype = DType::kBFloat16;
+  check_backward(c, true);
+}
+
+TEST(FlashBackward, KeyBlocksSumToTheFullGradient) {
+  // Ring backward: two calls on the two halves of the keys, with the full out/lse and
+  // accumulate, give the gradients of one call over all keys.
+  Case c;
+  c.Sq = 131;
+  c.Sk = 131;
+  c.causal = true;
+  for (CpuKernelIsa isa : isas()) {
+    SCOPED_TRACE(kernels::cpu::cpu_kernel_isa_name(isa));
+    IsaGuard guard(isa);
+    const Inputs in = make_inputs(c);
+    Buf dout = make_bshd(c.B, c.Sq, c.Hq, c.Dv, c.dtype, false);
+    fill(dout.view, 4);
+    const ForwardResult f = run_forward(c, in, c.opts());
+    Tensor dq_full = Tensor::empty({c.B, c.Sq, c.Hq, c.D}, DType::kFloat32);
+    Tensor dk_full = Tensor::empty({c.B, c.Sk, c.Hkv, c.D}, DType::kFloat32);
+    Tensor dv_full = Tensor::empty({c.B, c.Sk, c.Hkv, c.Dv}, DType::kFloat32);
+    kernels::cpu::flash_backward(in.q.view, in.k.view, in.v.view, f.out.view, dout.view, f.lse,
+                                 dq_full, dk_full, dv_full, c.opts(), {});
+    Tensor dq = Tensor::zeros({c.B, c.Sq, c.Hq, c.D}, DType::kFloat32);
+    Tensor dk = Tensor::empty({c.B, c.Sk, c.Hkv, c.D}, DType::kFloat32);
+    Tensor dv = Tensor::empty({c.B, c.Sk, c.Hkv, c.Dv}, DType::kFloat32);
+    const int64_t half = 60;
+    for (int part = 0; part < 2; ++part) {
+      const int64_t j0 = part == 0 ? 0 : half, n = part == 0 ? half : c.Sk - half;
+      ops::AttentionOptions o = c.opts();
+      o.k_offset = j0;
+      ops::BackwardOptions bo;
+      bo.accumulate = true;
+      const TensorView dkp = dk.view().slice(1, j0, n), dvp = dv.view().slice(1, j0, n);
+      device_memset_zero(dk.data_as<float>() + j0 * c.Hkv * c.D, Device::cpu(),
+                         static_cast<size_t>(n * c.Hkv * c.D) * 4);
+      device_memset_zero(dv.data_as<float>() + j0 * c.Hkv * c.Dv, Device::cpu(),
+                         static_cast<size_t>(n * c.Hkv * c.Dv) * 4);
+      kernels::cpu::flash_backward(in.q.view, in.k.view.slice(1, j0, n), in.v.view.slice(1, j0, n),
+                                   f.out.view, dout.view, f.lse, dq, dkp, dvp, o, bo);
+    }
+    for (auto [a, b] : {std::pair{&dq, &dq_full}, {&dk, &dk_full}, {&dv, &dv_full}}) {
+      const auto e = compare(to_double_vector(*a), to_double_vector(*b));
+      EXPECT_EQ(e.non_finite, 0);
+      EXPECT_LE(e.rel(), 1e-5);
+    }
+  }
+}
+
+TEST(FlashKernels, PortableAndAvx512Agree) {
+  if (!kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512))
+    GTEST_SKIP() << "no AVX-512 on this CPU/build";
+  Case c;
+  c.Sq = 257;
+  c.Sk = 257;
+  c.D = 128;
+  c.Dv = 128;
+  c.causal = true;
+  const Inputs in = make_inputs(c);
+  std::vector<double> outs[2];
+  for (int x = 0; x < 2; ++x) {
+    IsaGuard guard(x == 0 ? CpuKernelIsa::kPortable : CpuKernelIsa::kAvx512);
+    outs[x] = to_double_vector(run_forward(c, in, c.opts()).out.view);
+  }
+  const auto e = compare(outs[1], outs[0]);
+  EXPECT_EQ(e.non_finite, 0);
+  EXPECT_LE(e.rel(), 1e-5);
+  EXPECT_GT(e.max_ref, 0.0);
+}
+
+TEST(FlashKernels, ProgressHookIsCalledFromOneThreadAtATime) {
+  struct Ctx {
+    std::atomic<int> calls{0};
+    std::atomic<int> inside{0};
+    std::atomic<int> overlaps{0};
+    std::atomic<int> non_master{0};
+  };
+  Case c;
+  c.Sq = 257;
+  c.Sk = 257;
+  c.Hq = 4;
+  c.Hkv = 4;
+  for (CpuKernelIsa isa : isas()) {
+    SCOPED_TRACE(kernels::cpu::cpu_kernel_isa_name(isa));
+    IsaGuard guard(isa);
+    Ctx ctx;
+    ops::AttentionOptions o = c.opts();
+    o.progress = [](void* p) {
+      Ctx* x = static_cast<Ctx*>(p);
+      if (x->inside.fetch_add(1) != 0) x->overlaps.fetch_add(1);
+      if (omp_get_thread_num() != 0) x->non_master.fetch_add(1);
+      x->calls.fetch_add(1);
+      x->inside.fetch_sub(1);
+    };
+    o.progress_ctx = &ctx;
+    const Inputs in = make_inputs(c);
+    const ForwardResult f = run_forward(c, in, o);
+    const int fwd_calls = ctx.calls.load();
+    EXPECT_GT(fwd_calls, 0);
+    Buf dout = make_bshd(c.B, c.Sq, c.Hq, c.Dv, c.dtype, false);
+    fill(dout.view, 4);
+    Tensor dq = Tensor::empty({c.B, c.Sq, c.Hq, c.D}, DType::kFloat32);
+    Tensor dk = Tensor::empty({c.B, c.Sk, c.Hkv, c.D}, DType::kFloat32);
+    Tensor dv = Tensor::empty({c.B, c.Sk, c.Hkv, c.Dv}, DType::kFloat32);
+    kernels::cpu::flash_backward(in.q.view, in.k.view, in.v.view, f.out.view, dout.view, f.lse, dq,
+                                 dk, dv, o, {});
+    EXPECT_GT(ctx.calls.load(), fwd_calls);
+    EXPECT_EQ(ctx.overlaps.load(), 0);
+    EXPECT_EQ(ctx.non_master.load(), 0);
+  }
+}
+
+TEST(FlashKernels, IsaSelectionRejectsUnavailableAndNamesThem) {
+  EXPECT_STREQ(kernels::cpu::cpu_kernel_isa_name(CpuKernelIsa::kPortable), "portable");
+  EXPECT_TRUE(kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kPortable));
+  {
+    IsaGuard guard(CpuKernelIsa::kPortable);
+    EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kPortable);
+  }
+  if (!kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512)) {
+    EXPECT_THROW(kernels::cpu::set_cpu_kernel_isa(CpuKernelIsa::kAvx512), Error);
+  } else {
+    IsaGuard guard(CpuKernelIsa::kAvx512);
+    EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kAvx512);
+  }
+}
+
+}  // namespace
+}  // namespace distattn
