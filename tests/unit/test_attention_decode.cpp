@@ -1,0 +1,287 @@
+// LSE merge, flash-decoding over a contiguous cache and over a paged cache, each against the
+// fp64 reference over the equivalent contiguous keys.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+
+#include "tests/unit/attention_test_util.h"
+
+namespace distattn::testing {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+TEST(AttentionMerge, TwoKeyHalvesEqualTheWhole) {
+  const int64_t B = 2, Sq = 13, Sk = 40, H = 4, D = 32, split = 17;
+  Tensor q = make_input({B, Sq, H, D}, DType::kFloat32, 20, 0);
+  Tensor k = make_input({B, Sk, H, D}, DType::kFloat32, 20, 1);
+  Tensor v = make_input({B, Sk, H, D}, DType::kFloat32, 20, 2);
+  ops::AttentionOptions o;
+  o.causal = true;
+  o.q_offset = 20;  // rows 0..3 see only the first half, later rows both
+  Tensor oa = Tensor::empty({B, Sq, H, D}, DType::kFloat32),
+         la = Tensor::empty({B, H, Sq}, DType::kFloat32);
+  Tensor ob = Tensor::empty({B, Sq, H, D}, DType::kFloat32),
+         lb = Tensor::empty({B, H, Sq}, DType::kFloat32);
+  ops::attention_forward(q, k.view().slice(1, 0, split), v.view().slice(1, 0, split), oa, la, o);
+  ops::AttentionOptions o2 = o;
+  o2.k_offset = split;
+  ops::attention_forward(q, k.view().slice(1, split, Sk - split),
+                         v.view().slice(1, split, Sk - split), ob, lb, o2);
+  auto ref = kernels::cpu::reference_attention_forward(q, k, v, o);
+  Tensor out = Tensor::empty({B, Sq, H, D}, DType::kFloat32),
+         lse = Tensor::empty({B, H, Sq}, DType::kFloat32);
+  ops::attention_merge(oa, la, ob, lb, out, lse);
+  expect_close(out, ref.out, 1e-5, "merged out");
+  expect_close(lse, ref.lse, 1e-5, "merged lse");
+  // In place into the first partial, and symmetric in its arguments.
+  ops::attention_merge(ob, lb, oa, la, oa, la);
+  expect_close(oa, ref.out, 1e-5, "in-place out");
+  expect_close(la, ref.lse, 1e-5, "in-place lse");
+}
+
+TEST(AttentionMerge, MaskedSidesAreNaNSafe) {
+  const int64_t D = 3;
+  Tensor oa = Tensor::empty({1, 3, 1, D}, DType::kFloat32),
+         la = Tensor::empty({1, 1, 3}, DType::kFloat32);
+  Tensor ob = Tensor::empty({1, 3, 1, D}, DType::kFloat32),
+         lb = Tensor::empty({1, 1, 3}, DType::kFloat32);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // row 0: both masked (outs hold NaN garbage); row 1: only b visible; row 2: equal lse.
+  const float a_lse[3] = {kNegInf, kNegInf, 0.5f}, b_lse[3] = {kNegInf, 1.0f, 0.5f};
+  for (int i = 0; i < 3; ++i) {
+    la.data_as<float>()[i] = a_lse[i];
+    lb.data_as<float>()[i] = b_lse[i];
+    for (int e = 0; e < D; ++e) {
+      oa.data_as<float>()[i * D + e] = i < 2 ? nan : 2.0f;
+      ob.data_as<float>()[i * D + e] = i == 0 ? nan : 4.0f;
+    }
+  }
+  Tensor out = Tensor::empty({1, 3, 1, D}, DType::kFloat32),
+         lse = Tensor::empty({1, 1, 3}, DType::kFloat32);
+  ops::attention_merge(oa, la, ob, lb, out, lse);
+  const float* o = out.data_as<float>();
+  EXPECT_EQ(lse.data_as<float>()[0], kNegInf);
+  EXPECT_FLOAT_EQ(lse.data_as<float>()[1], 1.0f);
+  EXPECT_FLOAT_EQ(lse.data_as<float>()[2], 0.5f + std::log(2.0f));
+  for (int e = 0; e < D; ++e) {
+    EXPECT_EQ(o[e], 0.0f);
+    EXPECT_EQ(o[D + e], 4.0f);
+    EXPECT_FLOAT_EQ(o[2 * D + e], 3.0f);
+  }
+}
+
+struct DecodeCase {
+  DType dtype;
+  int64_t sq, sk;
+  int num_splits;
+};
+
+class AttentionDecode : public ::testing::TestWithParam<DecodeCase> {};
+
+TEST_P(AttentionDecode, MatchesReference) {
+  const DecodeCase c = GetParam();
+  const int64_t B = 3, Hq = 8, Hkv = 2, D = 64, Dv = 64;
+  const uint64_t seed = 400 + static_cast<uint64_t>(c.sq * 7 + c.sk + c.num_splits);
+  Tensor q = make_input({B, c.sq, Hq, D}, c.dtype, seed, 0);
+  Tensor k = make_input({B, c.sk, Hkv, D}, c.dtype, seed, 1);
+  Tensor v = make_input({B, c.sk, Hkv, Dv}, c.dtype, seed, 2);
+  Tensor out = Tensor::empty({B, c.sq, Hq, Dv}, c.dtype);
+  Tensor lse = Tensor::empty({B, Hq, c.sq}, DType::kFloat32);
+  ops::AttentionOptions o;
+  o.causal = true;
+  o.q_offset = c.sk - c.sq;  // the new tokens sit at the end of the cache
+  ops::attention_decode(q, k, v, out, lse, o, {.num_splits = c.num_splits});
+  auto ref = kernels::cpu::reference_attention_forward(q, k, v, o);
+  expect_close(out, ref.out, tolerance(c.dtype), "out");
+  expect_close(lse, ref.lse, 1e-5, "lse");
+}
+
+std::vector<DecodeCase> decode_cases() {
+  std::vector<DecodeCase> v;
+  for (DType dt : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
+    for (int64_t sq : {1, 4, 16})
+      for (int64_t sk : {1, 7, 131, 1000})
+        for (int splits : {0, 1, 3, 7}) v.push_back({dt, sq, sk, splits});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, AttentionDecode, ::testing::ValuesIn(decode_cases()),
+                         [](const ::testing::TestParamInfo<DecodeCase>& i) {
+                           return std::string(dtype_name(i.param.dtype)) + "_q" +
+                                  std::to_string(i.param.sq) + "_k" + std::to_string(i.param.sk) +
+                                  "_s" + std::to_string(i.param.num_splits);
+                         });
+
+TEST(AttentionDecode, WindowAndKeyOffsetAcrossSplits) {
+  const int64_t B = 1, Sq = 2, Sk = 300, H = 2, D = 32;
+  Tensor q = make_input({B, Sq, H, D}, DType::kFloat32, 21, 0);
+  Tensor k = make_input({B, Sk, H, D}, DType::kFloat32, 21, 1);
+  Tensor v = make_input({B, Sk, H, D}, DType::kFloat32, 21, 2);
+  ops::AttentionOptions o;
+  o.causal = true;
+  o.k_offset = 1000;
+  o.q_offset = 1000 + Sk - Sq;
+  o.window_left = 70;  // most splits are fully masked for every query
+  Tensor out = Tensor::empty({B, Sq, H, D}, DType::kFloat32),
+         lse = Tensor::empty({B, H, Sq}, DType::kFloat32);
+  ops::attention_decode(q, k, v, out, lse, o, {.num_splits = 9});
+  auto ref = kernels::cpu::reference_attention_forward(q, k, v, o);
+  expect_close(out, ref.out, 1e-5, "out");
+  expect_close(lse, ref.lse, 1e-5, "lse");
+}
+
+// A paged cache holding the same keys as a contiguous one, pages in shuffled order.
+struct PagedFixture {
+  int64_t B, max_pages, ps, Hkv, D, Dv;
+  std::vector<int32_t> lens;
+  Tensor k_contig, v_contig;  // [B, max_pages*ps, Hkv, D]
+  Tensor k_pool, v_pool;      // [num_pages(+pad), ps, Hkv, D] storage
+  TensorView k_pages, v_pages;
+  Tensor page_table, seq_lens;
+
+  PagedFixture(DType dt, std::vector<int32_t> l, int64_t page_size, bool padded_pool, bool shuffle,
+               uint64_t seed)
+      : B(static_cast<int64_t>(l.size())), ps(page_size), Hkv(2), D(64), Dv(48), lens(l) {
+    int64_t maxlen = *std::max_element(lens.begin(), lens.end());
+    max_pages = std::max<int64_t>(1, (maxlen + ps - 1) / ps);
+    const int64_t S = max_pages * ps;
+    k_contig = make_input({B, S, Hkv, D}, dt, seed, 1);
+    v_contig = make_input({B, S, Hkv, Dv}, dt, seed, 2);
+    const int64_t P = B * max_pages + 3;  // spare pages nobody uses
+    std::vector<int32_t> ids(static_cast<size_t>(P));
+    std::iota(ids.begin(), ids.end(), 0);
+    if (shuffle) std::shuffle(ids.begin(), ids.end(), std::mt19937(static_cast<unsigned>(seed)));
+    // Padded pools put a gap between pages, so no run of pages is one strided view.
+    const int64_t gap = padded_pool ? 1 : 0;
+    auto make_pool = [&](Tensor& store, int64_t dim) {
+      store = Tensor::zeros({P, ps + gap, Hkv, dim}, dt);
+      const int64_t shape[4] = {P, ps, Hkv, dim};
+      const int64_t strides[4] = {(ps + gap) * Hkv * dim, Hkv * dim, dim, 1};
+      return TensorView(store.data(), dt, Device::cpu(), shape, strides);
+    };
+    k_pages = make_pool(k_pool, D);
+    v_pages = make_pool(v_pool, Dv);
+    page_table = Tensor::empty({B, max_pages}, DType::kInt32);
+    seq_lens = Tensor::empty({B}, DType::kInt32);
+    const size_t es = dtype_size(dt);
+    for (int64_t b = 0; b < B; ++b) {
+      seq_lens.data_as<int32_t>()[b] = lens[static_cast<size_t>(b)];
+      for (int64_t p = 0; p < max_pages; ++p) {
+        const int32_t id = ids[static_cast<size_t>(b * max_pages + p)];
+        page_table.data_as<int32_t>()[b * max_pages + p] = id;
+        for (int64_t t = 0; t < ps; ++t) {
+          const int64_t ksrc[4] = {b, p * ps + t, 0, 0}, kdst[4] = {id, t, 0, 0};
+          std::memcpy(k_pages.element_ptr(kdst), k_contig.view().element_ptr(ksrc),
+                      static_cast<size_t>(Hkv * D) * es);
+          std::memcpy(v_pages.element_ptr(kdst), v_contig.view().element_ptr(ksrc),
+                      static_cast<size_t>(Hkv * Dv) * es);
+        }
+      }
+    }
+  }
+  ops::PagedKV cache() const { return {k_pages, v_pages, page_table, seq_lens}; }
+};
+
+struct PagedCase {
+  DType dtype;
+  int64_t sq;
+  bool padded_pool, shuffle;
+  int num_splits;
+};
+
+class AttentionDecodePaged : public ::testing::TestWithParam<PagedCase> {};
+
+TEST_P(AttentionDecodePaged, EqualsReferenceOverContiguousCache) {
+  const PagedCase c = GetParam();
+  PagedFixture f(c.dtype, {37, 0, 64, 1, 300}, 16, c.padded_pool, c.shuffle,
+                 500 + static_cast<uint64_t>(c.sq));
+  const int64_t Hq = 4;
+  Tensor q = make_input({f.B, c.sq, Hq, f.D}, c.dtype, 501, 0);
+  Tensor out = Tensor::empty({f.B, c.sq, Hq, f.Dv}, c.dtype);
+  Tensor lse = Tensor::empty({f.B, Hq, c.sq}, DType::kFloat32);
+  ops::AttentionOptions o;
+  o.causal = true;
+  ops::attention_decode_paged(q, f.cache(), out, lse, o, {.num_splits = c.num_splits});
+  for (int64_t b = 0; b < f.B; ++b) {
+    const int64_t len = f.lens[static_cast<size_t>(b)];
+    ops::AttentionOptions ob = o;
+    ob.q_offset = len - c.sq;
+    auto ref = kernels::cpu::reference_attention_forward(
+        q.view().slice(0, b, 1), f.k_contig.view().slice(0, b, 1).slice(1, 0, len),
+        f.v_contig.view().slice(0, b, 1).slice(1, 0, len), ob);
+    const std::string what = "batch " + std::to_string(b) + " (len " + std::to_string(len) + ")";
+    expect_close(out.view().slice(0, b, 1), ref.out, tolerance(c.dtype), what + " out");
+    expect_close(lse.view().slice(0, b, 1), ref.lse, 1e-5, what + " lse");
+  }
+}
+
+std::vector<PagedCase> paged_cases() {
+  std::vector<PagedCase> v;
+  for (DType dt : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
+    for (int64_t sq : {1, 3})
+      for (bool padded : {false, true})
+        for (bool shuffle : {false, true})
+          for (int splits : {0, 1, 4}) v.push_back({dt, sq, padded, shuffle, splits});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, AttentionDecodePaged, ::testing::ValuesIn(paged_cases()),
+                         [](const ::testing::TestParamInfo<PagedCase>& i) {
+                           return std::string(dtype_name(i.param.dtype)) + "_q" +
+                                  std::to_string(i.param.sq) +
+                                  (i.param.padded_pool ? "_padded" : "_packed") +
+                                  (i.param.shuffle ? "_shuffled" : "_ordered") + "_s" +
+                                  std::to_string(i.param.num_splits);
+                         });
+
+TEST(AttentionDecodePaged, EqualsContiguousDecodeForEqualLengths) {
+  PagedFixture f(DType::kFloat32, {200, 200}, 32, false, true, 77);
+  const int64_t Hq = 6, Sq = 2;
+  Tensor q = make_input({f.B, Sq, Hq, f.D}, DType::kFloat32, 78, 0);
+  Tensor out_p = Tensor::empty({f.B, Sq, Hq, f.Dv}, DType::kFloat32);
+  Tensor lse_p = Tensor::empty({f.B, Hq, Sq}, DType::kFloat32);
+  Tensor out_c = Tensor::empty({f.B, Sq, Hq, f.Dv}, DType::kFloat32);
+  Tensor lse_c = Tensor::empty({f.B, Hq, Sq}, DType::kFloat32);
+  ops::AttentionOptions o;
+  o.causal = true;
+  ops::attention_decode_paged(q, f.cache(), out_p, lse_p, o);
+  o.q_offset = 200 - Sq;
+  ops::attention_decode(q, f.k_contig.view().slice(1, 0, 200), f.v_contig.view().slice(1, 0, 200),
+                        out_c, lse_c, o);
+  auto ref = kernels::cpu::reference_attention_forward(q, f.k_contig.view().slice(1, 0, 200),
+                                                       f.v_contig.view().slice(1, 0, 200), o);
+  expect_close(out_p, ref.out, 1e-5, "paged out");
+  expect_close(out_c, ref.out, 1e-5, "contiguous out");
+  expect_close(lse_p, ref.lse, 1e-5, "paged lse");
+  expect_close(lse_c, ref.lse, 1e-5, "contiguous lse");
+}
+
+TEST(AttentionDecodePaged, RejectsBadPageIdsAndLengths) {
+  PagedFixture f(DType::kFloat32, {20, 5}, 16, false, false, 79);
+  Tensor q = make_input({f.B, 1, 2, f.D}, DType::kFloat32, 80, 0);
+  Tensor out = Tensor::empty({f.B, 1, 2, f.Dv}, DType::kFloat32);
+  Tensor lse = Tensor::empty({f.B, 2, 1}, DType::kFloat32);
+  f.page_table.data_as<int32_t>()[1] = 999;
+  try {
+    ops::attention_decode_paged(q, f.cache(), out, lse);
+    FAIL() << "a page id beyond the pool must be rejected";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("page_table[0, 1] = 999"), std::string::npos) << e.what();
+  }
+  f.page_table.data_as<int32_t>()[1] = 1;
+  f.seq_lens.data_as<int32_t>()[1] = 33;  // > max_pages * page_size = 32
+  EXPECT_THROW(ops::attention_decode_paged(q, f.cache(), out, lse), Error);
+  f.seq_lens.data_as<int32_t>()[1] = 5;
+  ops::AttentionOptions o;
+  o.q_offset = 3;
+  EXPECT_THROW(ops::attention_decode_paged(q, f.cache(), out, lse, o), Error);
+}
+
+}  // namespace
+}  // namespace distattn::testing
