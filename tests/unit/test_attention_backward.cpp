@@ -74,8 +74,11 @@ TEST_P(AttentionBackwardSweep, MatchesReference) {
   Tensor dv = make_input({B, sk, c.hkv, Dv}, dtype, seed, 6);
   ops::attention_backward(q, k, v, out, dout, lse, dq, dk, dv, o);
   auto ref = kernels::cpu::reference_attention_backward(q, k, v, dout, o);
-  expect_close(dq, ref.dq, grad_tolerance(dtype), "dq");
-  expect_close(dk, ref.dk, grad_tolerance(dtype), "dk");
+  // dq and dk cancel exactly (dS = P (dP - rowsum(P dP))) when each row sees one key; dv
+  // (= sum P dout, no cancellation) sets the scale of their roundoff.
+  const double floor = compare(std::vector<double>(ref.dv.numel(), 0.0), as_vector(ref.dv)).max_ref;
+  expect_close(dq, ref.dq, grad_tolerance(dtype), "dq", floor);
+  expect_close(dk, ref.dk, grad_tolerance(dtype), "dk", floor);
   expect_close(dv, ref.dv, grad_tolerance(dtype), "dv");
 }
 
