@@ -1,0 +1,186 @@
+#pragma once
+// Sequence- and head-parallel exact attention across ranks (context parallelism).
+//
+// Every strategy is written once against ops::* (local kernels of the tensors' device) and
+// comm::Communicator, so the same code runs on CPU ranks over MPI and on GPU ranks over
+// NCCL. A trainer calls sp_attention_forward/backward with its LOCAL shards; what "local"
+// means depends on the strategy (S = global sequence, P = ranks, C = chunk length):
+//
+//   kHeads     head parallel. Rank r holds query heads [qh.begin, qh.end) of the FULL sequence
+//              (query_heads()) and the KV heads those queries use (kv_heads(); KV heads are
+//              replicated when Hkv < P). q [B, S, hq_r, D], k/v [B, S, hkv_r, D/Dv].
+//              No communication. Heads are split as evenly as possible (first ranks get the
+//              extra head when Hq % P != 0). dk/dv of a replicated KV head are this rank's
+//              contribution only: sum them over the ranks that share the head
+//              (unshard_into(..., accumulate=true) then an all-reduce does it).
+//   kRing      contiguous sequence shards: rank r holds tokens [r*S/P, (r+1)*S/P), all heads.
+//              K,V travel the ring in P-1 steps (next step's exchange posted before this
+//              step's compute), fp32 partials merged with ops::attention_merge. Causal work is
+//              unbalanced (rank P-1 does P times rank 0's work): use kZigzag for causal.
+//   kZigzag    the sequence is cut into 2P chunks of C = S/(2P) tokens; rank r holds chunk r
+//              followed by chunk 2P-1-r (local rows [0,C) and [C,2C)). Same ring as kRing,
+//              balanced causal work. Needs S % (2P) == 0.
+//   kUlysses   contiguous sequence shards as kRing (all heads). All-to-all to (S, Hq/P heads),
+//              local attention, all-to-all back. Uneven head splits when Hq % P != 0; KV heads
+//              replicated when Hkv < P (never refused).
+//   kAllGather zigzag layout as kZigzag (so causal work is balanced, as in Llama 3 training):
+//              all-gather K,V, local attention with global offsets; backward reduce-scatters
+//              dK,dV. Needs S % (2P) == 0.
+//   kHybrid    2-D: ring degree R x Ulysses degree U (P = R*U, Ulysses innermost = adjacent
+//              ranks, as DeviceMesh({{"ring",R},{"ulysses",U}})). Layout rank l = r*U + u.
+//              The sequence is cut into 2R chunks (zigzag over the ring); ring rank r owns
+//              chunks r and 2R-1-r; Ulysses rank u holds sub-chunk u (C/U tokens) of each:
+//              local rows [0, C/U) from chunk r, [C/U, 2C/U) from chunk 2R-1-r, all heads.
+//              Needs S % (2*R*U) == 0.
+//
+// token_positions() returns the global position of each local row (for RoPE); shard() and
+// unshard_into() convert between full tensors and a rank's local shard in any layout.
+//
+// Tensors (BSHD, last dim contiguous, as distattn/ops/attention.h):
+//   q, out, dout, dq  [B, Sl, Hl, D/Dv]     k, v, dk, dv  [B, Sl, Hkvl, D/Dv]
+//   lse               fp32 [B, Hl, Sl]      (natural log, global over all keys)
+// where Sl, Hl, Hkvl are the local extents above. Storage fp32/bf16/fp16; out/dq/dk/dv are
+// q's dtype or fp32; every partial that crosses ranks or steps is fp32.
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "distattn/comm/communicator.h"
+#include "distattn/comm/mesh.h"
+#include "distattn/core/tensor_view.h"
+
+namespace distattn::parallel {
+
+enum class Strategy { kHeads, kRing, kZigzag, kUlysses, kAllGather, kHybrid };
+
+// "heads", "ring", "zigzag", "ulysses", "allgather", "hybrid".
+const char* strategy_name(Strategy s);
+// Accepts the names above; throws distattn::Error listing them.
+Strategy parse_strategy(std::string_view name);
+// All strategies, in the order above.
+std::span<const Strategy> all_strategies();
+
+// How a problem is laid out over ranks. `ulysses` is the Ulysses degree of kHybrid (ring
+// degree = ranks / ulysses); other strategies ignore it.
+struct SpLayout {
+  Strategy strategy = Strategy::kRing;
+  int ranks = 1;
+  int ulysses = 1;
+
+  int ring_degree() const { return strategy == Strategy::kHybrid ? ranks / ulysses : ranks; }
+  int ulysses_degree() const { return strategy == Strategy::kHybrid ? ulysses : 1; }
+};
+
+// Global problem extents (full tensors). head_dim_v = 0 means head_dim.
+struct SpShape {
+  int64_t batch = 1;
+  int64_t seq = 0;
+  int64_t heads_q = 1;
+  int64_t heads_kv = 1;
+  int64_t head_dim = 64;
+  int64_t head_dim_v = 0;
+  int64_t dim_v() const { return head_dim_v > 0 ? head_dim_v : head_dim; }
+};
+
+// Throws Error(kInvalidArgument) naming the needed multiple (e.g. "zigzag over 4 ranks needs
+// the sequence length to be a multiple of 8 (2*ranks); got 100: pad it to 104") or the bad
+// head counts.
+void check_layout(const SpLayout& layout, const SpShape& shape);
+
+// Local sequence length of every rank (same for all ranks).
+int64_t local_seq_len(const SpLayout& layout, int64_t global_seq);
+
+// Global token positions of rank `rank`'s local rows, in local row order.
+std::vector<int64_t> token_positions(Strategy strategy, int64_t global_seq, int ranks, int rank);
+std::vector<int64_t> token_positions(const SpLayout& layout, int64_t global_seq, int rank);
+
+struct HeadRange {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t size() const { return end - begin; }
+};
+// Query heads [begin, end) of rank `rank` in a balanced split of `heads` over `parts`.
+HeadRange split_heads(int64_t heads, int parts, int rank);
+// Query heads a rank holds in its local tensors: kHeads: its split; others: all heads.
+HeadRange local_query_heads(const SpLayout& layout, const SpShape& shape, int rank);
+// KV heads a rank holds: kHeads: the KV heads used by its query heads (contiguous);
+// others: all KV heads.
+HeadRange local_kv_heads(const SpLayout& layout, const SpShape& shape, int rank);
+
+enum class ShardRole {
+  kQuery,     // q, out, dout, dq   [B, S, Hq, D]
+  kKeyValue,  // k, v, dk, dv       [B, S, Hkv, D]
+  kLse,       // lse                fp32 [B, Hq, S]
+};
+
+// This rank's shard of a full tensor (packed copy on the full tensor's device).
+Tensor shard(const SpLayout& layout, const SpShape& shape, int rank, ShardRole role,
+             const TensorView& full);
+// Writes (accumulate=false) or adds (accumulate=true, dtypes fp32/fp64) a rank's local shard
+// into its place in `full`. Summing every rank's accumulate=true contribution into a zeroed
+// full tensor rebuilds it, including head-parallel dk/dv of replicated KV heads.
+void unshard_into(const SpLayout& layout, const SpShape& shape, int rank, ShardRole role,
+                  const TensorView& local, const TensorView& full, bool accumulate = false);
+
+// The communicators a strategy runs over. 1-D strategies use `seq` only; kHybrid uses
+// `seq` as the ring axis and `ulysses` as the Ulysses axis.
+struct SpGroup {
+  comm::Communicator* seq = nullptr;
+  comm::Communicator* ulysses = nullptr;
+
+  static SpGroup flat(comm::Communicator& c) { return {&c, nullptr}; }
+  // Axes named `ring_axis` and `ulysses_axis` of a mesh (the mesh must outlive the group).
+  static SpGroup from_mesh(const comm::DeviceMesh& mesh, const std::string& ring_axis = "ring",
+                           const std::string& ulysses_axis = "ulysses");
+  // The layout these communicators give a strategy, and this rank's layout rank.
+  SpLayout layout(Strategy strategy) const;
+  int layout_rank(Strategy strategy) const;
+};
+
+// Where the time of one call went (this rank). exposed_comm_s is time spent blocked waiting
+// for communication (Handle::wait and blocking collectives), i.e. NOT hidden behind compute.
+struct SpStats {
+  double total_s = 0;
+  double exposed_comm_s = 0;
+  double compute_s = 0;  // time inside ops::* calls
+  int steps = 0;         // ring steps (or 1)
+  // Query-key pairs this rank's kernel calls attended (visible pairs only, per batch and
+  // query head summed over both): the measured work balance.
+  double visible_pairs = 0;
+};
+
+struct SpOptions {
+  std::optional<float> softmax_scale;  // unset: 1/sqrt(D)
+  bool causal = false;
+  Stream stream = nullptr;
+  // Pass Communicator::progress to the CPU kernels so host-memory (MPI) transfers advance
+  // while they compute. Turn off only to measure what overlap is worth.
+  bool drive_progress = true;
+  // kHeads only: global head counts (the local tensors hold a subset).
+  int64_t heads_q = 0;
+  int64_t heads_kv = 0;
+  // Filled when set (overwritten, not accumulated).
+  SpStats* stats = nullptr;
+};
+
+// out, lse <- exact attention of the local queries over ALL keys of the global sequence.
+void sp_attention_forward(Strategy strategy, const SpGroup& group, const TensorView& q,
+                          const TensorView& k, const TensorView& v, const TensorView& out,
+                          const TensorView& lse, const SpOptions& opts = {});
+
+// dq, dk, dv for the local shards, given the forward's local out and (global) lse.
+// dk/dv are complete (summed over every rank's queries) except for kHeads' replicated heads.
+void sp_attention_backward(Strategy strategy, const SpGroup& group, const TensorView& q,
+                           const TensorView& k, const TensorView& v, const TensorView& out,
+                           const TensorView& dout, const TensorView& lse, const TensorView& dq,
+                           const TensorView& dk, const TensorView& dv, const SpOptions& opts = {});
+
+// Attention FLOPs (4*B*H*Sq*Sk*D per visible pair count, REFERENCE.md) this rank computes
+// in the forward pass of `layout`, counting only visible (unmasked) query-key pairs. Used to
+// check load balance; heads strategy counts its own heads.
+double rank_forward_flops(const SpLayout& layout, const SpShape& shape, int rank, bool causal);
+
+}  // namespace distattn::parallel

@@ -1,0 +1,456 @@
+// Sequence- and head-parallel attention vs the single-rank fp64 reference on the full
+// sequence, at every rank count ctest runs (1, 2, 3, 4): every strategy, causal and not, GQA,
+// forward out/lse and backward dq/dk/dv; communication volume against each strategy's
+// formula; zigzag work balance; ring memory bound and O(S/P) scaling.
+//
+// Every rank builds the full inputs deterministically (tests/common/test_data.h), takes its
+// shard, runs the strategy, and puts its local results back into full-size tensors with
+// unshard_into(accumulate=true); an all-reduce sum then rebuilds the full results, which must
+// match the reference (this also proves each layout covers every token exactly once).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/test_data.h"
+#include "distattn/comm/communicator.h"
+#include "distattn/comm/mesh.h"
+#include "distattn/parallel/sequence_parallel.h"
+#include "kernels/cpu/reference.h"
+
+namespace distattn::parallel {
+namespace {
+
+using testing::compare;
+using testing::fill_test_data;
+using testing::to_double_vector;
+
+std::shared_ptr<comm::Communicator> world_ptr() {
+  static std::shared_ptr<comm::Communicator> w =
+      comm::create_world(comm::Backend::kMpi, Device::cpu());
+  return w;
+}
+comm::Communicator& world() {
+  return *world_ptr();
+}
+
+// Hybrid: Ulysses 2 x ring P/2 when P is even, else Ulysses 1 x ring P.
+int hybrid_ulysses(int p) {
+  return p % 2 == 0 ? 2 : 1;
+}
+
+// The communicators of a strategy at the world's size (a mesh for hybrid).
+struct Group {
+  std::unique_ptr<comm::DeviceMesh> mesh;
+  SpGroup group;
+  SpLayout layout;
+  int rank = 0;
+  std::vector<comm::Communicator*> comms;  // whose ledgers count
+};
+
+Group make_group(Strategy s) {
+  Group g;
+  const int p = world().size();
+  if (s == Strategy::kHybrid) {
+    const int u = hybrid_ulysses(p);
+    g.mesh = std::make_unique<comm::DeviceMesh>(
+        world_ptr(), comm::DeviceMesh::Axes{{"ring", p / u}, {"ulysses", u}});
+    g.group = SpGroup::from_mesh(*g.mesh);
+    g.comms = {g.group.seq, g.group.ulysses};
+  } else {
+    g.group = SpGroup::flat(world());
+    g.comms = {&world()};
+  }
+  g.layout = g.group.layout(s);
+  g.rank = g.group.layout_rank(s);
+  return g;
+}
+
+uint64_t ledger_bytes_sent(const Group& g) {
+  uint64_t n = 0;
+  for (auto* c : g.comms) n += c->ledger().total().bytes_sent;
+  return n;
+}
+void reset_ledgers(const Group& g) {
+  for (auto* c : g.comms) c->ledger().reset();
+}
+
+struct Case {
+  Strategy strategy = Strategy::kRing;
+  bool causal = false;
+  DType dtype = DType::kFloat32;
+  int64_t batch = 2, seq = 48, hq = 8, hkv = 2, d = 64;
+  bool backward = true;
+};
+
+std::string describe(const Case& c) {
+  return std::string(strategy_name(c.strategy)) + (c.causal ? " causal" : " full") + " " +
+         dtype_name(c.dtype) + " B=" + std::to_string(c.batch) + " S=" + std::to_string(c.seq) +
+         " Hq=" + std::to_string(c.hq) + " Hkv=" + std::to_string(c.hkv) +
+         " D=" + std::to_string(c.d) + " P=" + std::to_string(world().size());
+}
+
+// Every rank's accumulate-unshard of `local`, summed over ranks.
+std::vector<double> rebuild(const Group& g, const SpShape& sh, ShardRole role,
+                            const TensorView& local, std::initializer_list<int64_t> full_shape) {
+  Tensor full = Tensor::zeros(full_shape, DType::kFloat64);
+  Tensor local64 =
+      Tensor::empty(std::span<const int64_t>(local.shape.data(), local.ndim), DType::kFloat64);
+  convert_dtype_cpu(to_device(local, Device::cpu()).view(), local64.view());
+  unshard_into(g.layout, sh, g.rank, role, local64.view(), full.view(), /*accumulate=*/true);
+  world().all_reduce(full.data(), full.data(), static_cast<size_t>(full.numel()), DType::kFloat64,
+                     comm::ReduceOp::kSum);
+  return std::vector<double>(full.data_as<double>(), full.data_as<double>() + full.numel());
+}
+
+// Relative tolerance (max error / max |ref|): fp32 1e-5 for out/lse, 2e-5 for gradients
+// (as the local kernels' own tests); bf16 2e-2.
+void expect_close(const char* what, const Case& c, const std::vector<double>& got,
+                  const Tensor& ref, bool gradient = false) {
+  const std::vector<double> r(ref.data_as<double>(), ref.data_as<double>() + ref.numel());
+  const auto st = compare(got, r);
+  const double tol = c.dtype == DType::kFloat32 ? (gradient ? 2e-5 : 1e-5) : 2e-2;
+  EXPECT_EQ(st.non_finite, 0) << what << " has non-finite values: " << describe(c);
+  EXPECT_LE(st.rel(), tol) << what << " max_abs_err " << st.max_abs_err << " max_ref " << st.max_ref
+                           << ": " << describe(c);
+}
+
+void run_case(const Case& c) {
+  Group g = make_group(c.strategy);
+  SpShape sh;
+  sh.batch = c.batch;
+  sh.seq = c.seq;
+  sh.heads_q = c.hq;
+  sh.heads_kv = c.hkv;
+  sh.head_dim = c.d;
+  check_layout(g.layout, sh);
+  const int64_t b = c.batch, s = c.seq, dd = c.d;
+  Tensor q = Tensor::empty({b, s, c.hq, dd}, c.dtype);
+  Tensor k = Tensor::empty({b, s, c.hkv, dd}, c.dtype);
+  Tensor v = Tensor::empty({b, s, c.hkv, dd}, c.dtype);
+  Tensor dout = Tensor::empty({b, s, c.hq, dd}, c.dtype);
+  fill_test_data(q.view(), 7, 1);
+  fill_test_data(k.view(), 7, 2);
+  fill_test_data(v.view(), 7, 3);
+  fill_test_data(dout.view(), 7, 4);
+  ops::AttentionOptions ro;
+  ro.causal = c.causal;
+  const auto ref = kernels::cpu::reference_attention_forward(q.view(), k.view(), v.view(), ro);
+
+  Tensor ql = shard(g.layout, sh, g.rank, ShardRole::kQuery, q.view());
+  Tensor kl = shard(g.layout, sh, g.rank, ShardRole::kKeyValue, k.view());
+  Tensor vl = shard(g.layout, sh, g.rank, ShardRole::kKeyValue, v.view());
+  Tensor dol = shard(g.layout, sh, g.rank, ShardRole::kQuery, dout.view());
+  const int64_t sl = ql.view().size(1), hl = ql.view().size(2), hkl = kl.view().size(2);
+  Tensor out = Tensor::empty({b, sl, hl, dd}, c.dtype);
+  Tensor lse = Tensor::empty({b, hl, sl}, DType::kFloat32);
+  SpOptions opts;
+  opts.causal = c.causal;
+  opts.heads_q = c.hq;
+  opts.heads_kv = c.hkv;
+  sp_attention_forward(c.strategy, g.group, ql.view(), kl.view(), vl.view(), out.view(), lse.view(),
+                       opts);
+  expect_close("out", c, rebuild(g, sh, ShardRole::kQuery, out.view(), {b, s, c.hq, dd}), ref.out);
+  expect_close("lse", c, rebuild(g, sh, ShardRole::kLse, lse.view(), {b, c.hq, s}), ref.lse);
+  if (!c.backward) return;
+
+  const auto rb =
+      kernels::cpu::reference_attention_backward(q.view(), k.view(), v.view(), dout.view(), ro);
+  Tensor dq = Tensor::empty({b, sl, hl, dd}, c.dtype);
+  Tensor dk = Tensor::empty({b, sl, hkl, dd}, c.dtype);
+  Tensor dv = Tensor::empty({b, sl, hkl, dd}, c.dtype);
+  sp_attention_backward(c.strategy, g.group, ql.view(), kl.view(), vl.view(), out.view(),
+                        dol.view(), lse.view(), dq.view(), dk.view(), dv.view(), opts);
+  expect_close("dq", c, rebuild(g, sh, ShardRole::kQuery, dq.view(), {b, s, c.hq, dd}), rb.dq,
+               true);
+  expect_close("dk", c, rebuild(g, sh, ShardRole::kKeyValue, dk.view(), {b, s, c.hkv, dd}), rb.dk,
+               true);
+  expect_close("dv", c, rebuild(g, sh, ShardRole::kKeyValue, dv.view(), {b, s, c.hkv, dd}), rb.dv,
+               true);
+}
+
+class SpAttention : public ::testing::TestWithParam<Strategy> {};
+
+TEST_P(SpAttention, NonCausalGqaMatchesReference) {
+  run_case({.strategy = GetParam(), .causal = false});
+}
+
+TEST_P(SpAttention, CausalGqaMatchesReference) {
+  run_case({.strategy = GetParam(), .causal = true});
+}
+
+TEST_P(SpAttention, CausalMqaHeadDim128MatchesReference) {
+  run_case({.strategy = GetParam(), .causal = true, .batch = 1, .hq = 4, .hkv = 1, .d = 128});
+}
+
+TEST_P(SpAttention, CausalBf16MatchesReference) {
+  run_case({.strategy = GetParam(), .causal = true, .dtype = DType::kBFloat16, .batch = 1});
+}
+
+TEST_P(SpAttention, CausalMhaLongerSequenceMatchesReference) {
+  run_case({.strategy = GetParam(),
+            .causal = true,
+            .batch = 1,
+            .seq = 96,
+            .hq = 4,
+            .hkv = 4,
+            .d = 64,
+            .backward = false});
+}
+
+INSTANTIATE_TEST_SUITE_P(AllStrategies, SpAttention,
+                         ::testing::ValuesIn(all_strategies().begin(), all_strategies().end()),
+                         [](const ::testing::TestParamInfo<Strategy>& i) {
+                           return std::string(strategy_name(i.param));
+                         });
+
+// ---- communication volume ----------------------------------------------------------------
+
+struct Volume {
+  uint64_t fwd = 0, bwd = 0;
+};
+
+// Bytes each strategy's algorithm must send from this rank, written from the algorithm's
+// definition (elt = bytes of the storage dtype; fp32 for cross-rank partials/gradients).
+Volume expected_volume(Strategy s, const Group& g, int64_t b, int64_t seq, int64_t hq, int64_t hkv,
+                       int64_t d, size_t elt) {
+  const int p = g.layout.ranks;
+  const int64_t sl = seq / p;
+  const uint64_t kv_block = static_cast<uint64_t>(2 * b * sl * hkv * d);  // K and V elements
+  Volume v;
+  auto ulysses = [&](int u, int me, int64_t tokens_per_rank, bool with_bwd) {
+    Volume x;
+    const int64_t g_ = hq / hkv;
+    auto qh = [&](int j) { return split_heads(hq, u, j).size(); };
+    auto kh = [&](int j) {
+      const HeadRange h = split_heads(hq, u, j);
+      return (h.end - 1) / g_ + 1 - h.begin / g_;
+    };
+    for (int j = 0; j < u; ++j) {
+      if (j == me) continue;
+      const uint64_t qkv = static_cast<uint64_t>(b * tokens_per_rank * (qh(j) + 2 * kh(j)) * d);
+      const uint64_t back = static_cast<uint64_t>(b * tokens_per_rank * qh(me) * d);
+      const uint64_t lse_back = static_cast<uint64_t>(b * tokens_per_rank * qh(me));
+      x.fwd += qkv * elt + back * elt + lse_back * 4;
+      if (with_bwd) {
+        // q,k,v + out + dout + lse forward; dq, dk, dv back in fp32.
+        const uint64_t o = static_cast<uint64_t>(b * tokens_per_rank * qh(j) * d);
+        const uint64_t l = static_cast<uint64_t>(b * tokens_per_rank * qh(j));
+        const uint64_t grads =
+            static_cast<uint64_t>(b * tokens_per_rank * (qh(me) + 2 * kh(me)) * d);
+        x.bwd += qkv * elt + 2 * o * elt + l * 4 + grads * 4;
+      }
+    }
+    return x;
+  };
+  switch (s) {
+    case Strategy::kHeads:
+      break;
+    case Strategy::kRing:
+    case Strategy::kZigzag:
+      v.fwd = (p - 1) * kv_block * elt;
+      v.bwd = p > 1 ? (p - 1) * kv_block * elt + p * kv_block * 4 : 0;
+      break;
+    case Strategy::kAllGather:
+      v.fwd = (p - 1) * kv_block * elt;
+      v.bwd = (p - 1) * kv_block * elt + (p - 1) * kv_block * 4;
+      break;
+    case Strategy::kUlysses:
+      v = ulysses(p, g.rank, sl, true);
+      break;
+    case Strategy::kHybrid: {
+      const int u = g.layout.ulysses, r = p / u;
+      v = ulysses(u, g.rank % u, sl, true);
+      // Ring over R ranks with this rank's heads and the ring rank's u*sl tokens.
+      const HeadRange h = split_heads(hq, u, g.rank % u);
+      const int64_t g_ = hq / hkv;
+      const int64_t khe = (h.end - 1) / g_ + 1 - h.begin / g_;
+      const uint64_t blk = static_cast<uint64_t>(2 * b * u * sl * khe * d);
+      v.fwd += (r - 1) * blk * elt;
+      v.bwd += r > 1 ? (r - 1) * blk * elt + r * blk * 4 : 0;
+      break;
+    }
+  }
+  return v;
+}
+
+TEST(SpAttentionVolume, LedgerBytesEqualEachStrategysFormula) {
+  const int64_t b = 1, seq = 48, hq = 8, hkv = 2, d = 64;
+  for (DType dt : {DType::kFloat32, DType::kBFloat16}) {
+    for (Strategy s : all_strategies()) {
+      Group g = make_group(s);
+      SpShape sh{b, seq, hq, hkv, d, 0};
+      Tensor q = Tensor::empty({b, seq, hq, d}, dt), k = Tensor::empty({b, seq, hkv, d}, dt),
+             v = Tensor::empty({b, seq, hkv, d}, dt), dout = Tensor::empty({b, seq, hq, d}, dt);
+      fill_test_data(q.view(), 3, 1);
+      fill_test_data(k.view(), 3, 2);
+      fill_test_data(v.view(), 3, 3);
+      fill_test_data(dout.view(), 3, 4);
+      Tensor ql = shard(g.layout, sh, g.rank, ShardRole::kQuery, q.view());
+      Tensor kl = shard(g.layout, sh, g.rank, ShardRole::kKeyValue, k.view());
+      Tensor vl = shard(g.layout, sh, g.rank, ShardRole::kKeyValue, v.view());
+      Tensor dol = shard(g.layout, sh, g.rank, ShardRole::kQuery, dout.view());
+      const int64_t sl = ql.view().size(1), hl = ql.view().size(2), hkl = kl.view().size(2);
+      Tensor out = Tensor::empty({b, sl, hl, d}, dt),
+             lse = Tensor::empty({b, hl, sl}, DType::kFloat32);
+      Tensor dq = Tensor::empty({b, sl, hl, d}, dt), dk = Tensor::empty({b, sl, hkl, d}, dt),
+             dv = Tensor::empty({b, sl, hkl, d}, dt);
+      SpOptions o;
+      o.causal = true;
+      o.heads_q = hq;
+      o.heads_kv = hkv;
+      const Volume want = expected_volume(s, g, b, seq, hq, hkv, d, dtype_size(dt));
+      reset_ledgers(g);
+      sp_attention_forward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(), lse.view(), o);
+      EXPECT_EQ(ledger_bytes_sent(g), want.fwd)
+          << strategy_name(s) << " forward " << dtype_name(dt) << " P=" << world().size();
+      reset_ledgers(g);
+      sp_attention_backward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(), dol.view(),
+                            lse.view(), dq.view(), dk.view(), dv.view(), o);
+      EXPECT_EQ(ledger_bytes_sent(g), want.bwd)
+          << strategy_name(s) << " backward " << dtype_name(dt) << " P=" << world().size();
+      if (s == Strategy::kRing && world().size() > 1) {
+        // The headline formula of the issue: (P-1)*2*B*(S/P)*Hkv*D*elt.
+        const int p = world().size();
+        EXPECT_EQ(want.fwd,
+                  static_cast<uint64_t>((p - 1) * 2 * b * (seq / p) * hkv * d) * dtype_size(dt));
+      }
+    }
+  }
+}
+
+// ---- work balance -------------------------------------------------------------------------
+
+// Visible query-key pairs each rank's kernel calls attended (SpStats), gathered over ranks.
+std::vector<double> measured_pairs(Strategy s, int64_t seq, bool causal, double* expected_mine) {
+  Group g = make_group(s);
+  const int64_t b = 1, hq = 4, hkv = 2, d = 64;
+  SpShape sh{b, seq, hq, hkv, d, 0};
+  Tensor q = Tensor::empty({b, seq, hq, d}, DType::kFloat32);
+  Tensor k = Tensor::empty({b, seq, hkv, d}, DType::kFloat32);
+  fill_test_data(q.view(), 5, 1);
+  fill_test_data(k.view(), 5, 2);
+  Tensor ql = shard(g.layout, sh, g.rank, ShardRole::kQuery, q.view());
+  Tensor kl = shard(g.layout, sh, g.rank, ShardRole::kKeyValue, k.view());
+  const int64_t sl = ql.view().size(1), hl = ql.view().size(2);
+  Tensor out = Tensor::empty({b, sl, hl, d}, DType::kFloat32);
+  Tensor lse = Tensor::empty({b, hl, sl}, DType::kFloat32);
+  SpStats st;
+  SpOptions o;
+  o.causal = causal;
+  o.heads_q = hq;
+  o.heads_kv = hkv;
+  o.stats = &st;
+  sp_attention_forward(s, g.group, ql.view(), kl.view(), kl.view(), out.view(), lse.view(), o);
+  *expected_mine = rank_forward_flops(g.layout, sh, g.rank, causal) / (4.0 * d);
+  std::vector<double> all(static_cast<size_t>(world().size()));
+  world().all_gather(&st.visible_pairs, all.data(), 1, DType::kFloat64);
+  return all;
+}
+
+TEST(SpAttentionBalance, ZigzagCausalFlopsPerRankDifferByAtMostFivePercent) {
+  for (Strategy s : {Strategy::kZigzag, Strategy::kAllGather, Strategy::kHybrid}) {
+    double mine = 0;
+    const auto all = measured_pairs(s, 8 * 24, /*causal=*/true, &mine);
+    EXPECT_DOUBLE_EQ(all[static_cast<size_t>(world().rank())], mine) << strategy_name(s);
+    const double mx = *std::max_element(all.begin(), all.end());
+    const double mn = *std::min_element(all.begin(), all.end());
+    ASSERT_GT(mn, 0) << strategy_name(s);
+    EXPECT_LE((mx - mn) / mx, 0.05) << strategy_name(s) << ": max " << mx << " min " << mn;
+  }
+}
+
+TEST(SpAttentionBalance, PlainRingCausalWorkGrowsWithRankAsDerived) {
+  double mine = 0;
+  const auto all = measured_pairs(Strategy::kRing, 8 * 24, /*causal=*/true, &mine);
+  EXPECT_DOUBLE_EQ(all[static_cast<size_t>(world().rank())], mine);
+  for (size_t r = 1; r < all.size(); ++r) EXPECT_GT(all[r], all[r - 1]);
+}
+
+// ---- memory -------------------------------------------------------------------------------
+
+struct MemResult {
+  int64_t scratch = 0;  // peak bytes allocated by the call beyond what existed before
+  int64_t bound = 0;    // own K,V are the inputs; in flight: 2 K,V blocks + fp32 partial
+};
+
+MemResult ring_scratch(int64_t seq) {
+  comm::Communicator& w = world();
+  const int p = w.size();
+  const int64_t b = 1, hq = 4, hkv = 2, d = 64, sl = seq / p;
+  Tensor q = Tensor::empty({b, sl, hq, d}, DType::kFloat32);
+  Tensor k = Tensor::empty({b, sl, hkv, d}, DType::kFloat32);
+  Tensor v = Tensor::empty({b, sl, hkv, d}, DType::kFloat32);
+  fill_test_data(q.view(), 9, 1, static_cast<uint64_t>(w.rank() * q.numel()));
+  fill_test_data(k.view(), 9, 2, static_cast<uint64_t>(w.rank() * k.numel()));
+  fill_test_data(v.view(), 9, 3, static_cast<uint64_t>(w.rank() * v.numel()));
+  Tensor out = Tensor::empty({b, sl, hq, d}, DType::kFloat32);
+  Tensor lse = Tensor::empty({b, hq, sl}, DType::kFloat32);
+  SpOptions o;
+  o.causal = true;
+  w.barrier();
+  const int64_t before = memory_stats(DeviceType::kCPU).current_bytes;
+  reset_peak_memory(DeviceType::kCPU);
+  sp_attention_forward(Strategy::kRing, SpGroup::flat(w), q.view(), k.view(), v.view(), out.view(),
+                       lse.view(), o);
+  MemResult m;
+  m.scratch = memory_stats(DeviceType::kCPU).peak_bytes - before;
+  const int64_t kv_block = 2 * b * sl * hkv * d * 4;
+  const int64_t partial = (b * sl * hq * d + b * hq * sl) * 4;
+  m.bound = p > 1 ? 2 * kv_block + partial : 0;
+  return m;
+}
+
+TEST(SpAttentionMemory, RingHoldsOwnKvPlusInFlightBlocksAndScalesWithLocalSequence) {
+  const int p = world().size();
+  const MemResult a = ring_scratch(64 * p);
+  const MemResult b = ring_scratch(128 * p);
+  EXPECT_LE(a.scratch, a.bound);
+  EXPECT_LE(b.scratch, b.bound);
+  if (p > 1) {
+    ASSERT_GT(a.scratch, 0);
+    const double ratio = static_cast<double>(b.scratch) / static_cast<double>(a.scratch);
+    EXPECT_NEAR(ratio, 2.0, 0.05) << "scratch " << a.scratch << " -> " << b.scratch;
+  } else {
+    EXPECT_EQ(a.scratch, 0);  // one rank: no buffers at all
+  }
+}
+
+// ---- errors -------------------------------------------------------------------------------
+
+TEST(SpAttentionErrors, IndivisibleSequenceNamesTheNeededMultiple) {
+  const int p = world().size();
+  SpShape sh{1, 2 * p + 1, 4, 2, 64, 0};
+  try {
+    check_layout(SpLayout{Strategy::kZigzag, p, 1}, sh);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("multiple of " + std::to_string(2 * p)), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(SpAttentionErrors, MismatchedShapesAreRejectedBeforeAnyCollective) {
+  Tensor q = Tensor::empty({1, 8, 4, 64}, DType::kFloat32);
+  Tensor k = Tensor::empty({1, 8, 3, 64}, DType::kFloat32);  // 4 % 3 != 0
+  Tensor out = Tensor::empty({1, 8, 4, 64}, DType::kFloat32);
+  Tensor lse = Tensor::empty({1, 4, 8}, DType::kFloat32);
+  reset_ledgers(make_group(Strategy::kRing));
+  EXPECT_THROW(sp_attention_forward(Strategy::kRing, SpGroup::flat(world()), q.view(), k.view(),
+                                    k.view(), out.view(), lse.view()),
+               Error);
+  EXPECT_EQ(world().ledger().total().calls, 0u);
+  Tensor bad_lse = Tensor::empty({1, 4, 7}, DType::kFloat32);
+  EXPECT_THROW(sp_attention_forward(Strategy::kZigzag, SpGroup::flat(world()), q.view(), q.view(),
+                                    q.view(), out.view(), bad_lse.view()),
+               Error);
+  EXPECT_THROW(sp_attention_forward(Strategy::kHybrid, SpGroup::flat(world()), q.view(), q.view(),
+                                    q.view(), out.view(), lse.view()),
+               Error);
+}
+
+}  // namespace
+}  // namespace distattn::parallel
