@@ -9,6 +9,9 @@
 // Included by exactly one portable and one AVX-512 translation unit; everything here has
 // internal linkage so the two instantiations (compiled with different flags) never merge.
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -55,8 +58,30 @@ inline float load_scalar(const void* base, DType t, int64_t idx) {
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16-bit rows to fp32 with AVX-512 (this header is compiled with those flags only in the
+// *_avx512.cpp units): bf16 is the top half of an fp32, fp16 goes through vcvtph2ps.
+inline void load_row_16bit(const uint16_t* s, bool is_bf16, int64_t n, float* dst, float mul) {
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (int64_t x = 0; x < n; x += 16) {
+    const __mmask16 mk =
+        n - x >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - x)) - 1u);
+    const __m256i h = _mm256_maskz_loadu_epi16(mk, s + x);
+    const __m512 f = is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                             : _mm512_cvtph_ps(h);
+    _mm512_mask_storeu_ps(dst + x, mk, _mm512_mul_ps(f, vm));
+  }
+}
+#endif
+
 // dst[0..n) = src[0..n) * mul, converting from the storage dtype.
 inline void load_row(const void* src, DType t, int64_t n, float* dst, float mul = 1.f) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (t != DType::kFloat32) {
+    load_row_16bit(static_cast<const uint16_t*>(src), t == DType::kBFloat16, n, dst, mul);
+    return;
+  }
+#endif
   if (t == DType::kFloat32) {
     const float* s = static_cast<const float*>(src);
     for (int64_t x = 0; x < n; ++x) dst[x] = s[x] * mul;
@@ -131,10 +156,6 @@ struct Mask {
     if (wr >= 0) h = std::min(h, qpos + wr);
     return h;
   }
-  bool visible(int64_t i, int64_t j) const {
-    const int64_t qp = q_offset + i, kp = k_offset + j;
-    return lo(qp) <= kp && kp <= hi(qp);
-  }
   enum Kind { kSkip, kFull, kPartial };
   // Queries [i0, i1) x keys [j0, j1), both non-empty.
   Kind classify(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
@@ -143,6 +164,40 @@ struct Mask {
     if (hi(qb) < ka || lo(qa) > kb) return kSkip;
     if (lo(qb) <= ka && hi(qa) >= kb) return kFull;
     return kPartial;
+  }
+  // Smallest / largest query position that sees key position kpos (range may be empty).
+  int64_t first_query(int64_t kpos) const {
+    int64_t q = -kFar;
+    if (causal) q = std::max(q, kpos);
+    if (wr >= 0) q = std::max(q, kpos - wr);
+    return q;
+  }
+  int64_t last_query(int64_t kpos) const { return wl >= 0 ? kpos + wl : kFar; }
+
+  // Masks a score tile of queries [i0, i0+bq) x keys [j0, j0+bk) to -inf where invisible.
+  // Visible sets are intervals along both axes, so each line is two fills.
+  // Transposed layout st[j*ld + i] (forward):
+  void apply_transposed(float* st, int64_t ld, int64_t i0, int64_t bq, int64_t j0,
+                        int64_t bk) const {
+    for (int64_t j = 0; j < bk; ++j) {
+      const int64_t kp = k_offset + j0 + j;
+      const int64_t a = std::clamp<int64_t>(first_query(kp) - q_offset - i0, 0, bq);
+      const int64_t z = std::clamp<int64_t>(last_query(kp) - q_offset - i0 + 1, a, bq);
+      float* r = st + j * ld;
+      std::fill(r, r + a, -std::numeric_limits<float>::infinity());
+      std::fill(r + z, r + bq, -std::numeric_limits<float>::infinity());
+    }
+  }
+  // Row layout s[i*ld + j] (backward):
+  void apply_rows(float* s, int64_t ld, int64_t i0, int64_t bq, int64_t j0, int64_t bk) const {
+    for (int64_t i = 0; i < bq; ++i) {
+      const int64_t qp = q_offset + i0 + i;
+      const int64_t a = std::clamp<int64_t>(lo(qp) - k_offset - j0, 0, bk);
+      const int64_t z = std::clamp<int64_t>(hi(qp) - k_offset - j0 + 1, a, bk);
+      float* r = s + i * ld;
+      std::fill(r, r + a, -std::numeric_limits<float>::infinity());
+      std::fill(r + z, r + bk, -std::numeric_limits<float>::infinity());
+    }
   }
 };
 
@@ -234,11 +289,7 @@ void forward_impl(const FlashForwardParams& p) {
         const Rows vr =
             fp32_rows(p.v, b * p.v.sb + j0 * p.v.ss + hk * p.v.sh, p.v.ss, bk, Dv, vbuf.get());
         Isa::gemm(bk, bq, D, kr.ptr, kr.ld, 1, qt.get(), kBq, st.get(), kBq, false);
-        if (kind == Mask::kPartial) {
-          for (int64_t j = 0; j < bk; ++j)
-            for (int64_t i = 0; i < bq; ++i)
-              if (!mask.visible(i0 + i, j0 + j)) st.get()[j * kBq + i] = kNegInf;
-        }
+        if (kind == Mask::kPartial) mask.apply_transposed(st.get(), kBq, i0, bq, j0, bk);
         Isa::softmax_columns(st.get(), kBq, bk, bq, m, l, alpha);
         for (int64_t i = 0; i < bq; ++i) {
           const float a = alpha[i];
@@ -308,12 +359,26 @@ void backward_impl(const FlashBackwardParams& p) {
   const int64_t threads = omp_get_max_threads();
   int64_t chunks = 1;
   if (pairs < 2 * threads && nkb > 1) chunks = std::min(nkb, (2 * threads + pairs - 1) / pairs);
-  // dq scratch: [chunk][b][h][i][D]
+  // With one chunk and an fp32 dq, each dq row is written by one item only: accumulate into
+  // dq itself. Otherwise into an fp32 scratch [chunk][b][h][i][D], reduced at the end.
+  const bool dq_direct = chunks == 1 && p.dq.dtype == DType::kFloat32;
   const int64_t dq_slice = B * Hq * Sq * D;
-  FloatBuffer dqs(chunks * dq_slice);
+  FloatBuffer dqs(dq_direct ? 0 : chunks * dq_slice);
+  float* const dq_f32 = static_cast<float*>(p.dq.data);
+  if (dq_direct) {
+    if (!p.accumulate) {
 #pragma omp parallel for schedule(static)
-  for (int64_t x = 0; x < chunks * B * Hq * Sq; ++x)
-    std::fill(dqs.get() + x * D, dqs.get() + (x + 1) * D, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = r % Sq, h = (r / Sq) % Hq, b = r / (Sq * Hq);
+        float* d = dq_f32 + b * p.dq.sb + i * p.dq.ss + h * p.dq.sh;
+        std::fill(d, d + D, 0.f);
+      }
+    }
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t x = 0; x < chunks * rows; ++x)
+      std::fill(dqs.get() + x * D, dqs.get() + (x + 1) * D, 0.f);
+  }
 
 #pragma omp parallel
   {
@@ -345,16 +410,15 @@ void backward_impl(const FlashBackwardParams& p) {
         // Queries that can see some key of the block: hi(qpos) >= first key and
         // lo(qpos) <= last key.
         const int64_t ka = p.k_offset + j0, kz = p.k_offset + j0 + bk - 1;
-        int64_t qmin = -Mask::kFar, qmax = Mask::kFar;
-        if (p.causal) qmin = std::max(qmin, ka);
-        if (p.window_right >= 0) qmin = std::max(qmin, ka - p.window_right);
-        if (p.window_left >= 0) qmax = std::min(qmax, kz + p.window_left);
-        const int64_t ilo = std::max<int64_t>(0, qmin - p.q_offset);
-        const int64_t ihi = std::min<int64_t>(Sq, qmax - p.q_offset + 1);
+        const int64_t ilo = std::max<int64_t>(0, mask.first_query(ka) - p.q_offset);
+        const int64_t ihi = std::min<int64_t>(Sq, mask.last_query(kz) - p.q_offset + 1);
 
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const int64_t row0 = (b * Hq + h) * Sq;
-          float* dq_rows = dqs.get() + c * dq_slice + row0 * D;
+          // dq rows of this head: direct (row stride dq.ss) or the chunk's scratch slice.
+          float* const dq_rows =
+              dq_direct ? dq_f32 + b * p.dq.sb + h * p.dq.sh : dqs.get() + c * dq_slice + row0 * D;
+          const int64_t dq_ld = dq_direct ? p.dq.ss : D;
           for (int64_t i0 = ilo; i0 < ihi; i0 += kBq) {
             const int64_t bq = std::min(kBq, ihi - i0);
             const Mask::Kind kind = mask.classify(i0, i0 + bq, j0, j0 + bk);
@@ -365,11 +429,7 @@ void backward_impl(const FlashBackwardParams& p) {
                                        p.dout.ss, bq, Dv, dobuf.get());
             // S = Q K^T, P = exp2(S * scale*log2e - lse2).
             Isa::gemm(bq, bk, D, qr.ptr, qr.ld, 1, kt.get(), kBk, s.get(), kBk, false);
-            if (kind == Mask::kPartial) {
-              for (int64_t i = 0; i < bq; ++i)
-                for (int64_t j = 0; j < bk; ++j)
-                  if (!mask.visible(i0 + i, j0 + j)) s.get()[i * kBk + j] = kNegInf;
-            }
+            if (kind == Mask::kPartial) mask.apply_rows(s.get(), kBk, i0, bq, j0, bk);
             Isa::probs_rows(s.get(), kBk, bq, bk, c2, lse2.get() + row0 + i0);
             // dP = dO V^T; dV += P^T dO.
             Isa::gemm(bq, bk, Dv, dor.ptr, dor.ld, 1, vt.get(), kBk, dp.get(), kBk, false);
@@ -384,7 +444,8 @@ void backward_impl(const FlashBackwardParams& p) {
             }
             // dK += dS^T Q; dQ += dS K.
             Isa::gemm(bk, D, bq, dp.get(), 1, kBk, qr.ptr, qr.ld, dk_acc.get(), D, true);
-            Isa::gemm(bq, D, bk, dp.get(), kBk, 1, kr.ptr, kr.ld, dq_rows + i0 * D, D, true);
+            Isa::gemm(bq, D, bk, dp.get(), kBk, 1, kr.ptr, kr.ld, dq_rows + i0 * dq_ld, dq_ld,
+                      true);
             progress.tick();
           }
         }
@@ -404,7 +465,8 @@ void backward_impl(const FlashBackwardParams& p) {
     progress.now();
   }
 
-  // dq (+)= sum over chunks.
+  if (dq_direct) return;
+    // dq (+)= sum over chunks.
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r % Sq, h = (r / Sq) % Hq, b = r / (Sq * Hq);
