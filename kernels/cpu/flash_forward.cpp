@@ -132,8 +132,7 @@ FlashForwardParams make_forward_params(const TensorView& q, const TensorView& k,
   p.seq_k = k.size(1);
   p.heads_kv = k.size(2);
   p.head_dim_v = v.size(3);
-  p.scale =
-      opts.softmax_scale ? *opts.softmax_scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
+  p.scale = opts.scale_for(p.head_dim);
   p.causal = opts.causal;
   p.q_offset = opts.q_offset;
   p.k_offset = opts.k_offset;
