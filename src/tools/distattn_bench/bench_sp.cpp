@@ -1,0 +1,622 @@
+// distattn-bench sp: sequence- and head-parallel attention under mpirun.
+//
+// For each strategy and global sequence length (-b/-e/-f) it prints, on rank 0:
+//   time_ms       max over ranks of the mean per-call time after warm-up
+//   tflops        attention FLOPs of the whole problem / ranks / time (per-rank rate)
+//   par_eff       parallel efficiency = T1 / (P * TP), where T1 is the time of the SAME full
+//                 problem run by one rank alone with the same cores (measured in this run: every
+//                 rank runs it at once on its own core(s), so contention matches), TP the
+//                 strategy's time. 1.0 = perfect scaling.
+//   comm_MB       bytes this rank sent per call (ledger; max over ranks)
+//   exposed_ms    time blocked waiting on communication (not hidden behind compute; max over
+//                 ranks of the mean)
+//   peak_MB       peak bytes of distattn tensors allocated during the call (max over ranks)
+//   max_abs_err   with -c: max |out - fp64 reference| over sampled query rows of every rank
+// --json FILE writes one row per (strategy, seq) with keys strategy, ranks, seq, time_ms, tflops,
+// parallel_efficiency, comm_bytes_per_rank, exposed_comm_ms, max_abs_err (+ extra keys).
+//
+// --inputs DIR --outputs DIR: rank 0 reads q.npy, k.npy, v.npy (float32 [B, S, H, D]) and
+// optionally dout.npy, scatters them in the strategy's layout, runs, gathers and writes
+// out.npy and lse.npy (and dq.npy, dk.npy, dv.npy with dout.npy) in global order.
+#include <algorithm>
+#include <boost/program_options.hpp>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "distattn/comm/communicator.h"
+#include "distattn/comm/mesh.h"
+#include "distattn/core/npy.h"
+#include "distattn/ops/attention.h"
+#include "distattn/parallel/sequence_parallel.h"
+#include "distattn/runtime.h"
+#include "kernels/cpu/reference.h"
+#include "src/tools/distattn_bench/bench_common.h"
+
+namespace distattn::bench {
+namespace {
+
+namespace po = boost::program_options;
+using parallel::ShardRole;
+using parallel::SpGroup;
+using parallel::SpLayout;
+using parallel::SpShape;
+using parallel::Strategy;
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+struct Args {
+  std::string strategy = "all";
+  std::string device = "cpu";
+  std::string dtype = "fp32";
+  int64_t batch = 1;
+  std::string minseq = "4K", maxseq = "4K";
+  int factor = 2;
+  int64_t heads = 8;
+  int64_t kv_heads = 0;
+  int64_t dim = 128;
+  int causal = 0;
+  int check = 0;
+  std::string json;
+  int iters = 5;
+  int warmup = 1;
+  int ulysses = 0;
+  int ring = 0;
+  bool backward = false;
+  int baseline_iters = 1;
+  bool no_progress = false;
+  std::string inputs, outputs;
+};
+
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+// Uniform [-1, 1) from (tensor id, global element index): every rank builds its own shard.
+float gen(uint64_t id, uint64_t index) {
+  return static_cast<float>(static_cast<double>(mix(mix(id * 7919 + 17) ^ index) >> 11) *
+                                (2.0 / 9007199254740992.0) -
+                            1.0);
+}
+
+// This rank's shard of the synthetic full tensor `id` ([B, S, H, dim], global element
+// index ((b*S + pos)*H + h)*dim + d), built without materializing the full tensor.
+Tensor make_shard(const SpLayout& l, const SpShape& sh, int rank, bool kv, uint64_t id, DType dtype,
+                  Device dev) {
+  const auto pos = parallel::token_positions(l, sh.seq, rank);
+  const parallel::HeadRange hr =
+      kv ? parallel::local_kv_heads(l, sh, rank) : parallel::local_query_heads(l, sh, rank);
+  const int64_t H = kv ? sh.heads_kv : sh.heads_q, D = sh.head_dim;
+  const int64_t sl = static_cast<int64_t>(pos.size());
+  Tensor f = Tensor::empty({sh.batch, sl, hr.size(), D}, DType::kFloat32);
+  float* p = f.data_as<float>();
+  for (int64_t b = 0; b < sh.batch; ++b)
+    for (int64_t i = 0; i < sl; ++i)
+      for (int64_t h = 0; h < hr.size(); ++h) {
+        const uint64_t base = static_cast<uint64_t>(((b * sh.seq + pos[i]) * H + hr.begin + h) * D);
+        float* row = p + ((b * sl + i) * hr.size() + h) * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = gen(id, base + static_cast<uint64_t>(d));
+      }
+  if (dtype != DType::kFloat32) {
+    Tensor c = Tensor::empty({sh.batch, sl, hr.size(), D}, dtype);
+    convert_dtype_cpu(f.view(), c.view());
+    f = std::move(c);
+  }
+  return dev.is_cpu() ? f : to_device(f.view(), dev);
+}
+
+Tensor make_full(const SpShape& sh, bool kv, uint64_t id, DType dtype, Device dev) {
+  return make_shard(SpLayout{Strategy::kHeads, 1, 1}, sh, 0, kv, id, dtype, dev);
+}
+
+struct Group {
+  std::unique_ptr<comm::DeviceMesh> mesh;
+  SpGroup group;
+  SpLayout layout;
+  int rank = 0;
+  std::vector<comm::Communicator*> comms;
+};
+
+Group make_group(Strategy s, const std::shared_ptr<comm::Communicator>& world, const Args& a) {
+  Group g;
+  const int p = world->size();
+  if (s == Strategy::kHybrid) {
+    int u = a.ulysses, r = a.ring;
+    if (u <= 0 && r <= 0) u = p % 2 == 0 ? 2 : 1;
+    if (u <= 0) u = p / std::max(r, 1);
+    if (r <= 0) r = p / u;
+    DISTATTN_CHECK(u * r == p, "hybrid: --ulysses ", u, " x --ring ", r, " must equal the ", p,
+                   " ranks");
+    g.mesh = std::make_unique<comm::DeviceMesh>(
+        world, comm::DeviceMesh::Axes{{"ring", r}, {"ulysses", u}});
+    g.group = SpGroup::from_mesh(*g.mesh);
+    g.comms = {g.group.seq, g.group.ulysses};
+  } else {
+    g.group = SpGroup::flat(*world);
+    g.comms = {world.get()};
+  }
+  g.layout = g.group.layout(s);
+  g.rank = g.group.layout_rank(s);
+  return g;
+}
+
+uint64_t bytes_sent(const Group& g) {
+  uint64_t n = 0;
+  for (auto* c : g.comms) n += c->ledger().total().bytes_sent;
+  return n;
+}
+void reset_ledgers(const Group& g) {
+  for (auto* c : g.comms) c->ledger().reset();
+}
+
+// Max |out - reference| over up to `samples` local query rows (all local heads), each row's
+// reference computed in fp64 against the full K,V (rebuilt locally).
+double check_rows(const Group& g, const SpShape& sh, const Tensor& out, DType dtype, bool causal,
+                  int samples) {
+  const auto pos = parallel::token_positions(g.layout, sh.seq, g.rank);
+  const parallel::HeadRange hr = parallel::local_query_heads(g.layout, sh, g.rank);
+  Tensor kf = make_full(sh, true, 2, dtype, Device::cpu());
+  Tensor vf = make_full(sh, true, 3, dtype, Device::cpu());
+  Tensor ql = make_shard(g.layout, sh, g.rank, false, 1, dtype, Device::cpu());
+  Tensor oh = to_device(out.view(), Device::cpu());
+  Tensor o64 =
+      Tensor::empty({oh.view().size(0), oh.view().size(1), oh.view().size(2), oh.view().size(3)},
+                    DType::kFloat64);
+  convert_dtype_cpu(oh.view(), o64.view());
+  const int64_t sl = static_cast<int64_t>(pos.size());
+  const int64_t group = sh.heads_q / sh.heads_kv;
+  double err = 0;
+  const int64_t n = std::min<int64_t>(samples, sl);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t i = n > 1 ? t * (sl - 1) / (n - 1) : 0;
+    for (int64_t b = 0; b < sh.batch; ++b)
+      for (int64_t h = 0; h < hr.size(); ++h) {
+        const int64_t gh = hr.begin + h, kvh = gh / group;
+        const TensorView q1 = ql.view().slice(0, b, 1).slice(1, i, 1).slice(2, h, 1);
+        const TensorView k1 = kf.view().slice(0, b, 1).slice(2, kvh, 1);
+        const TensorView v1 = vf.view().slice(0, b, 1).slice(2, kvh, 1);
+        ops::AttentionOptions o;
+        o.causal = causal;
+        o.q_offset = pos[static_cast<size_t>(i)];
+        const auto ref = kernels::cpu::reference_attention_forward(q1, k1, v1, o);
+        const double* r = ref.out.data_as<double>();
+        const double* got = o64.data_as<double>() + ((b * sl + i) * hr.size() + h) * sh.head_dim;
+        for (int64_t d = 0; d < sh.head_dim; ++d) err = std::max(err, std::abs(got[d] - r[d]));
+      }
+  }
+  return err;
+}
+
+struct Result {
+  double time_s = 0, exposed_s = 0, compute_s = 0;
+  uint64_t bytes = 0;
+  int64_t peak = 0;
+  double err = kNaN;
+};
+
+Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DType dtype, Device dev,
+                    comm::Communicator& world) {
+  const SpLayout& l = g.layout;
+  Tensor q = make_shard(l, sh, g.rank, false, 1, dtype, dev);
+  Tensor k = make_shard(l, sh, g.rank, true, 2, dtype, dev);
+  Tensor v = make_shard(l, sh, g.rank, true, 3, dtype, dev);
+  const int64_t b = sh.batch, sl = q.view().size(1), hl = q.view().size(2), hkl = k.view().size(2),
+                d = sh.head_dim;
+  Tensor out = Tensor::empty({b, sl, hl, d}, dtype, dev);
+  Tensor lse = Tensor::empty({b, hl, sl}, DType::kFloat32, dev);
+  Tensor dout, dq, dk, dv;
+  if (a.backward) {
+    dout = make_shard(l, sh, g.rank, false, 4, dtype, dev);
+    dq = Tensor::empty({b, sl, hl, d}, dtype, dev);
+    dk = Tensor::empty({b, sl, hkl, d}, dtype, dev);
+    dv = Tensor::empty({b, sl, hkl, d}, dtype, dev);
+  }
+  parallel::SpStats fst, bst;
+  parallel::SpOptions o;
+  o.causal = a.causal != 0;
+  o.heads_q = sh.heads_q;
+  o.heads_kv = sh.heads_kv;
+  o.drive_progress = !a.no_progress;
+  Result r;
+  for (int it = 0; it < a.warmup + a.iters; ++it) {
+    const bool timed = it >= a.warmup;
+    world.barrier();
+    reset_ledgers(g);
+    const int64_t before = memory_stats(dev.type).current_bytes;
+    reset_peak_memory(dev.type);
+    const double t0 = now_seconds();
+    o.stats = &fst;
+    parallel::sp_attention_forward(s, g.group, q.view(), k.view(), v.view(), out.view(), lse.view(),
+                                   o);
+    if (a.backward) {
+      o.stats = &bst;
+      parallel::sp_attention_backward(s, g.group, q.view(), k.view(), v.view(), out.view(),
+                                      dout.view(), lse.view(), dq.view(), dk.view(), dv.view(), o);
+    }
+    const double t = now_seconds() - t0;
+    if (!timed) continue;
+    r.time_s += t;
+    r.exposed_s += fst.exposed_comm_s + (a.backward ? bst.exposed_comm_s : 0);
+    r.compute_s += fst.compute_s + (a.backward ? bst.compute_s : 0);
+    r.bytes = bytes_sent(g);
+    r.peak = std::max(r.peak, memory_stats(dev.type).peak_bytes - before);
+  }
+  const double n = std::max(a.iters, 1);
+  r.time_s = max_over_ranks(world, r.time_s / n);
+  r.exposed_s = max_over_ranks(world, r.exposed_s / n);
+  r.compute_s = max_over_ranks(world, r.compute_s / n);
+  r.bytes = static_cast<uint64_t>(max_over_ranks(world, static_cast<double>(r.bytes)));
+  r.peak = static_cast<int64_t>(max_over_ranks(world, static_cast<double>(r.peak)));
+  if (a.check) {
+    r.err = max_over_ranks(world, check_rows(g, sh, out, dtype, o.causal, 16));
+  }
+  return r;
+}
+
+// T1: the full problem on one rank (every rank at once, same threads), mean of iterations.
+double baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
+                comm::Communicator& world) {
+  if (a.baseline_iters <= 0) return kNaN;
+  Tensor q = make_full(sh, false, 1, dtype, dev);
+  Tensor k = make_full(sh, true, 2, dtype, dev);
+  Tensor v = make_full(sh, true, 3, dtype, dev);
+  const int64_t b = sh.batch, s = sh.seq, d = sh.head_dim;
+  Tensor out = Tensor::empty({b, s, sh.heads_q, d}, dtype, dev);
+  Tensor lse = Tensor::empty({b, sh.heads_q, s}, DType::kFloat32, dev);
+  Tensor dout, dq, dk, dv;
+  if (a.backward) {
+    dout = make_full(sh, false, 4, dtype, dev);
+    dq = Tensor::empty({b, s, sh.heads_q, d}, dtype, dev);
+    dk = Tensor::empty({b, s, sh.heads_kv, d}, dtype, dev);
+    dv = Tensor::empty({b, s, sh.heads_kv, d}, dtype, dev);
+  }
+  ops::AttentionOptions o;
+  o.causal = a.causal != 0;
+  double total = 0;
+  for (int it = 0; it < a.baseline_iters; ++it) {
+    world.barrier();
+    const double t0 = now_seconds();
+    ops::attention_forward(q.view(), k.view(), v.view(), out.view(), lse.view(), o);
+    if (a.backward)
+      ops::attention_backward(q.view(), k.view(), v.view(), out.view(), dout.view(), lse.view(),
+                              dq.view(), dk.view(), dv.view(), o);
+    total += now_seconds() - t0;
+  }
+  return max_over_ranks(world, total / a.baseline_iters);
+}
+
+// ---- npy interface ---------------------------------------------------------------------------
+
+Tensor recv_tensor(comm::Communicator& w, std::initializer_list<int64_t> shape, DType dt) {
+  Tensor t = Tensor::empty(shape, dt);
+  w.recv(t.data(), static_cast<size_t>(t.numel()), dt, 0);
+  return t;
+}
+
+// Rank 0 holds `full` (fp32); every rank returns its shard converted to `dtype`.
+Tensor scatter(comm::Communicator& w, const Group& g, const SpShape& sh, ShardRole role,
+               const Tensor& full, DType dtype) {
+  const bool kv = role == ShardRole::kKeyValue;
+  const int64_t sl = parallel::local_seq_len(g.layout, sh.seq);
+  const parallel::HeadRange hr = kv ? parallel::local_kv_heads(g.layout, sh, g.rank)
+                                    : parallel::local_query_heads(g.layout, sh, g.rank);
+  Tensor local;
+  if (w.rank() == 0) {
+    for (int r = 1; r < w.size(); ++r) {
+      // World rank r has layout rank r (row-major mesh {ring, ulysses}; flat otherwise).
+      Tensor s = parallel::shard(g.layout, sh, r, role, full.view());
+      w.send(s.data(), static_cast<size_t>(s.numel()), DType::kFloat32, r);
+    }
+    local = parallel::shard(g.layout, sh, 0, role, full.view());
+  } else {
+    local = recv_tensor(w, {sh.batch, sl, hr.size(), sh.head_dim}, DType::kFloat32);
+  }
+  if (dtype == DType::kFloat32) return local;
+  Tensor c = Tensor::empty({sh.batch, sl, hr.size(), sh.head_dim}, dtype);
+  convert_dtype_cpu(local.view(), c.view());
+  return c;
+}
+
+// Every rank's local result -> rank 0's full fp32 tensor (accumulate: sum replicated shards).
+Tensor gather(comm::Communicator& w, const Group& g, const SpShape& sh, ShardRole role,
+              const TensorView& local, bool accumulate) {
+  Tensor l32 =
+      Tensor::empty(std::span<const int64_t>(local.shape.data(), local.ndim), DType::kFloat32);
+  convert_dtype_cpu(to_device(local, Device::cpu()).view(), l32.view());
+  Tensor full;
+  if (w.rank() == 0) {
+    if (role == ShardRole::kLse) {
+      full = Tensor::zeros({sh.batch, sh.heads_q, sh.seq}, DType::kFloat32);
+    } else {
+      full = Tensor::zeros(
+          {sh.batch, sh.seq, role == ShardRole::kKeyValue ? sh.heads_kv : sh.heads_q, sh.head_dim},
+          DType::kFloat32);
+    }
+    parallel::unshard_into(g.layout, sh, 0, role, l32.view(), full.view(), accumulate);
+    for (int r = 1; r < w.size(); ++r) {
+      const SpLayout& l = g.layout;
+      const bool kv = role == ShardRole::kKeyValue;
+      const parallel::HeadRange hr =
+          kv ? parallel::local_kv_heads(l, sh, r) : parallel::local_query_heads(l, sh, r);
+      const int64_t sl = parallel::local_seq_len(l, sh.seq);
+      Tensor t = role == ShardRole::kLse
+                     ? recv_tensor(w, {sh.batch, hr.size(), sl}, DType::kFloat32)
+                     : recv_tensor(w, {sh.batch, sl, hr.size(), sh.head_dim}, DType::kFloat32);
+      parallel::unshard_into(l, sh, r, role, t.view(), full.view(), accumulate);
+    }
+  } else {
+    w.send(l32.data(), static_cast<size_t>(l32.numel()), DType::kFloat32, 0);
+  }
+  return full;
+}
+
+bool file_exists(const std::string& p) {
+  FILE* f = std::fopen(p.c_str(), "rb");
+  if (f) std::fclose(f);
+  return f != nullptr;
+}
+
+int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>& world,
+            DType dtype) {
+  comm::Communicator& w = *world;
+  DISTATTN_CHECK(!a.outputs.empty(), "--inputs needs --outputs DIR");
+  Group g = make_group(s, world, a);
+  // Rank 0 reads, then broadcasts the shapes.
+  Tensor q, k, v, dout;
+  int64_t dims[9] = {0};
+  if (w.rank() == 0) {
+    NpyReadOptions ro;
+    ro.dtype = DType::kFloat32;
+    ro.rank = 4;
+    q = read_npy(a.inputs + "/q.npy", ro);
+    k = read_npy(a.inputs + "/k.npy", ro);
+    v = read_npy(a.inputs + "/v.npy", ro);
+    const bool has_dout = file_exists(a.inputs + "/dout.npy");
+    if (has_dout) dout = read_npy(a.inputs + "/dout.npy", ro);
+    const TensorView qv = q.view(), kv = k.view(), vv = v.view();
+    DISTATTN_CHECK(kv.shape == vv.shape && kv.size(0) == qv.size(0) && kv.size(1) == qv.size(1) &&
+                       kv.size(3) == qv.size(3),
+                   "q.npy ", qv.shape_str(), ", k.npy ", kv.shape_str(), ", v.npy ", vv.shape_str(),
+                   " must be [B, S, Hq, D], [B, S, Hkv, D], [B, S, Hkv, D]");
+    if (has_dout)
+      DISTATTN_CHECK(dout.view().shape == qv.shape, "dout.npy ", dout.view().shape_str(),
+                     " must have q.npy's shape ", qv.shape_str());
+    int64_t tmp[9] = {qv.size(0),       qv.size(1), qv.size(2), kv.size(2), qv.size(3),
+                      has_dout ? 1 : 0, 0,          0,          0};
+    std::memcpy(dims, tmp, sizeof(dims));
+  }
+  w.broadcast(dims, dims, 9, DType::kInt64, 0);
+  SpShape sh{dims[0], dims[1], dims[2], dims[3], dims[4], 0};
+  parallel::check_layout(g.layout, sh);
+  const bool has_dout = dims[5] != 0;
+  Tensor ql = scatter(w, g, sh, ShardRole::kQuery, q, dtype);
+  Tensor kl = scatter(w, g, sh, ShardRole::kKeyValue, k, dtype);
+  Tensor vl = scatter(w, g, sh, ShardRole::kKeyValue, v, dtype);
+  const int64_t b = sh.batch, sl = ql.view().size(1), hl = ql.view().size(2),
+                hkl = kl.view().size(2), d = sh.head_dim;
+  Tensor out = Tensor::empty({b, sl, hl, d}, dtype);
+  Tensor lse = Tensor::empty({b, hl, sl}, DType::kFloat32);
+  parallel::SpOptions o;
+  o.causal = a.causal != 0;
+  o.heads_q = sh.heads_q;
+  o.heads_kv = sh.heads_kv;
+  parallel::sp_attention_forward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(),
+                                 lse.view(), o);
+  Tensor fo = gather(w, g, sh, ShardRole::kQuery, out.view(), false);
+  Tensor fl = gather(w, g, sh, ShardRole::kLse, lse.view(), false);
+  if (w.rank() == 0) {
+    write_npy(a.outputs + "/out.npy", fo.view());
+    write_npy(a.outputs + "/lse.npy", fl.view());
+  }
+  if (has_dout) {
+    Tensor dl = scatter(w, g, sh, ShardRole::kQuery, dout, dtype);
+    Tensor dq = Tensor::empty({b, sl, hl, d}, dtype), dk = Tensor::empty({b, sl, hkl, d}, dtype),
+           dv = Tensor::empty({b, sl, hkl, d}, dtype);
+    parallel::sp_attention_backward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(),
+                                    dl.view(), lse.view(), dq.view(), dk.view(), dv.view(), o);
+    // Head parallel: replicated KV heads hold partial gradients, summed here.
+    const bool sum_kv = s == Strategy::kHeads;
+    Tensor fdq = gather(w, g, sh, ShardRole::kQuery, dq.view(), false);
+    Tensor fdk = gather(w, g, sh, ShardRole::kKeyValue, dk.view(), sum_kv);
+    Tensor fdv = gather(w, g, sh, ShardRole::kKeyValue, dv.view(), sum_kv);
+    if (w.rank() == 0) {
+      write_npy(a.outputs + "/dq.npy", fdq.view());
+      write_npy(a.outputs + "/dk.npy", fdk.view());
+      write_npy(a.outputs + "/dv.npy", fdv.view());
+    }
+  }
+  if (w.rank() == 0)
+    std::printf("# sp %s: %lld ranks, wrote %s/out.npy, lse.npy%s\n", parallel::strategy_name(s),
+                static_cast<long long>(w.size()), a.outputs.c_str(),
+                has_dout ? ", dq.npy, dk.npy, dv.npy" : "");
+  return 0;
+}
+
+// Lets `-c 1` / `--causal 0` work next to bare `-c` / `--causal`.
+std::vector<std::string> normalize_args(int argc, char** argv) {
+  std::vector<std::string> out;
+  for (int i = 0; i < argc; ++i) {
+    std::string s = argv[i];
+    const bool flag = s == "-c" || s == "--check" || s == "--causal" || s == "--backward";
+    if (flag && i + 1 < argc &&
+        (std::strcmp(argv[i + 1], "0") == 0 || std::strcmp(argv[i + 1], "1") == 0)) {
+      out.push_back((s == "-c" ? std::string("--check") : s) + "=" + argv[i + 1]);
+      ++i;
+      continue;
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+int sp_main(int argc, char** argv) {
+  Args a;
+  int backward = 0;
+  po::options_description desc("distattn-bench sp options");
+  // clang-format off
+  desc.add_options()
+    ("help,h", "this help")
+    ("strategy", po::value(&a.strategy)->default_value("all"),
+     "heads|ring|zigzag|ulysses|allgather|hybrid|all (or a list a,b)")
+    ("device", po::value(&a.device)->default_value("cpu"), "cpu|cuda")
+    ("dtype,d", po::value(&a.dtype)->default_value("fp32"), "fp32|bf16|fp16")
+    ("batch", po::value(&a.batch)->default_value(1), "batch size")
+    ("minseq,b", po::value(&a.minseq)->default_value("4K"), "smallest global sequence (K/M suffix)")
+    ("maxseq,e", po::value(&a.maxseq)->default_value("4K"), "largest global sequence")
+    ("stepfactor,f", po::value(&a.factor)->default_value(2), "sequence multiplier between rows")
+    ("heads", po::value(&a.heads)->default_value(8), "query heads")
+    ("kv-heads", po::value(&a.kv_heads)->default_value(0), "KV heads (0: = --heads)")
+    ("dim", po::value(&a.dim)->default_value(128), "head dim")
+    ("causal", po::value(&a.causal)->default_value(0)->implicit_value(1), "causal mask (0|1)")
+    ("check,c", po::value(&a.check)->default_value(0)->implicit_value(1),
+     "1: max error vs fp64 reference on 16 sampled query rows per rank")
+    ("json", po::value(&a.json)->default_value(""), "write rows to this JSON file")
+    ("iters,n", po::value(&a.iters)->default_value(5), "timed iterations")
+    ("warmup_iters,w", po::value(&a.warmup)->default_value(1), "untimed iterations")
+    ("ulysses", po::value(&a.ulysses)->default_value(0), "hybrid: Ulysses degree (default 2)")
+    ("ring", po::value(&a.ring)->default_value(0), "hybrid: ring degree (default ranks/ulysses)")
+    ("backward", po::value(&backward)->default_value(0)->implicit_value(1),
+     "also run (and time) the backward pass")
+    ("baseline-iters", po::value(&a.baseline_iters)->default_value(1),
+     "iterations of the single-rank full-problem run for parallel efficiency (0: skip)")
+    ("no-progress", po::bool_switch(&a.no_progress),
+     "do not drive communication progress from inside the kernels (to measure overlap)")
+    ("inputs", po::value(&a.inputs)->default_value(""), "read q.npy, k.npy, v.npy [, dout.npy]")
+    ("outputs", po::value(&a.outputs)->default_value(""), "write out.npy, lse.npy [, grads]");
+  // clang-format on
+  po::variables_map vm;
+  try {
+    const auto args = normalize_args(argc, argv);
+    std::vector<std::string> rest(args.begin() + 1, args.end());
+    po::store(po::command_line_parser(rest).options(desc).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    DISTATTN_THROW(Status::kInvalidArgument, e.what(), " (see distattn-bench sp --help)");
+  }
+  a.backward = backward != 0;
+  auto world_u = comm::create_world(comm::Backend::kAuto, parse_device(a.device));
+  std::shared_ptr<comm::Communicator> world(std::move(world_u));
+  const int rank = world->rank(), p = world->size();
+  if (vm.count("help")) {
+    if (rank == 0) {
+      std::ostringstream os;
+      os << desc;
+      std::printf("%s\n", os.str().c_str());
+    }
+    return 0;
+  }
+  const Device dev = parse_device(a.device);
+  const DType dtype = parse_dtype(a.dtype);
+  DISTATTN_CHECK(dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16,
+                 "--dtype must be fp32, bf16 or fp16, got ", a.dtype);
+  if (a.kv_heads == 0) a.kv_heads = a.heads;
+  std::vector<Strategy> strategies;
+  if (a.strategy == "all") {
+    strategies.assign(parallel::all_strategies().begin(), parallel::all_strategies().end());
+  } else {
+    size_t at = 0;
+    while (at <= a.strategy.size()) {
+      const size_t comma = a.strategy.find(',', at);
+      const std::string name =
+          a.strategy.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+      strategies.push_back(parallel::parse_strategy(name));
+      if (comma == std::string::npos) break;
+      at = comma + 1;
+    }
+  }
+  if (!a.inputs.empty()) {
+    DISTATTN_CHECK(strategies.size() == 1, "--inputs runs one strategy: pass --strategy NAME");
+    return run_npy(a, strategies[0], world, dtype);
+  }
+  const int64_t minseq = static_cast<int64_t>(parse_size(a.minseq));
+  const int64_t maxseq = static_cast<int64_t>(parse_size(a.maxseq));
+  DISTATTN_CHECK(minseq >= 1 && maxseq >= minseq && a.factor >= 2,
+                 "need 1 <= -b <= -e and -f >= 2");
+  if (rank == 0) {
+    std::printf("%s", environment_header().c_str());
+    std::printf(
+        "# distattn-bench sp: %d ranks, device %s, dtype %s, batch %lld, heads %lld/%lld, "
+        "dim %lld, causal %d, %s, iters %d warmup %d\n",
+        p, a.device.c_str(), dtype_name(dtype), static_cast<long long>(a.batch),
+        static_cast<long long>(a.heads), static_cast<long long>(a.kv_heads),
+        static_cast<long long>(a.dim), a.causal, a.backward ? "fwd+bwd" : "fwd", a.iters, a.warmup);
+    std::printf(
+        "# par_eff = T1 / (P * TP), T1 = the full problem on one rank (same cores); "
+        "exposed = time blocked on communication\n");
+    std::printf("# %-10s %9s %10s %11s %8s %12s %11s %8s %9s %12s\n", "strategy", "seq", "time_ms",
+                "tflops/rank", "par_eff", "comm_MB/rank", "exposed_ms", "exposed%", "peak_MB",
+                "max_abs_err");
+  }
+  std::vector<JsonRow> rows;
+  for (int64_t seq = minseq; seq <= maxseq; seq *= a.factor) {
+    SpShape sh{a.batch, seq, a.heads, a.kv_heads, a.dim, 0};
+    const double t1 = baseline(sh, a, dtype, dev, *world);
+    const double flops =
+        ops::attention_forward_flops(a.batch, a.heads, seq, seq, a.dim, a.causal != 0) *
+        (a.backward ? 3.5 : 1.0);
+    for (Strategy s : strategies) {
+      Group g = make_group(s, world, a);
+      try {
+        parallel::check_layout(g.layout, sh);
+      } catch (const Error& e) {
+        if (strategies.size() == 1) throw;
+        if (rank == 0)
+          std::printf("# %-10s %9lld skipped: %s\n", parallel::strategy_name(s),
+                      static_cast<long long>(seq), e.message().c_str());
+        continue;
+      }
+      const Result r = run_strategy(s, g, sh, a, dtype, dev, *world);
+      const double tflops = flops / p / r.time_s / 1e12;
+      const double eff = std::isnan(t1) ? kNaN : t1 / (p * r.time_s);
+      if (rank == 0) {
+        std::printf("  %-10s %9lld %10.3f %11.4f %8.3f %12.3f %11.3f %7.1f%% %9.1f %12.3g\n",
+                    parallel::strategy_name(s), static_cast<long long>(seq), r.time_s * 1e3, tflops,
+                    eff, r.bytes / 1e6, r.exposed_s * 1e3, 100.0 * r.exposed_s / r.time_s,
+                    r.peak / 1e6, r.err);
+        std::fflush(stdout);
+      }
+      JsonRow row;
+      row.set("strategy", parallel::strategy_name(s))
+          .set("ranks", p)
+          .set("seq", seq)
+          .set("time_ms", r.time_s * 1e3)
+          .set("tflops", tflops)
+          .set("parallel_efficiency", eff)
+          .set("comm_bytes_per_rank", r.bytes)
+          .set("exposed_comm_ms", r.exposed_s * 1e3)
+          .set("max_abs_err", r.err)
+          .set("baseline_ms", t1 * 1e3)
+          .set("compute_ms", r.compute_s * 1e3)
+          .set("peak_bytes_per_rank", static_cast<int64_t>(r.peak))
+          .set("causal", a.causal != 0)
+          .set("backward", a.backward)
+          .set("dtype", dtype_name(dtype))
+          .set("heads", a.heads)
+          .set("kv_heads", a.kv_heads)
+          .set("dim", a.dim)
+          .set("batch", a.batch);
+      if (s == Strategy::kHybrid) row.set("ulysses", g.layout.ulysses);
+      rows.push_back(row);
+    }
+  }
+  if (rank == 0) {
+    JsonRow header;
+    header.set("ranks", p).set("device", a.device).set("dtype", dtype_name(dtype));
+    write_json(a.json, "sp", header, rows);
+  }
+  return 0;
+}
+
+}  // namespace
+
+DISTATTN_BENCH_COMMAND("sp", "sequence/head-parallel attention strategies (ring, zigzag, ...)",
+                       sp_main);
+
+}  // namespace distattn::bench
