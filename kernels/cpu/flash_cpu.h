@@ -5,6 +5,7 @@
 // Tensors (strides in elements, last dim contiguous):
 //   q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv], out/dout [B, Sq, Hq, Dv],
 //   lse fp32 [B, Hq, Sq]; dq/dk/dv have q/k/v's shapes.
+#include <cstddef>
 #include <cstdint>
 
 #include "distattn/config.h"
@@ -51,6 +52,10 @@ struct FlashBackwardParams : FlashForwardParams {
 FlashForwardParams make_forward_params(const TensorView& q, const TensorView& k,
                                        const TensorView& v, const TensorView& out,
                                        const TensorView& lse, const ops::AttentionOptions& opts);
+
+// Throws the out-of-memory error for kernel scratch; defined in a portable unit so that the
+// AVX-512 units instantiate no exception-building code (see flash_impl.h).
+[[noreturn]] void flash_scratch_alloc_failed(size_t bytes);
 
 void flash_forward_portable(const FlashForwardParams& p);
 void flash_backward_portable(const FlashBackwardParams& p);

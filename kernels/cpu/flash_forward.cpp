@@ -143,6 +143,12 @@ FlashForwardParams make_forward_params(const TensorView& q, const TensorView& k,
   return p;
 }
 
+void flash_scratch_alloc_failed(size_t bytes) {
+  DISTATTN_THROW(Status::kInternal, "CPU flash kernel: cannot allocate ", bytes,
+                 " bytes of scratch memory; use smaller batch/sequence chunks or fewer threads "
+                 "(OMP_NUM_THREADS)");
+}
+
 void flash_forward_portable(const FlashForwardParams& p) {
   forward_impl<PortableIsa>(p);
 }

@@ -8,6 +8,10 @@
 //   Isa::probs_rows(s, ld, rows, cols, c2, lse2)   s[i][j] <- exp2(s[i][j]*c2 - lse2[i])
 // Included by exactly one portable and one AVX-512 translation unit; everything here has
 // internal linkage so the two instantiations (compiled with different flags) never merge.
+// Keep inline/template code with external linkage out of this file (no DISTATTN_CHECK, no
+// std::string building): its weak copies from the AVX-512 unit could be the ones the linker
+// keeps, and would then run on CPUs without AVX-512. Errors go through functions defined in
+// the portable units (flash_scratch_alloc_failed).
 #include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -38,8 +42,7 @@ struct FloatBuffer {
   explicit FloatBuffer(int64_t n) {
     const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
     ptr = static_cast<float*>(std::aligned_alloc(64, bytes));
-    DISTATTN_CHECK_STATUS(ptr != nullptr, Status::kInternal, "flash kernel: cannot allocate ",
-                          bytes, " bytes of scratch");
+    if (ptr == nullptr) flash_scratch_alloc_failed(bytes);
   }
   ~FloatBuffer() { std::free(ptr); }
   FloatBuffer(const FloatBuffer&) = delete;
