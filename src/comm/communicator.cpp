@@ -133,6 +133,17 @@ std::string describe(const char* op, size_t bytes, DType dtype) {
   return std::string(op) + " (" + human_bytes(bytes) + " " + dtype_name(dtype) + ")";
 }
 
+// "3.0" for whole seconds and more, "0.25" below: the timeout as the user set it.
+std::string format_seconds(std::chrono::milliseconds t) {
+  const double s = std::chrono::duration<double>(t).count();
+  std::ostringstream os;
+  if (s >= 1.0)
+    os << std::fixed << std::setprecision(1) << s;
+  else
+    os << std::setprecision(3) << s;
+  return os.str();
+}
+
 std::string all_peers(int n) {
   return "all " + std::to_string(n) + " ranks of the communicator";
 }
@@ -273,12 +284,11 @@ void Handle::wait() {
   auto sleep = std::chrono::microseconds(20);
   while (!test()) {
     if (std::chrono::steady_clock::now() >= deadline) {
-      const double secs = std::chrono::duration<double>(timeout).count();
       comm_->abort();
       (void)op_.release();
       std::ostringstream os;
-      os << what_ << " on rank " << comm_->rank() << " did not complete within " << std::fixed
-         << std::setprecision(1) << secs << " s; peers: " << peers_
+      os << what_ << " on rank " << comm_->rank() << " did not complete within "
+         << format_seconds(timeout) << " s; peers: " << peers_
          << " (one of them never joined, failed or is stuck; raise DISTATTN_COMM_TIMEOUT_S if "
             "the op is only slow); the communicator was aborted";
       DISTATTN_THROW(Status::kTimeout, os.str());

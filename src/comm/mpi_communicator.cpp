@@ -253,12 +253,23 @@ bool wait_request(MPI_Request* req, std::chrono::milliseconds timeout, const std
   }
 }
 
+// "3.0" for whole seconds and more, "0.25" below: the timeout as the user set it.
+std::string format_seconds(std::chrono::milliseconds t) {
+  const double s = std::chrono::duration<double>(t).count();
+  std::ostringstream os;
+  if (s >= 1.0)
+    os << std::fixed << std::setprecision(1) << s;
+  else
+    os << std::setprecision(3) << s;
+  return os.str();
+}
+
 std::string timeout_message(const std::string& what, int rank, int size,
                             std::chrono::milliseconds t, bool aborted) {
   std::ostringstream os;
-  os << what << " on rank " << rank << " did not complete within " << std::fixed
-     << std::setprecision(1) << std::chrono::duration<double>(t).count() << " s; peers: all "
-     << size << " ranks of the communicator (one of them never joined, failed or is stuck; "
+  os << what << " on rank " << rank << " did not complete within " << format_seconds(t)
+     << " s; peers: all " << size
+     << " ranks of the communicator (one of them never joined, failed or is stuck; "
      << "raise DISTATTN_COMM_TIMEOUT_S if it is only slow)";
   if (aborted) os << "; the communicator was aborted";
   return os.str();
