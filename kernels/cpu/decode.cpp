@@ -1,6 +1,7 @@
 // Flash-decoding on the CPU: a decode step has too few queries to keep the cores busy
 // through the query dimension, so the key range of every sequence is split into chunks, the
-// (sequence, chunk) tasks run in parallel through flash_forward into fp32 partials (out,
+// (sequence, chunk) tasks run in parallel through flash_forward (GQA heads packed as rows,
+// see run_chunk) into fp32 partials (out,
 // lse), and the partials are combined with the LSE merge. The paged variant makes every run
 // of consecutive pages of a sequence a chunk (a strided view into the page pools) and
 // folds the runs of one task together with kernels::cpu::merge.
@@ -102,6 +103,84 @@ void combine(const Partials& p, const std::vector<int64_t>& count, const TensorV
   }
 }
 
+// True when every key position in [k0, k1) is visible to a query at qpos under o's mask.
+bool all_visible(const ops::AttentionOptions& o, int64_t qpos, int64_t k0, int64_t k1) {
+  if (o.causal && k1 - 1 > qpos) return false;
+  if (o.window_left >= 0 && k0 < qpos - o.window_left) return false;
+  if (o.window_right >= 0 && k1 - 1 > qpos + o.window_right) return false;
+  return true;
+}
+bool none_visible(const ops::AttentionOptions& o, int64_t qpos, int64_t k0, int64_t k1) {
+  if (o.causal && k0 > qpos) return true;
+  if (o.window_left >= 0 && k1 - 1 < qpos - o.window_left) return true;
+  if (o.window_right >= 0 && k0 > qpos + o.window_right) return true;
+  return false;
+}
+
+// View with the given shape/strides at element offset `off` of t's data.
+TensorView view_at(const TensorView& t, int64_t off, std::initializer_list<int64_t> shape,
+                   std::initializer_list<int64_t> strides) {
+  return TensorView(static_cast<char*>(t.data) + off * static_cast<int64_t>(t.element_size()),
+                    t.dtype, t.device, std::span<const int64_t>(shape.begin(), shape.size()),
+                    std::span<const int64_t>(strides.begin(), strides.size()));
+}
+
+// One key chunk of one sequence: q [1, Sq, Hq, D], k/v [1, n, Hkv, D/Dv] (keys at global
+// positions o.k_offset...), into fp32 out [1, Sq, Hq, Dv] and lse [1, Hq, Sq].
+// Decode has a handful of query rows per head, too few for the kernel's query tiles; but the
+// g = Hq/Hkv query heads of a KV group read the same keys, so where the mask cannot tell the
+// g heads of one query apart (the chunk is wholly visible to it) they go to flash_forward as
+// g rows of one head (a strided view), and the keys are read once per group instead of g
+// times. Chunks cut by the mask take the plain per-head path.
+void run_chunk(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+               const TensorView& lse, const ops::AttentionOptions& o) {
+  const int64_t Sq = q.size(1), Hq = q.size(2), D = q.size(3), n = k.size(1), Hkv = k.size(2);
+  const int64_t Dv = v.size(3), g = Hq / Hkv;
+  const int64_t k0 = o.k_offset, k1 = o.k_offset + n;
+  ops::AttentionOptions packed = o;
+  packed.causal = false;
+  packed.window_left = packed.window_right = -1;
+  packed.softmax_scale = o.scale_for(D);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < Sq; ++i) {
+    const int64_t qpos = o.q_offset + i;
+    const bool none = none_visible(o, qpos, k0, k1);
+    const bool all = !none && all_visible(o, qpos, k0, k1);
+    for (int64_t hk = 0; hk < Hkv; ++hk) {
+      const int64_t h0 = hk * g;
+      const TensorView out_rows = view_at(out, i * out.stride(1) + h0 * out.stride(2),
+                                          {1, g, 1, Dv}, {0, out.stride(2), 0, 1});
+      const TensorView lse_rows =
+          view_at(lse, h0 * lse.stride(1) + i * lse.stride(2), {1, 1, g}, {0, 0, lse.stride(1)});
+      if (none) {
+        for (int64_t r = 0; r < g; ++r) {
+          std::fill_n(out_rows.data_as<float>() + r * out.stride(2), Dv, 0.0f);
+          lse_rows.data_as<float>()[r * lse.stride(1)] = neg_inf;
+        }
+        continue;
+      }
+      const TensorView kh = view_at(k, hk * k.stride(2), {1, n, 1, D}, {0, k.stride(1), 0, 1});
+      const TensorView vh = view_at(v, hk * v.stride(2), {1, n, 1, Dv}, {0, v.stride(1), 0, 1});
+      if (all) {
+        const TensorView q_rows =
+            view_at(q, i * q.stride(1) + h0 * q.stride(2), {1, g, 1, D}, {0, q.stride(2), 0, 1});
+        flash_forward(q_rows, kh, vh, out_rows, lse_rows, packed);
+      } else {
+        // Heads as heads, one query: positions (and so the mask) stay exact.
+        ops::AttentionOptions oi = o;
+        oi.q_offset = qpos;
+        const TensorView q_heads =
+            view_at(q, i * q.stride(1) + h0 * q.stride(2), {1, 1, g, D}, {0, 0, q.stride(2), 1});
+        const TensorView out_heads = view_at(out, i * out.stride(1) + h0 * out.stride(2),
+                                             {1, 1, g, Dv}, {0, 0, out.stride(2), 1});
+        const TensorView lse_heads =
+            view_at(lse, h0 * lse.stride(1) + i * lse.stride(2), {1, g, 1}, {0, lse.stride(1), 0});
+        flash_forward(q_heads, kh, vh, out_heads, lse_heads, oi);
+      }
+    }
+  }
+}
+
 // Runs tasks 0..n-1 in parallel; only OpenMP thread 0 keeps the progress hook (the contract
 // is: called from one thread, never concurrently). The first exception is rethrown.
 template <typename Fn>
@@ -137,19 +216,14 @@ void decode(const TensorView& q, const TensorView& k, const TensorView& v, const
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), Sk = k.size(1), Dv = v.size(3);
   const int64_t splits =
       dopts.num_splits > 0 ? std::min<int64_t>(dopts.num_splits, Sk) : auto_splits(B, Sk);
-  if (splits <= 1) {  // one chunk: the kernel's own parallelism (batch x heads) applies
-    flash_forward(q, k, v, out, lse, opts);
-    return;
-  }
   Partials p(B, splits, Sq, Hq, Dv);
   run_tasks(B * splits, opts, [&](int64_t t, const ops::AttentionOptions& o_in) {
     const int64_t b = t / splits, s = t % splits;
     const int64_t start = s * Sk / splits, end = (s + 1) * Sk / splits;
     ops::AttentionOptions o = o_in;
     o.k_offset += start;  // global key positions keep causal/window masks exact
-    flash_forward(q.slice(0, b, 1), k.slice(0, b, 1).slice(1, start, end - start),
-                  v.slice(0, b, 1).slice(1, start, end - start), p.out_view(b, s), p.lse_view(b, s),
-                  o);
+    run_chunk(q.slice(0, b, 1), k.slice(0, b, 1).slice(1, start, end - start),
+              v.slice(0, b, 1).slice(1, start, end - start), p.out_view(b, s), p.lse_view(b, s), o);
   });
   combine(p, std::vector<int64_t>(static_cast<size_t>(B), splits), out, lse);
 }
@@ -217,14 +291,14 @@ void decode_paged(const TensorView& q, const ops::PagedKV& cache, const TensorVi
                 o.q_offset = len - Sq;  // the queries are the sequence's last Sq positions
                 o.k_offset = tok0;
                 if (!have_acc) {
-                  flash_forward(qb, chunk(kp), chunk(vp), acc_out, acc_lse, o);
+                  run_chunk(qb, chunk(kp), chunk(vp), acc_out, acc_lse, o);
                   have_acc = true;
                 } else {
                   if (!tmp_out.defined()) {
                     tmp_out = Tensor::empty({1, Sq, Hq, Dv}, DType::kFloat32);
                     tmp_lse = Tensor::empty({1, Hq, Sq}, DType::kFloat32);
                   }
-                  flash_forward(qb, chunk(kp), chunk(vp), tmp_out, tmp_lse, o);
+                  run_chunk(qb, chunk(kp), chunk(vp), tmp_out, tmp_lse, o);
                   merge(acc_out, acc_lse, tmp_out, tmp_lse, acc_out, acc_lse);
                 }
                 j += run;
