@@ -433,8 +433,8 @@ int attn_main(int argc, char** argv) {
   const bool root = info.rank == 0;
   double gemm = 0;
   if (a.gemm_ceiling) gemm = max_over_ranks(*world, -sgemm_gflops(3)) * -1;  // min over ranks
-  std::string command = "distattn-bench";
-  for (int i = 0; i < argc; ++i) command += std::string(" ") + argv[i];
+  std::string command = argv[0];  // "distattn-bench attn"
+  for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
   if (root) {
     std::printf("%s", environment_header().c_str());
     std::printf(
