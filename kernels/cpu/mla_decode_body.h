@@ -10,6 +10,10 @@
 // head's accumulator. All heads reuse one tile: the cache is a single KV head.
 #include <omp.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -93,6 +97,28 @@ inline float mla_exp(float x) {
 // s[hh][t] = q[hh] . Kt[:, t] for HB heads and one tile.
 template <int HB>
 inline void mla_qk(const float* const* q, const float* kt, int64_t w, float (*s)[kMlaTile]) {
+#if defined(__AVX512F__)
+  // 4 heads x 64 tokens = 16 zmm accumulators; per latent index: 4 loads, 4 broadcasts,
+  // 16 FMAs.
+  static_assert(kMlaTile == 64);
+  __m512 acc[HB][4];
+  for (int hh = 0; hh < HB; ++hh)
+    for (int j = 0; j < 4; ++j) acc[hh][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < w; ++d) {
+    const float* kr = kt + d * kMlaTile;
+    const __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16);
+    const __m512 k2 = _mm512_loadu_ps(kr + 32), k3 = _mm512_loadu_ps(kr + 48);
+    for (int hh = 0; hh < HB; ++hh) {
+      const __m512 qb = _mm512_set1_ps(q[hh][d]);
+      acc[hh][0] = _mm512_fmadd_ps(qb, k0, acc[hh][0]);
+      acc[hh][1] = _mm512_fmadd_ps(qb, k1, acc[hh][1]);
+      acc[hh][2] = _mm512_fmadd_ps(qb, k2, acc[hh][2]);
+      acc[hh][3] = _mm512_fmadd_ps(qb, k3, acc[hh][3]);
+    }
+  }
+  for (int hh = 0; hh < HB; ++hh)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(s[hh] + 16 * j, acc[hh][j]);
+#else
   for (int hh = 0; hh < HB; ++hh)
     for (int t = 0; t < kMlaTile; ++t) s[hh][t] = 0.0f;
   for (int64_t d = 0; d < w; ++d) {
@@ -105,6 +131,7 @@ inline void mla_qk(const float* const* q, const float* kt, int64_t w, float (*s)
       for (int t = 0; t < kMlaTile; ++t) sr[t] += qv * kr[t];
     }
   }
+#endif
 }
 
 // acc[hh][:] = alpha[hh] * acc[hh][:] + sum_t p[hh][t] * V[t][:], in 64-wide column blocks
@@ -112,7 +139,34 @@ inline void mla_qk(const float* const* q, const float* kt, int64_t w, float (*s)
 template <int HB>
 inline void mla_pv(float* const* acc, const float* alpha, const float (*p)[kMlaTile],
                    const float* v, int64_t dl, int nt) {
-  for (int64_t d0 = 0; d0 < dl; d0 += 64) {
+  int64_t d_fast = 0;
+#if defined(__AVX512F__)
+  // Full 64-wide column blocks: 4 heads x 4 zmm accumulators; per token 4 loads,
+  // 4 broadcasts, 16 FMAs.
+  for (; d_fast + 64 <= dl; d_fast += 64) {
+    __m512 a[HB][4];
+    for (int hh = 0; hh < HB; ++hh) {
+      const __m512 al = _mm512_set1_ps(alpha[hh]);
+      for (int j = 0; j < 4; ++j)
+        a[hh][j] = _mm512_mul_ps(al, _mm512_loadu_ps(acc[hh] + d_fast + 16 * j));
+    }
+    for (int t = 0; t < nt; ++t) {
+      const float* vr = v + t * dl + d_fast;
+      const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
+      const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
+      for (int hh = 0; hh < HB; ++hh) {
+        const __m512 pb = _mm512_set1_ps(p[hh][t]);
+        a[hh][0] = _mm512_fmadd_ps(pb, v0, a[hh][0]);
+        a[hh][1] = _mm512_fmadd_ps(pb, v1, a[hh][1]);
+        a[hh][2] = _mm512_fmadd_ps(pb, v2, a[hh][2]);
+        a[hh][3] = _mm512_fmadd_ps(pb, v3, a[hh][3]);
+      }
+    }
+    for (int hh = 0; hh < HB; ++hh)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc[hh] + d_fast + 16 * j, a[hh][j]);
+  }
+#endif
+  for (int64_t d0 = d_fast; d0 < dl; d0 += 64) {
     const int64_t dw = dl - d0 < 64 ? dl - d0 : 64;
     float a[HB][64];
     for (int hh = 0; hh < HB; ++hh) {
