@@ -1,13 +1,18 @@
 // LSE merge, flash-decoding over a contiguous cache and over a paged cache, each against the
 // fp64 reference over the equivalent contiguous keys.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <numeric>
 #include <random>
+#include <set>
 #include <string>
+#include <thread>
 
 #include "tests/unit/attention_test_util.h"
 
@@ -281,6 +286,53 @@ TEST(AttentionDecodePaged, RejectsBadPageIdsAndLengths) {
   ops::AttentionOptions o;
   o.q_offset = 3;
   EXPECT_THROW(ops::attention_decode_paged(q, f.cache(), out, lse, o), Error);
+}
+
+// Strategies hand Communicator::progress to the kernels; the contract is: called from one
+// thread, never concurrently, also when decode runs its chunks on several threads.
+struct ProgressLog {
+  std::mutex mu;
+  std::set<std::thread::id> threads;
+  std::atomic<int> calls{0}, inside{0}, overlaps{0};
+  static void hook(void* ctx) {
+    auto* log = static_cast<ProgressLog*>(ctx);
+    if (log->inside.fetch_add(1) != 0) log->overlaps.fetch_add(1);
+    {
+      std::lock_guard<std::mutex> lock(log->mu);
+      log->threads.insert(std::this_thread::get_id());
+    }
+    log->calls.fetch_add(1);
+    log->inside.fetch_sub(1);
+  }
+};
+
+TEST(AttentionDecode, ProgressHookRunsOnOneThreadOnly) {
+  const int64_t B = 2, Sk = 4096, Hq = 4, Hkv = 2, D = 64;
+  Tensor q = make_input({B, 1, Hq, D}, DType::kFloat32, 30, 0);
+  Tensor k = make_input({B, Sk, Hkv, D}, DType::kFloat32, 30, 1);
+  Tensor v = make_input({B, Sk, Hkv, D}, DType::kFloat32, 30, 2);
+  Tensor out = Tensor::empty({B, 1, Hq, D}, DType::kFloat32);
+  Tensor lse = Tensor::empty({B, Hq, 1}, DType::kFloat32);
+  PagedFixture f(DType::kFloat32, {700, 1500}, 16, false, true, 31);
+  Tensor qp = make_input({f.B, 1, Hq, f.D}, DType::kFloat32, 32, 0);
+  Tensor outp = Tensor::empty({f.B, 1, Hq, f.Dv}, DType::kFloat32);
+  Tensor lsep = Tensor::empty({f.B, Hq, 1}, DType::kFloat32);
+  for (int threads : {omp_get_max_threads(), 1}) {
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    ProgressLog log;
+    ops::AttentionOptions o;
+    o.progress = &ProgressLog::hook;
+    o.progress_ctx = &log;
+    ops::attention_decode(q, k, v, out, lse, o, {.num_splits = 8});
+    ops::attention_decode_paged(qp, f.cache(), outp, lsep, o, {.num_splits = 4});
+    omp_set_num_threads(saved);
+    EXPECT_EQ(log.overlaps.load(), 0) << threads << " threads";
+    EXPECT_LE(log.threads.size(), 1u) << threads << " threads";
+    if (threads == 1) EXPECT_GT(log.calls.load(), 0) << "a lone thread must drive progress";
+    auto ref = kernels::cpu::reference_attention_forward(q, k, v, o);
+    expect_close(out, ref.out, 1e-5, "out with progress hook");
+  }
 }
 
 }  // namespace

@@ -183,6 +183,11 @@ struct Problem {
     return a.op == AttnOp::kBwd ? 2.5 * fwd : fwd;
   }
 
+  double kv_bytes() const {
+    return static_cast<double>(a.batch) * sk * hkv * (a.dim + dv) *
+           static_cast<double>(dtype_size(a.dtype));
+  }
+
   // Compares the last run with the fp64 reference; returns the error and a description of
   // what was checked.
   Err check(std::string& what) {
@@ -450,8 +455,9 @@ int attn_main(int argc, char** argv) {
         info.size, omp_get_max_threads(), a.iters, a.warmup);
     if (a.gemm_ceiling)
       std::printf("# sgemm 2048^3 (OpenBLAS): %.1f GFLOP/s (min over ranks)\n", gemm);
-    std::printf("# %9s %11s %10s %10s %12s%s\n", "seq", "time(ms)", "TFLOP/s", "GFLOP/s",
-                a.check ? "max_abs_err" : "", a.gemm_ceiling ? "  vs_sgemm" : "");
+    std::printf("# %9s %11s %10s %10s%s %12s%s\n", "seq", "time(ms)", "TFLOP/s", "GFLOP/s",
+                a.op == AttnOp::kDecode ? "  kv_GB/s" : "", a.check ? "max_abs_err" : "",
+                a.gemm_ceiling ? "  vs_sgemm" : "");
   }
   JsonRow header;
   header.set("op", a.op_name)
@@ -489,6 +495,13 @@ int attn_main(int argc, char** argv) {
         .set("flops", flops)
         .set("tflops", flops / t / 1e12)
         .set("gflops", flops / t / 1e9);
+    std::string kv_text;
+    if (a.op == AttnOp::kDecode) {
+      // Decode is bound by reading the cache: K and V bytes per second.
+      const double gbps = p.kv_bytes() / t / 1e9;
+      row.set("kv_gbps", gbps);
+      kv_text = fmt("  %7.2f", gbps);
+    }
     std::string err_text, check_line;
     if (a.check) {
       std::string what;
@@ -522,8 +535,9 @@ int attn_main(int argc, char** argv) {
       ratio = buf;
     }
     if (root)
-      std::printf("  %9ld %11.3f %10.4f %10.2f %12s%s\n", static_cast<long>(s), t * 1e3,
-                  flops / t / 1e12, flops / t / 1e9, err_text.c_str(), ratio.c_str());
+      std::printf("  %9ld %11.3f %10.4f %10.2f%s %12s%s\n", static_cast<long>(s), t * 1e3,
+                  flops / t / 1e12, flops / t / 1e9, kv_text.c_str(), err_text.c_str(),
+                  ratio.c_str());
     if (root && !check_line.empty()) std::printf("%s\n", check_line.c_str());
     std::fflush(stdout);
     rows.push_back(row);
