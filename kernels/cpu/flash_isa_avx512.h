@@ -103,7 +103,7 @@ inline void micro_rows(int64_t mr, int64_t K, const float* a, int64_t ars, int64
 }
 
 struct Avx512Isa {
-  static constexpr int64_t kFwdBlockQ = 64;
+  static constexpr int64_t kFwdBlockQ = 128;
   static constexpr int64_t kFwdBlockK = 128;
   static constexpr int64_t kBwdBlockQ = 64;
   static constexpr int64_t kBwdBlockK = 64;
