@@ -277,7 +277,9 @@ bool Handle::test() {
 void Handle::wait() {
   if (!op_) return;
   const auto timeout = comm_->timeout();
-  const auto deadline = start_ + timeout;
+  // Measured from here, not from the post: an op posted before a long compute phase may
+  // only progress (MPI) once someone polls it.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   // Spin briefly (collectives of small messages finish in microseconds), then back off so
   // that oversubscribed ranks leave the core to the peer they are waiting for.
   int polls = 0;

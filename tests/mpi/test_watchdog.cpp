@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -115,6 +117,8 @@ TEST(Watchdog, LatePeerWithinTheTimeoutIsNotAnError) {
 }
 
 TEST(Watchdog, DefaultTimeoutComesFromTheEnvironment) {
+  const char* old = std::getenv("DISTATTN_COMM_TIMEOUT_S");
+  const std::string saved = old != nullptr ? old : "";
   setenv("DISTATTN_COMM_TIMEOUT_S", "2.5", 1);
   EXPECT_EQ(default_timeout(), std::chrono::milliseconds(2500));
   std::unique_ptr<Communicator> c = create_world(Backend::kMpi, Device::cpu());
@@ -123,6 +127,7 @@ TEST(Watchdog, DefaultTimeoutComesFromTheEnvironment) {
   EXPECT_EQ(default_timeout(), std::chrono::milliseconds(300'000));
   unsetenv("DISTATTN_COMM_TIMEOUT_S");
   EXPECT_EQ(default_timeout(), std::chrono::milliseconds(300'000));
+  if (old != nullptr) setenv("DISTATTN_COMM_TIMEOUT_S", saved.c_str(), 1);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -287,6 +288,8 @@ TEST(CommBase, Names) {
 }
 
 TEST(CommBase, DefaultTimeoutParsesFractionalSeconds) {
+  const char* old = std::getenv("DISTATTN_COMM_TIMEOUT_S");
+  const std::string saved = old != nullptr ? old : "";
   setenv("DISTATTN_COMM_TIMEOUT_S", "0.25", 1);
   EXPECT_EQ(default_timeout(), std::chrono::milliseconds(250));
   Script s;
@@ -295,6 +298,7 @@ TEST(CommBase, DefaultTimeoutParsesFractionalSeconds) {
   setenv("DISTATTN_COMM_TIMEOUT_S", "-3", 1);
   EXPECT_EQ(default_timeout(), std::chrono::milliseconds(300'000));
   unsetenv("DISTATTN_COMM_TIMEOUT_S");
+  if (old != nullptr) setenv("DISTATTN_COMM_TIMEOUT_S", saved.c_str(), 1);
 }
 
 }  // namespace
