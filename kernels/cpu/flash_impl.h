@@ -362,6 +362,11 @@ void backward_impl(const FlashBackwardParams& p) {
   const int64_t threads = omp_get_max_threads();
   int64_t chunks = 1;
   if (pairs < 2 * threads && nkb > 1) chunks = std::min(nkb, (2 * threads + pairs - 1) / pairs);
+  // Each extra chunk costs an fp32 copy of dq: keep the scratch within kDqScratchBytes (or
+  // one copy), trading parallelism for memory when dq is huge (e.g. MQA at long context).
+  constexpr int64_t kDqScratchBytes = int64_t{1} << 30;
+  const int64_t dq_bytes = std::max<int64_t>(1, B * Hq * Sq * D * 4);
+  chunks = std::max<int64_t>(1, std::min(chunks, kDqScratchBytes / dq_bytes));
   // With one chunk and an fp32 dq, each dq row is written by one item only: accumulate into
   // dq itself. Otherwise into an fp32 scratch [chunk][b][h][i][D], reduced at the end.
   const bool dq_direct = chunks == 1 && p.dq.dtype == DType::kFloat32;

@@ -439,6 +439,15 @@ TEST(FlashBackward, GqaSumsKeyGradientsOverTheGroup) {
   c.causal = true;
   c.q_offset = 187;
   check_backward(c);
+  // One (batch, KV head) pair: keys always split into chunks with per-chunk dq scratch.
+  c.Hq = 2;
+  c.Hkv = 1;
+  c.q_offset = 0;
+  c.causal = false;
+  check_backward(c);
+  c.dtype = DType::kBFloat16;
+  c.out_dtype = DType::kFloat32;
+  check_backward(c, true);
 }
 
 TEST(FlashBackward, Bf16AndFp16Inputs) {
