@@ -2,8 +2,9 @@
 # Installs missing build dependencies, builds distattn with its tests, and runs the whole
 # suite with ctest. Arguments pass through to ctest (e.g. -R ring, -L mpi, -E _np4).
 # Environment: BUILD_DIR / BUILD_TYPE / DISTATTN_CUDA / CMAKE_ARGS / JOBS (see build.sh),
-# CTEST_JOBS (tests run at once; default 1: the MPI tests already start up to 4 ranks each,
-# and several of them at once oversubscribe small machines), SKIP_SETUP=1, SKIP_BUILD=1.
+# CTEST_JOBS (ctest -j; default: number of cores. Each MPI run counts as np slots
+# (PROCESSORS), so multi-rank runs never stack up on a small machine), SKIP_SETUP=1,
+# SKIP_BUILD=1.
 # GPU tests skip cleanly ("skipped: no GPU") on machines without one.
 set -euo pipefail
 
@@ -15,7 +16,7 @@ if [ "${SKIP_SETUP:-0}" != 1 ]; then bash "$REPO/scripts/setup-deps.sh"; fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then bash "$REPO/scripts/build.sh"; fi
 built=$(date +%s)
 
-CTEST_JOBS="${CTEST_JOBS:-1}"
+CTEST_JOBS="${CTEST_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 echo "[test] ctest -j$CTEST_JOBS in $BUILD_DIR${*:+ (args: $*)}"
 rc=0
 (cd "$BUILD_DIR" && ctest --output-on-failure -j "$CTEST_JOBS" "$@") || rc=$?
