@@ -185,6 +185,47 @@ TEST(MlaSharding, TplaPerShardSoftmaxIsABoundedApproximation) {
   EXPECT_LT(err[2], 0.5 * err[1]);
 }
 
+TEST(MlaSharding, TplaDecodeTokensCarrySlicedOrExactRmsNorm) {
+  // The cached latent of a decode token on group i: exact = (c U)_i with the full-vector
+  // RMSNorm; sliced = (c U)_i renormalized by the slice's own RMS.
+  Fixture& f = fx();
+  const int p = f.world->size();
+  const int64_t dl = f.cfg.kv_lora_rank;
+  for (auto norm : {TplaNorm::kSliced, TplaNorm::kExact}) {
+    const auto rp = reparam_for(p, TplaRotation::kHadamard);
+    auto st = setup_for(MlaSharding::kTpla, p);
+    st.tpla_norm = norm;
+    TensorView prompt = f.x.view().slice(0, 0, kPrompt);
+    auto pre = parallel::mla_prefill_tp(f.cfg, f.weights, prompt, *f.world, kCap);
+    MlaDecoder dec(f.cfg, f.weights, st, f.world, &rp);
+    dec.load_prefill(pre.cache);
+    std::vector<float> y(static_cast<size_t>(f.cfg.hidden));
+    for (int64_t t = 0; t < kDecode; ++t)
+      dec.step(f.x.data_as<float>() + (kPrompt + t) * f.cfg.hidden, y.data());
+    const int64_t w = dl / p, g = dec.group();
+    std::vector<float> row(static_cast<size_t>(w + f.cfg.qk_rope));
+    double max_err = 0;
+    for (int64_t t = kPrompt; t < kCap; ++t) {
+      std::vector<double> want(static_cast<size_t>(w), 0.0);
+      for (int64_t j = 0; j < w; ++j)
+        for (int64_t k = 0; k < dl; ++k)
+          want[static_cast<size_t>(j)] += f.ref.latent[static_cast<size_t>(t * dl + k)] *
+                                          rp.u[static_cast<size_t>(k * dl + g * w + j)];
+      if (norm == TplaNorm::kSliced) {
+        double ss = 0;
+        for (double v : want) ss += v * v;
+        const double inv = 1.0 / std::sqrt(ss / static_cast<double>(w));
+        for (double& v : want) v *= inv;
+      }
+      dec.cache().read_row(t, row.data());
+      for (int64_t j = 0; j < w; ++j)
+        max_err =
+            std::max(max_err, std::abs(row[static_cast<size_t>(j)] - want[static_cast<size_t>(j)]));
+    }
+    EXPECT_LT(max_err, 1e-4) << parallel::norm_name(norm);
+  }
+}
+
 TEST(MlaSharding, CacheBytesMemoryAndCommunicationMatchTheFormulas) {
   Fixture& f = fx();
   const int p = f.world->size(), r = f.world->rank();
