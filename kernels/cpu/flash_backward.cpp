@@ -56,6 +56,12 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
     return;
   }
 #endif
+#if DISTATTN_FLASH_AVX2
+  if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx2) {
+    flash_backward_avx2(p);
+    return;
+  }
+#endif
   flash_backward_portable(p);
 }
 

@@ -15,13 +15,21 @@
 
 namespace distattn::kernels::cpu {
 
-enum class CpuKernelIsa { kAuto, kPortable, kAvx512 };
+// The AVX2 units compile through `#pragma GCC target`: x86-64 GCC only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DISTATTN_FLASH_AVX2 1
+#else
+#define DISTATTN_FLASH_AVX2 0
+#endif
+
+enum class CpuKernelIsa { kAuto, kPortable, kAvx2, kAvx512 };
 
 // Forces an instruction set for the next flash_forward/flash_backward calls (tests and
 // benchmarks); kAuto goes back to DISTATTN_CPU_KERNEL / CPU detection. Throws if the
 // requested set is not available in this build or on this CPU.
 void set_cpu_kernel_isa(CpuKernelIsa isa);
-// What the next call uses. DISTATTN_CPU_KERNEL=auto|portable|avx512 is read once.
+// What the next call uses. DISTATTN_CPU_KERNEL=auto|portable|avx2|avx512 is read once;
+// auto takes AVX-512, else AVX2+FMA, else portable.
 CpuKernelIsa active_cpu_kernel_isa();
 bool cpu_kernel_isa_available(CpuKernelIsa isa);
 const char* cpu_kernel_isa_name(CpuKernelIsa isa);
@@ -59,6 +67,10 @@ FlashForwardParams make_forward_params(const TensorView& q, const TensorView& k,
 
 void flash_forward_portable(const FlashForwardParams& p);
 void flash_backward_portable(const FlashBackwardParams& p);
+#if DISTATTN_FLASH_AVX2
+void flash_forward_avx2(const FlashForwardParams& p);
+void flash_backward_avx2(const FlashBackwardParams& p);
+#endif
 #if DISTATTN_WITH_AVX512
 void flash_forward_avx512(const FlashForwardParams& p);
 void flash_backward_avx512(const FlashBackwardParams& p);

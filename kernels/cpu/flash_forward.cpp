@@ -21,9 +21,10 @@ CpuKernelIsa env_isa() {
     const std::string s = e != nullptr ? e : "";
     if (s.empty() || s == "auto") return CpuKernelIsa::kAuto;
     if (s == "portable") return CpuKernelIsa::kPortable;
+    if (s == "avx2") return CpuKernelIsa::kAvx2;
     if (s == "avx512") return CpuKernelIsa::kAvx512;
     DISTATTN_THROW(Status::kInvalidArgument, "DISTATTN_CPU_KERNEL='", s,
-                   "' is not understood: use auto, portable or avx512");
+                   "' is not understood: use auto, portable, avx2 or avx512");
   }();
   return isa;
 }
@@ -59,6 +60,13 @@ bool cpu_kernel_isa_available(CpuKernelIsa isa) {
     case CpuKernelIsa::kAuto:
     case CpuKernelIsa::kPortable:
       return true;
+    case CpuKernelIsa::kAvx2:
+#if DISTATTN_FLASH_AVX2
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+#else
+      return false;
+#endif
     case CpuKernelIsa::kAvx512:
 #if DISTATTN_WITH_AVX512
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -77,6 +85,8 @@ const char* cpu_kernel_isa_name(CpuKernelIsa isa) {
       return "auto";
     case CpuKernelIsa::kPortable:
       return "portable";
+    case CpuKernelIsa::kAvx2:
+      return "avx2";
     case CpuKernelIsa::kAvx512:
       return "avx512";
   }
@@ -95,8 +105,9 @@ CpuKernelIsa active_cpu_kernel_isa() {
   CpuKernelIsa isa = static_cast<CpuKernelIsa>(g_forced_isa.load());
   if (isa == CpuKernelIsa::kAuto) isa = env_isa();
   if (isa == CpuKernelIsa::kAuto) {
-    return cpu_kernel_isa_available(CpuKernelIsa::kAvx512) ? CpuKernelIsa::kAvx512
-                                                           : CpuKernelIsa::kPortable;
+    if (cpu_kernel_isa_available(CpuKernelIsa::kAvx512)) return CpuKernelIsa::kAvx512;
+    if (cpu_kernel_isa_available(CpuKernelIsa::kAvx2)) return CpuKernelIsa::kAvx2;
+    return CpuKernelIsa::kPortable;
   }
   DISTATTN_CHECK_STATUS(cpu_kernel_isa_available(isa), Status::kUnsupported,
                         "DISTATTN_CPU_KERNEL=", cpu_kernel_isa_name(isa),
@@ -160,6 +171,12 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
 #if DISTATTN_WITH_AVX512
   if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx512) {
     flash_forward_avx512(p);
+    return;
+  }
+#endif
+#if DISTATTN_FLASH_AVX2
+  if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx2) {
+    flash_forward_avx2(p);
     return;
   }
 #endif

@@ -13,7 +13,7 @@
 // keeps, and would then run on CPUs without AVX-512. Errors go through functions defined in
 // the portable units (flash_scratch_alloc_failed).
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -75,11 +75,24 @@ inline void load_row_16bit(const uint16_t* s, bool is_bf16, int64_t n, float* ds
     _mm512_mask_storeu_ps(dst + x, mk, _mm512_mul_ps(f, vm));
   }
 }
+#elif defined(__AVX2__) && defined(__F16C__)
+// Same with AVX2 + F16C (the *_avx2.cpp units), 8 values at a time, scalar tail.
+inline void load_row_16bit(const uint16_t* s, bool is_bf16, int64_t n, float* dst, float mul) {
+  const __m256 vm = _mm256_set1_ps(mul);
+  int64_t x = 0;
+  for (; x + 8 <= n; x += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + x));
+    const __m256 f = is_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                             : _mm256_cvtph_ps(h);
+    _mm256_storeu_ps(dst + x, _mm256_mul_ps(f, vm));
+  }
+  for (; x < n; ++x) dst[x] = (is_bf16 ? bf16_t::to_float(s[x]) : fp16_t::to_float(s[x])) * mul;
+}
 #endif
 
 // dst[0..n) = src[0..n) * mul, converting from the storage dtype.
 inline void load_row(const void* src, DType t, int64_t n, float* dst, float mul = 1.f) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if (defined(__AVX512F__) && defined(__AVX512BW__)) || (defined(__AVX2__) && defined(__F16C__))
   if (t != DType::kFloat32) {
     load_row_16bit(static_cast<const uint16_t*>(src), t == DType::kBFloat16, n, dst, mul);
     return;

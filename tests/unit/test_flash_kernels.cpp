@@ -188,6 +188,7 @@ double tol(DType t) {
 
 std::vector<CpuKernelIsa> isas() {
   std::vector<CpuKernelIsa> r{CpuKernelIsa::kPortable};
+  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx2)) r.push_back(CpuKernelIsa::kAvx2);
   if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512))
     r.push_back(CpuKernelIsa::kAvx512);
   return r;
