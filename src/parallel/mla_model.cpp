@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "distattn/core/half.h"
+#include "distattn/core/npy.h"
 #include "distattn/ops/attention.h"
 #include "distattn/parallel/mla.h"
 #include "src/parallel/mla_internal.h"
@@ -188,6 +189,82 @@ MlaWeights MlaWeights::generate(const MlaConfig& cfg, uint64_t seed, int64_t hea
   w.w_o = gen_matrix(seed, kWo, head_count * cfg.v_head, cfg.hidden, cfg.hidden,
                      head_begin * cfg.v_head, 0, bound(h * cfg.v_head));
   return w;
+}
+
+namespace {
+// Columns [col0, col0 + cols) of a packed [rows, ld] fp32 tensor.
+Tensor take_cols(const Tensor& t, int64_t col0, int64_t cols) {
+  const int64_t rows = t.view().size(0), ld = t.view().size(1);
+  Tensor out = Tensor::empty({rows, cols}, DType::kFloat32);
+  for (int64_t i = 0; i < rows; ++i)
+    std::memcpy(out.data_as<float>() + i * cols, t.data_as<float>() + i * ld + col0,
+                static_cast<size_t>(cols) * 4);
+  return out;
+}
+// Leading-dim range [row0, row0 + n) of a packed tensor (same trailing dims).
+Tensor take_rows(const Tensor& t, int64_t row0, int64_t n) {
+  std::vector<int64_t> shape(t.view().shape.begin(), t.view().shape.begin() + t.view().ndim);
+  const int64_t row_elems = t.numel() / shape[0];
+  shape[0] = n;
+  Tensor out = Tensor::empty(shape, DType::kFloat32);
+  std::memcpy(out.data(), t.data_as<float>() + row0 * row_elems,
+              static_cast<size_t>(n * row_elems) * 4);
+  return out;
+}
+}  // namespace
+
+MlaWeights MlaWeights::load_npy(const MlaConfig& cfg, const std::string& dir, int64_t head_begin,
+                                int64_t head_count) {
+  cfg.validate();
+  if (head_count < 0) head_count = cfg.heads - head_begin;
+  DISTATTN_CHECK(head_begin >= 0 && head_count >= 0 && head_begin + head_count <= cfg.heads,
+                 "MlaWeights::load_npy: heads [", head_begin, ", ", head_begin + head_count,
+                 ") outside [0, ", cfg.heads, ")");
+  auto rd = [&](const char* name, int rank) {
+    NpyReadOptions o;
+    o.dtype = DType::kFloat32;
+    o.rank = rank;
+    return read_npy(dir + "/" + name, o);
+  };
+  MlaWeights full;
+  full.head_begin = 0;
+  full.head_count = cfg.heads;
+  if (cfg.q_lora_rank > 0) full.w_dq = rd("w_dq.npy", 2);
+  full.w_uq = rd("w_uq.npy", 2);
+  full.w_qr = rd("w_qr.npy", 2);
+  full.w_dkv = rd("w_dkv.npy", 2);
+  full.w_kr = rd("w_kr.npy", 2);
+  full.gamma = rd("gamma.npy", 1);
+  full.w_uk = rd("w_uk.npy", 3);
+  full.w_uv = rd("w_uv.npy", 3);
+  full.w_o = rd("w_o.npy", 2);
+  full.check(cfg, 0, cfg.heads);  // shapes against the config, naming the tensor
+  if (head_begin == 0 && head_count == cfg.heads) return full;
+  MlaWeights w = full;
+  w.head_begin = head_begin;
+  w.head_count = head_count;
+  w.w_uq = take_cols(full.w_uq, head_begin * cfg.qk_nope, head_count * cfg.qk_nope);
+  w.w_qr = take_cols(full.w_qr, head_begin * cfg.qk_rope, head_count * cfg.qk_rope);
+  w.w_uk = take_rows(full.w_uk, head_begin, head_count);
+  w.w_uv = take_rows(full.w_uv, head_begin, head_count);
+  w.w_o = take_rows(full.w_o, head_begin * cfg.v_head, head_count * cfg.v_head);
+  return w;
+}
+
+void MlaWeights::save_npy(const MlaConfig& cfg, const std::string& dir) const {
+  check(cfg, 0, cfg.heads);
+  DISTATTN_CHECK(head_begin == 0 && head_count == cfg.heads,
+                 "MlaWeights::save_npy: these weights hold heads [", head_begin, ", ",
+                 head_begin + head_count, "); save needs all ", cfg.heads, " heads");
+  if (cfg.q_lora_rank > 0) write_npy(dir + "/w_dq.npy", w_dq);
+  write_npy(dir + "/w_uq.npy", w_uq);
+  write_npy(dir + "/w_qr.npy", w_qr);
+  write_npy(dir + "/w_dkv.npy", w_dkv);
+  write_npy(dir + "/w_kr.npy", w_kr);
+  write_npy(dir + "/gamma.npy", gamma);
+  write_npy(dir + "/w_uk.npy", w_uk);
+  write_npy(dir + "/w_uv.npy", w_uv);
+  write_npy(dir + "/w_o.npy", w_o);
 }
 
 void MlaWeights::check(const MlaConfig& cfg, int64_t need_begin, int64_t need_count) const {

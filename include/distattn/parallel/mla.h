@@ -65,6 +65,13 @@ struct MlaWeights {
   // [0.5, 1.5].
   static MlaWeights generate(const MlaConfig& cfg, uint64_t seed, int64_t head_begin = 0,
                              int64_t head_count = -1);
+  // Reads w_dq.npy (when q_lora_rank > 0), w_uq.npy, w_qr.npy, w_dkv.npy, w_kr.npy,
+  // gamma.npy, w_uk.npy, w_uv.npy, w_o.npy (fp32, full shapes as above) from directory `dir`
+  // and keeps heads [head_begin, head_begin + head_count) (-1: to the last head).
+  static MlaWeights load_npy(const MlaConfig& cfg, const std::string& dir, int64_t head_begin = 0,
+                             int64_t head_count = -1);
+  // Writes the same files; the weights must hold all heads.
+  void save_npy(const MlaConfig& cfg, const std::string& dir) const;
   void check(const MlaConfig& cfg, int64_t need_begin, int64_t need_count) const;
 };
 
