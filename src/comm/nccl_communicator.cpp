@@ -73,7 +73,7 @@ class DeviceGuard {
   explicit DeviceGuard(int device) {
     if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
     if (prev_ != device) {
-      DISTATTN_CUDA_CHECK(cudaSetDevice(device), "selecting GPU ", device, " for NCCL");
+      DISTATTN_NCCL_CUDA_CHECK(cudaSetDevice(device), "selecting GPU ", device, " for NCCL");
     } else {
       prev_ = -1;  // nothing to restore
     }
@@ -218,11 +218,11 @@ NcclCommunicator::NcclCommunicator(ncclComm_t comm, Device device) : comm_(comm)
   DeviceGuard guard(device_.index);
   DISTATTN_NCCL_CHECK(ncclCommUserRank(comm_, &rank_), "NCCL communicator setup");
   DISTATTN_NCCL_CHECK(ncclCommCount(comm_, &size_), "NCCL communicator setup");
-  DISTATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&internal_stream_, cudaStreamNonBlocking),
-                      "NCCL communicator setup on rank ", rank_);
-  DISTATTN_CUDA_CHECK(cudaMalloc(&barrier_buf_, sizeof(int)), "NCCL communicator setup on rank ",
-                      rank_);
-  DISTATTN_CUDA_CHECK(cudaMemset(barrier_buf_, 0, sizeof(int)), "NCCL communicator setup");
+  DISTATTN_NCCL_CUDA_CHECK(cudaStreamCreateWithFlags(&internal_stream_, cudaStreamNonBlocking),
+                           "NCCL communicator setup on rank ", rank_);
+  DISTATTN_NCCL_CUDA_CHECK(cudaMalloc(&barrier_buf_, sizeof(int)),
+                           "NCCL communicator setup on rank ", rank_);
+  DISTATTN_NCCL_CUDA_CHECK(cudaMemset(barrier_buf_, 0, sizeof(int)), "NCCL communicator setup");
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -278,8 +278,8 @@ void NcclCommunicator::wait_enqueued(const char* what) {
 std::unique_ptr<PendingOp> NcclCommunicator::finish_enqueue(const char* what, cudaStream_t stream) {
   wait_enqueued(what);
   cudaEvent_t ev = nullptr;
-  DISTATTN_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), what, " on rank ",
-                      rank_);
+  DISTATTN_NCCL_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), what, " on rank ",
+                           rank_);
   const cudaError_t e = cudaEventRecord(ev, stream);
   if (e != cudaSuccess) {
     (void)cudaEventDestroy(ev);
@@ -329,18 +329,20 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_to_all(const void* send, 
   // stream-ordered copy instead.
   void* scratch = nullptr;
   if (send == recv && total > 0) {
-    DISTATTN_CUDA_CHECK(cudaMallocAsync(&scratch, total, stream), "in-place all_to_all on rank ",
-                        rank_, " (scratch of ", total, " bytes)");
-    DISTATTN_CUDA_CHECK(cudaMemcpyAsync(scratch, send, total, cudaMemcpyDeviceToDevice, stream),
-                        "in-place all_to_all on rank ", rank_);
+    DISTATTN_NCCL_CUDA_CHECK(cudaMallocAsync(&scratch, total, stream),
+                             "in-place all_to_all on rank ", rank_, " (scratch of ", total,
+                             " bytes)");
+    DISTATTN_NCCL_CUDA_CHECK(
+        cudaMemcpyAsync(scratch, send, total, cudaMemcpyDeviceToDevice, stream),
+        "in-place all_to_all on rank ", rank_);
     send = scratch;
   }
   try {
     if (block_bytes > 0) {
-      DISTATTN_CUDA_CHECK(cudaMemcpyAsync(byte_ptr(recv, count * rank_, dtype),
-                                          byte_ptr(send, count * rank_, dtype), block_bytes,
-                                          cudaMemcpyDeviceToDevice, stream),
-                          "all_to_all (own block) on rank ", rank_);
+      DISTATTN_NCCL_CUDA_CHECK(cudaMemcpyAsync(byte_ptr(recv, count * rank_, dtype),
+                                               byte_ptr(send, count * rank_, dtype), block_bytes,
+                                               cudaMemcpyDeviceToDevice, stream),
+                               "all_to_all (own block) on rank ", rank_);
       nccl_group("all_to_all", rank_, [&] {
         const ncclDataType_t t = nccl_type(dtype);
         for (int j = 0; j < size_; ++j) {
@@ -373,7 +375,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_to_all_v(
                  ": this rank sends ", send_counts[me], " elements to itself but expects ",
                  recv_counts[me], "; make send_counts[rank] equal recv_counts[rank]");
   if (send_counts[me] > 0) {
-    DISTATTN_CUDA_CHECK(
+    DISTATTN_NCCL_CUDA_CHECK(
         cudaMemcpyAsync(byte_ptr(recv, recv_displs[me], dtype),
                         byte_ptr(send, send_displs[me], dtype), send_counts[me] * dtype_size(dtype),
                         cudaMemcpyDeviceToDevice, stream),

@@ -24,9 +24,9 @@
                               __FILE__, __LINE__);                                                 \
   } while (0)
 
-// DISTATTN_CUDA_CHECK(cudaXxx(...), "context", ...) throws Error(kCudaError).
-#ifndef DISTATTN_CUDA_CHECK
-#define DISTATTN_CUDA_CHECK(expr, ...)                                                             \
+// DISTATTN_NCCL_CUDA_CHECK(cudaXxx(...), "context", ...) throws Error(kCudaError) (the NCCL
+// backend's own, so that it never clashes with a DISTATTN_CUDA_CHECK defined elsewhere).
+#define DISTATTN_NCCL_CUDA_CHECK(expr, ...)                                                        \
   do {                                                                                             \
     const cudaError_t distattn_cuda_rc_ = (expr);                                                  \
     if (distattn_cuda_rc_ != cudaSuccess)                                                          \
@@ -35,7 +35,6 @@
                                                          ::cudaGetErrorString(distattn_cuda_rc_)), \
                               __FILE__, __LINE__);                                                 \
   } while (0)
-#endif
 
 namespace distattn::comm {
 
