@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <mutex>
@@ -117,67 +118,108 @@ bool none_visible(const ops::AttentionOptions& o, int64_t qpos, int64_t k0, int6
   return false;
 }
 
-// View with the given shape/strides at element offset `off` of t's data.
-TensorView view_at(const TensorView& t, int64_t off, std::initializer_list<int64_t> shape,
-                   std::initializer_list<int64_t> strides) {
-  return TensorView(static_cast<char*>(t.data) + off * static_cast<int64_t>(t.element_size()),
-                    t.dtype, t.device, std::span<const int64_t>(shape.begin(), shape.size()),
-                    std::span<const int64_t>(strides.begin(), strides.size()));
+// Key positions [lo, hi) where the mask of the queries at positions [q0, q1) can change:
+// inside a piece between two consecutive cut points every query sees either all keys or
+// none, except in the (short) pieces between the first and last query's bounds.
+std::vector<int64_t> mask_cuts(const ops::AttentionOptions& o, int64_t q0, int64_t q1) {
+  std::vector<int64_t> cuts;
+  if (o.causal) {
+    cuts.push_back(q0 + 1);  // keys <= q0 are seen by every query
+    cuts.push_back(q1);      // keys >= q1 by none
+  }
+  if (o.window_left >= 0) {
+    cuts.push_back(q0 - o.window_left);
+    cuts.push_back(q1 - 1 - o.window_left);
+  }
+  if (o.window_right >= 0) {
+    cuts.push_back(q0 + o.window_right + 1);
+    cuts.push_back(q1 + o.window_right);
+  }
+  return cuts;
+}
+
+// [start, end) (chunk-local key indices, keys at global k_offset + index) cut at the global
+// positions in `cuts`.
+std::vector<std::pair<int64_t, int64_t>> split_at(int64_t start, int64_t end, int64_t k_offset,
+                                                  const std::vector<int64_t>& cuts) {
+  std::vector<int64_t> points{start, end};
+  for (int64_t c : cuts)
+    if (c - k_offset > start && c - k_offset < end) points.push_back(c - k_offset);
+  std::sort(points.begin(), points.end());
+  points.erase(std::unique(points.begin(), points.end()), points.end());
+  std::vector<std::pair<int64_t, int64_t>> pieces;
+  for (size_t p = 0; p + 1 < points.size(); ++p) pieces.emplace_back(points[p], points[p + 1]);
+  return pieces;
 }
 
 // One key chunk of one sequence: q [1, Sq, Hq, D], k/v [1, n, Hkv, D/Dv] (keys at global
 // positions o.k_offset...), into fp32 out [1, Sq, Hq, Dv] and lse [1, Hq, Sq].
-// Decode has a handful of query rows per head, too few for the kernel's query tiles; but the
-// g = Hq/Hkv query heads of a KV group read the same keys, so where the mask cannot tell the
-// g heads of one query apart (the chunk is wholly visible to it) they go to flash_forward as
-// g rows of one head (a strided view), and the keys are read once per group instead of g
-// times. Chunks cut by the mask take the plain per-head path.
+// The kernel's query tiles put queries in vector lanes, and decode has only Sq <= 16 queries
+// per head. When every query sees the whole chunk (the common case once chunks are cut at
+// mask_cuts), the mask cannot tell the Sq * g query rows of a KV group apart (g = Hq/Hkv), so
+// they go to flash_forward as rows of one head with no mask: keys are read once per group
+// and the lanes fill up. Otherwise flash_forward runs on the chunk as it is.
 void run_chunk(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                const TensorView& lse, const ops::AttentionOptions& o) {
   const int64_t Sq = q.size(1), Hq = q.size(2), D = q.size(3), n = k.size(1), Hkv = k.size(2);
   const int64_t Dv = v.size(3), g = Hq / Hkv;
   const int64_t k0 = o.k_offset, k1 = o.k_offset + n;
+  const int64_t q0 = o.q_offset, q1 = o.q_offset + Sq;
+  bool all = true, none = true;
+  for (int64_t qpos = q0; qpos < q1; ++qpos) {
+    all = all && all_visible(o, qpos, k0, k1);
+    none = none && none_visible(o, qpos, k0, k1);
+  }
+  if (none) {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < Sq; ++i)
+      for (int64_t h = 0; h < Hq; ++h) {
+        std::fill_n(out.data_as<float>() + i * out.stride(1) + h * out.stride(2), Dv, 0.0f);
+        lse.data_as<float>()[h * lse.stride(1) + i * lse.stride(2)] = neg_inf;
+      }
+    return;
+  }
+  if (!all || g * Sq == 1) {  // mask cuts the chunk, or nothing to pack
+    flash_forward(q, k, v, out, lse, o);
+    return;
+  }
   ops::AttentionOptions packed = o;
   packed.causal = false;
   packed.window_left = packed.window_right = -1;
   packed.softmax_scale = o.scale_for(D);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < Sq; ++i) {
-    const int64_t qpos = o.q_offset + i;
-    const bool none = none_visible(o, qpos, k0, k1);
-    const bool all = !none && all_visible(o, qpos, k0, k1);
-    for (int64_t hk = 0; hk < Hkv; ++hk) {
-      const int64_t h0 = hk * g;
-      const TensorView out_rows = view_at(out, i * out.stride(1) + h0 * out.stride(2),
-                                          {1, g, 1, Dv}, {0, out.stride(2), 0, 1});
-      const TensorView lse_rows =
-          view_at(lse, h0 * lse.stride(1) + i * lse.stride(2), {1, 1, g}, {0, 0, lse.stride(1)});
-      if (none) {
-        for (int64_t r = 0; r < g; ++r) {
-          std::fill_n(out_rows.data_as<float>() + r * out.stride(2), Dv, 0.0f);
-          lse_rows.data_as<float>()[r * lse.stride(1)] = neg_inf;
-        }
-        continue;
+  const int64_t R = Sq * g;
+  const int64_t qes = static_cast<int64_t>(q.element_size());
+  // Rows r = i * g + t (query i, head hk * g + t), copied in q's dtype (kernels take q, k, v
+  // of one dtype); results land in packed fp32 rows and are scattered back.
+  std::vector<char> qbuf(static_cast<size_t>(R * D * qes));
+  std::vector<float> obuf(static_cast<size_t>(R * Dv)), lbuf(static_cast<size_t>(R));
+  const TensorView q_rows(qbuf.data(), q.dtype, q.device, {1, R, 1, D});
+  const TensorView o_rows(obuf.data(), DType::kFloat32, out.device, {1, R, 1, Dv});
+  const TensorView l_rows(lbuf.data(), DType::kFloat32, lse.device, {1, 1, R});
+  const int64_t kes = static_cast<int64_t>(k.element_size());
+  for (int64_t hk = 0; hk < Hkv; ++hk) {
+    for (int64_t i = 0; i < Sq; ++i)
+      for (int64_t t = 0; t < g; ++t)
+        std::memcpy(
+            qbuf.data() + (i * g + t) * D * qes,
+            static_cast<const char*>(q.data) + (i * q.stride(1) + (hk * g + t) * q.stride(2)) * qes,
+            static_cast<size_t>(D * qes));
+    const int64_t shape_k[4] = {1, n, 1, D},
+                  stride_k[4] = {k.stride(0), k.stride(1), k.stride(2), 1};
+    const int64_t shape_v[4] = {1, n, 1, Dv},
+                  stride_v[4] = {v.stride(0), v.stride(1), v.stride(2), 1};
+    const TensorView kh(static_cast<char*>(k.data) + hk * k.stride(2) * kes, k.dtype, k.device,
+                        shape_k, stride_k);
+    const TensorView vh(static_cast<char*>(v.data) + hk * v.stride(2) * kes, v.dtype, v.device,
+                        shape_v, stride_v);
+    flash_forward(q_rows, kh, vh, o_rows, l_rows, packed);
+    for (int64_t i = 0; i < Sq; ++i)
+      for (int64_t t = 0; t < g; ++t) {
+        const int64_t r = i * g + t, h = hk * g + t;
+        std::copy_n(obuf.data() + r * Dv, Dv,
+                    out.data_as<float>() + i * out.stride(1) + h * out.stride(2));
+        lse.data_as<float>()[h * lse.stride(1) + i * lse.stride(2)] = lbuf[static_cast<size_t>(r)];
       }
-      const TensorView kh = view_at(k, hk * k.stride(2), {1, n, 1, D}, {0, k.stride(1), 0, 1});
-      const TensorView vh = view_at(v, hk * v.stride(2), {1, n, 1, Dv}, {0, v.stride(1), 0, 1});
-      if (all) {
-        const TensorView q_rows =
-            view_at(q, i * q.stride(1) + h0 * q.stride(2), {1, g, 1, D}, {0, q.stride(2), 0, 1});
-        flash_forward(q_rows, kh, vh, out_rows, lse_rows, packed);
-      } else {
-        // Heads as heads, one query: positions (and so the mask) stay exact.
-        ops::AttentionOptions oi = o;
-        oi.q_offset = qpos;
-        const TensorView q_heads =
-            view_at(q, i * q.stride(1) + h0 * q.stride(2), {1, 1, g, D}, {0, 0, q.stride(2), 1});
-        const TensorView out_heads = view_at(out, i * out.stride(1) + h0 * out.stride(2),
-                                             {1, 1, g, Dv}, {0, 0, out.stride(2), 1});
-        const TensorView lse_heads =
-            view_at(lse, h0 * lse.stride(1) + i * lse.stride(2), {1, g, 1}, {0, lse.stride(1), 0});
-        flash_forward(q_heads, kh, vh, out_heads, lse_heads, oi);
-      }
-    }
   }
 }
 
@@ -216,16 +258,23 @@ void decode(const TensorView& q, const TensorView& k, const TensorView& v, const
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), Sk = k.size(1), Dv = v.size(3);
   const int64_t splits =
       dopts.num_splits > 0 ? std::min<int64_t>(dopts.num_splits, Sk) : auto_splits(B, Sk);
-  Partials p(B, splits, Sq, Hq, Dv);
-  run_tasks(B * splits, opts, [&](int64_t t, const ops::AttentionOptions& o_in) {
-    const int64_t b = t / splits, s = t % splits;
-    const int64_t start = s * Sk / splits, end = (s + 1) * Sk / splits;
+  // Even chunks, each further cut where the mask changes (same for every sequence).
+  const std::vector<int64_t> cuts = mask_cuts(opts, opts.q_offset, opts.q_offset + Sq);
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (int64_t s = 0; s < splits; ++s)
+    for (const auto& piece : split_at(s * Sk / splits, (s + 1) * Sk / splits, opts.k_offset, cuts))
+      chunks.push_back(piece);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  Partials p(B, nc, Sq, Hq, Dv);
+  run_tasks(B * nc, opts, [&](int64_t t, const ops::AttentionOptions& o_in) {
+    const int64_t b = t / nc, c = t % nc;
+    const auto [start, end] = chunks[static_cast<size_t>(c)];
     ops::AttentionOptions o = o_in;
     o.k_offset += start;  // global key positions keep causal/window masks exact
     run_chunk(q.slice(0, b, 1), k.slice(0, b, 1).slice(1, start, end - start),
-              v.slice(0, b, 1).slice(1, start, end - start), p.out_view(b, s), p.lse_view(b, s), o);
+              v.slice(0, b, 1).slice(1, start, end - start), p.out_view(b, c), p.lse_view(b, c), o);
   });
-  combine(p, std::vector<int64_t>(static_cast<size_t>(B), splits), out, lse);
+  combine(p, std::vector<int64_t>(static_cast<size_t>(B), nc), out, lse);
 }
 
 void decode_paged(const TensorView& q, const ops::PagedKV& cache, const TensorView& out,
@@ -263,47 +312,51 @@ void decode_paged(const TensorView& q, const ops::PagedKV& cache, const TensorVi
     for (int64_t g = 0; g < groups[static_cast<size_t>(b)]; ++g) tasks.emplace_back(b, g);
   Partials p(B, std::max<int64_t>(gmax, 1), Sq, Hq, Dv);
 
-  run_tasks(static_cast<int64_t>(tasks.size()), opts,
-            [&](int64_t t, const ops::AttentionOptions& o_in) {
-              const auto [b, g] = tasks[static_cast<size_t>(t)];
-              const int64_t len = seq_len(b);
-              const int64_t pages = (len + ps - 1) / ps;
-              const int64_t ng = groups[static_cast<size_t>(b)];
-              const int64_t first = g * pages / ng, last = (g + 1) * pages / ng;  // [first, last)
-              const TensorView qb = q.slice(0, b, 1);
-              const TensorView acc_out = p.out_view(b, g), acc_lse = p.lse_view(b, g);
-              Tensor tmp_out, tmp_lse;
-              bool have_acc = false;
-              for (int64_t j = first; j < last;) {
-                // A run of pages j..j+run-1 with consecutive ids is one strided view.
-                int64_t run = 1;
-                if (can_fuse_pages)
-                  while (j + run < last && page_id(b, j + run) == page_id(b, j) + run) ++run;
-                const int64_t tok0 = j * ps;
-                const int64_t ntok = std::min((j + run) * ps, len) - tok0;
-                auto chunk = [&](const TensorView& pool) {
-                  const int64_t shape[4] = {1, ntok, pool.size(2), pool.size(3)};
-                  const int64_t strides[4] = {pool.stride(0), pool.stride(1), pool.stride(2), 1};
-                  const int64_t idx[4] = {page_id(b, j), 0, 0, 0};
-                  return TensorView(pool.element_ptr(idx), pool.dtype, pool.device, shape, strides);
-                };
-                ops::AttentionOptions o = o_in;
-                o.q_offset = len - Sq;  // the queries are the sequence's last Sq positions
-                o.k_offset = tok0;
-                if (!have_acc) {
-                  run_chunk(qb, chunk(kp), chunk(vp), acc_out, acc_lse, o);
-                  have_acc = true;
-                } else {
-                  if (!tmp_out.defined()) {
-                    tmp_out = Tensor::empty({1, Sq, Hq, Dv}, DType::kFloat32);
-                    tmp_lse = Tensor::empty({1, Hq, Sq}, DType::kFloat32);
-                  }
-                  run_chunk(qb, chunk(kp), chunk(vp), tmp_out, tmp_lse, o);
-                  merge(acc_out, acc_lse, tmp_out, tmp_lse, acc_out, acc_lse);
-                }
-                j += run;
+  run_tasks(
+      static_cast<int64_t>(tasks.size()), opts, [&](int64_t t, const ops::AttentionOptions& o_in) {
+        const auto [b, g] = tasks[static_cast<size_t>(t)];
+        const int64_t len = seq_len(b);
+        const int64_t pages = (len + ps - 1) / ps;
+        const int64_t ng = groups[static_cast<size_t>(b)];
+        const int64_t first = g * pages / ng, last = (g + 1) * pages / ng;  // [first, last)
+        const TensorView qb = q.slice(0, b, 1);
+        const TensorView acc_out = p.out_view(b, g), acc_lse = p.lse_view(b, g);
+        Tensor tmp_out, tmp_lse;
+        bool have_acc = false;
+        for (int64_t j = first; j < last;) {
+          // A run of pages j..j+run-1 with consecutive ids is one strided view.
+          int64_t run = 1;
+          if (can_fuse_pages)
+            while (j + run < last && page_id(b, j + run) == page_id(b, j) + run) ++run;
+          const int64_t tok0 = j * ps;
+          const int64_t ntok = std::min((j + run) * ps, len) - tok0;
+          // The run, cut where the mask changes, one piece at a time.
+          ops::AttentionOptions o = o_in;
+          o.q_offset = len - Sq;  // the queries are the sequence's last Sq positions
+          const std::vector<int64_t> cuts = mask_cuts(o, len - Sq, len);
+          for (const auto& [a, e] : split_at(0, ntok, tok0, cuts)) {
+            auto piece = [&](const TensorView& pool) {
+              const int64_t shape[4] = {1, e - a, pool.size(2), pool.size(3)};
+              const int64_t strides[4] = {pool.stride(0), pool.stride(1), pool.stride(2), 1};
+              const int64_t idx[4] = {page_id(b, j), a, 0, 0};  // a may run past page j
+              return TensorView(pool.element_ptr(idx), pool.dtype, pool.device, shape, strides);
+            };
+            o.k_offset = tok0 + a;
+            if (!have_acc) {
+              run_chunk(qb, piece(kp), piece(vp), acc_out, acc_lse, o);
+              have_acc = true;
+            } else {
+              if (!tmp_out.defined()) {
+                tmp_out = Tensor::empty({1, Sq, Hq, Dv}, DType::kFloat32);
+                tmp_lse = Tensor::empty({1, Hq, Sq}, DType::kFloat32);
               }
-            });
+              run_chunk(qb, piece(kp), piece(vp), tmp_out, tmp_lse, o);
+              merge(acc_out, acc_lse, tmp_out, tmp_lse, acc_out, acc_lse);
+            }
+          }
+          j += run;
+        }
+      });
   combine(p, groups, out, lse);
 }
 
