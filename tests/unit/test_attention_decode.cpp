@@ -141,6 +141,42 @@ TEST(AttentionDecode, WindowAndKeyOffsetAcrossSplits) {
   expect_close(lse, ref.lse, 1e-5, "lse");
 }
 
+// Chunks are cut where the mask changes (causal and both window edges, for the first and
+// the last query): every combination must still equal the reference.
+TEST(AttentionDecode, MaskCutsMatchReference) {
+  const int64_t B = 2, Sq = 5, Sk = 333, Hq = 6, Hkv = 2, D = 32;
+  Tensor q = make_input({B, Sq, Hq, D}, DType::kBFloat16, 22, 0);
+  Tensor k = make_input({B, Sk, Hkv, D}, DType::kBFloat16, 22, 1);
+  Tensor v = make_input({B, Sk, Hkv, D}, DType::kBFloat16, 22, 2);
+  struct Mask {
+    bool causal;
+    int64_t wl, wr, q_offset, k_offset;
+  };
+  const Mask masks[] = {{true, -1, -1, Sk - Sq, 0},     {true, 40, -1, Sk - Sq, 0},
+                        {false, 30, 7, 100, 0},         {false, -1, 12, 50, 10},
+                        {true, 3, -1, 200, 150},        {false, 0, 0, 90, 0},
+                        {true, -1, -1, Sk - Sq - 60, 0}};
+  for (const Mask& m : masks)
+    for (int splits : {0, 1, 5}) {
+      ops::AttentionOptions o;
+      o.causal = m.causal;
+      o.window_left = m.wl;
+      o.window_right = m.wr;
+      o.q_offset = m.q_offset;
+      o.k_offset = m.k_offset;
+      Tensor out = Tensor::empty({B, Sq, Hq, D}, DType::kFloat32);
+      Tensor lse = Tensor::empty({B, Hq, Sq}, DType::kFloat32);
+      ops::attention_decode(q, k, v, out, lse, o, {.num_splits = splits});
+      auto ref = kernels::cpu::reference_attention_forward(q, k, v, o);
+      const std::string what = "causal " + std::to_string(m.causal) + " window " +
+                               std::to_string(m.wl) + "/" + std::to_string(m.wr) + " offsets " +
+                               std::to_string(m.q_offset) + "/" + std::to_string(m.k_offset) +
+                               " splits " + std::to_string(splits);
+      expect_close(out, ref.out, 1e-5, what + " out");
+      expect_close(lse, ref.lse, 1e-5, what + " lse");
+    }
+}
+
 // A paged cache holding the same keys as a contiguous one, pages in shuffled order.
 struct PagedFixture {
   int64_t B, max_pages, ps, Hkv, D, Dv;
@@ -244,6 +280,32 @@ INSTANTIATE_TEST_SUITE_P(All, AttentionDecodePaged, ::testing::ValuesIn(paged_ca
                                   (i.param.shuffle ? "_shuffled" : "_ordered") + "_s" +
                                   std::to_string(i.param.num_splits);
                          });
+
+TEST(AttentionDecodePaged, SlidingWindowMatchesReference) {
+  PagedFixture f(DType::kFloat16, {37, 130, 75}, 16, false, true, 90);
+  const int64_t Hq = 4, Sq = 3;
+  Tensor q = make_input({f.B, Sq, Hq, f.D}, DType::kFloat16, 91, 0);
+  for (int64_t wl : {0, 5, 20, 100})
+    for (int splits : {0, 2}) {
+      ops::AttentionOptions o;
+      o.causal = true;
+      o.window_left = wl;
+      Tensor out = Tensor::empty({f.B, Sq, Hq, f.Dv}, DType::kFloat16);
+      Tensor lse = Tensor::empty({f.B, Hq, Sq}, DType::kFloat32);
+      ops::attention_decode_paged(q, f.cache(), out, lse, o, {.num_splits = splits});
+      for (int64_t b = 0; b < f.B; ++b) {
+        const int64_t len = f.lens[static_cast<size_t>(b)];
+        ops::AttentionOptions ob = o;
+        ob.q_offset = len - Sq;
+        auto ref = kernels::cpu::reference_attention_forward(
+            q.view().slice(0, b, 1), f.k_contig.view().slice(0, b, 1).slice(1, 0, len),
+            f.v_contig.view().slice(0, b, 1).slice(1, 0, len), ob);
+        const std::string what = "window " + std::to_string(wl) + " batch " + std::to_string(b);
+        expect_close(out.view().slice(0, b, 1), ref.out, tolerance(DType::kFloat16), what);
+        expect_close(lse.view().slice(0, b, 1), ref.lse, 1e-5, what + " lse");
+      }
+    }
+}
 
 TEST(AttentionDecodePaged, EqualsContiguousDecodeForEqualLengths) {
   PagedFixture f(DType::kFloat32, {200, 200}, 32, false, true, 77);
