@@ -52,7 +52,7 @@ struct MlaDecodeParams {
 // Floats of per-thread scratch the body needs.
 inline int64_t mla_thread_scratch_floats(int64_t heads, int64_t latent, int64_t rope) {
   const int64_t w = latent + rope;
-  return w * kMlaTile + kMlaTile * latent + heads * w + 2 * 4 * kMlaTile + 64;
+  return 2 * w * kMlaTile + heads * w + 2 * 4 * kMlaTile + 64;
 }
 
 }  // namespace distattn::kernels::cpu::detail
@@ -93,6 +93,26 @@ inline float mla_exp(float x) {
   std::memcpy(&s, &bits, 4);
   return y * s;
 }
+
+#if defined(__AVX512F__)
+// 16 lanes of mla_exp: same polynomial, 2^n applied with scalef.
+inline __m512 mla_exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 fx = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(fx, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, fx);
+}
+#endif
 
 // s[hh][t] = q[hh] . Kt[:, t] for HB heads and one tile.
 template <int HB>
@@ -138,7 +158,7 @@ inline void mla_qk(const float* const* q, const float* kt, int64_t w, float (*s)
 // so the HB accumulator rows stay in registers across the token loop.
 template <int HB>
 inline void mla_pv(float* const* acc, const float* alpha, const float (*p)[kMlaTile],
-                   const float* v, int64_t dl, int nt) {
+                   const float* v, int64_t ldv, int64_t dl, int nt) {
   int64_t d_fast = 0;
 #if defined(__AVX512F__)
   // Full 64-wide column blocks: 4 heads x 4 zmm accumulators; per token 4 loads,
@@ -151,7 +171,7 @@ inline void mla_pv(float* const* acc, const float* alpha, const float (*p)[kMlaT
         a[hh][j] = _mm512_mul_ps(al, _mm512_loadu_ps(acc[hh] + d_fast + 16 * j));
     }
     for (int t = 0; t < nt; ++t) {
-      const float* vr = v + t * dl + d_fast;
+      const float* vr = v + t * ldv + d_fast;
       const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
       const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
       for (int hh = 0; hh < HB; ++hh) {
@@ -176,7 +196,7 @@ inline void mla_pv(float* const* acc, const float* alpha, const float (*p)[kMlaT
       for (int64_t d = 0; d < dw; ++d) a[hh][d] = al * src[d];
     }
     for (int t = 0; t < nt; ++t) {
-      const float* vr = v + t * dl + d0;
+      const float* vr = v + t * ldv + d0;
 #pragma GCC unroll 4
       for (int hh = 0; hh < HB; ++hh) {
         const float pv = p[hh][t];
@@ -198,7 +218,9 @@ inline void mla_softmax(float (*s)[kMlaTile], float (*p)[kMlaTile], int nt, floa
                         float* alpha) {
   for (int hh = 0; hh < HB; ++hh) {
     float mx = -INFINITY;
-    for (int t = 0; t < nt; ++t) mx = mla_fmax(mx, s[hh][t]);
+    const float* sm = s[hh];
+#pragma omp simd reduction(max : mx)
+    for (int t = 0; t < kMlaTile; ++t) mx = mla_fmax(mx, t < nt ? sm[t] : -INFINITY);
     const float m_new = mla_fmax(m[hh], mx);
     if (m_new == -INFINITY) {  // nothing finite yet: keep the state empty
       alpha[hh] = 1.0f;
@@ -209,6 +231,20 @@ inline void mla_softmax(float (*s)[kMlaTile], float (*p)[kMlaTile], int nt, floa
     float sum = 0.0f;
     const float* sr = s[hh];
     float* pr = p[hh];
+#if defined(__AVX512F__)
+    const __m512 mv = _mm512_set1_ps(m_new);
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < kMlaTile; j += 16) {
+      const int valid = nt - j;
+      const __mmask16 k =
+          valid >= 16 ? __mmask16(0xFFFF) : __mmask16(valid > 0 ? (1u << valid) - 1u : 0u);
+      const __m512 e =
+          _mm512_maskz_mov_ps(k, mla_exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mv)));
+      _mm512_storeu_ps(pr + j, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#else
 #pragma omp simd reduction(+ : sum)
     for (int t = 0; t < kMlaTile; ++t) {
       const float e = mla_exp(sr[t] - m_new);
@@ -216,6 +252,7 @@ inline void mla_softmax(float (*s)[kMlaTile], float (*p)[kMlaTile], int nt, floa
       pr[t] = pv;
       sum += pv;
     }
+#endif
     l[hh] = l[hh] * alpha[hh] + sum;
     m[hh] = m_new;
   }
@@ -237,41 +274,83 @@ inline void mla_head_block(const MlaDecodeParams& pr, int64_t h0, const float* q
   float alpha[HB];
   mla_qk<HB>(q, kt, w, s);
   mla_softmax<HB>(s, p, nt, m + h0, l + h0, alpha);
-  mla_pv<HB>(acc, alpha, p, v, pr.latent, nt);
+  mla_pv<HB>(acc, alpha, p, v, w, pr.latent, nt);
 }
 
-// Gathers tokens [tok0, tok0 + nt) of sequence b into Kt (transposed, zero-padded to kTile
-// columns) and V (latent part, rows beyond nt zeroed).
+#if defined(__AVX512F__)
+// dst[c][r] = src[r][c] for a 16 x 16 block (row strides lds, ldd).
+inline void mla_transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + 4 + j], 0x88);
+      t[i + 4 + j] = _mm512_shuffle_f32x4(r[i + j], r[i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+#endif
+
+// Gathers tokens [tok0, tok0 + nt) of sequence b: rows R [kTile][W] in fp32 (rows beyond nt
+// zeroed; the latent part of R is the value tile) and the transposed keys Kt [W][kTile].
 inline void mla_gather(const MlaDecodeParams& pr, int64_t b, int64_t tok0, int nt, float* kt,
-                       float* v) {
-  const int64_t w = pr.latent + pr.rope, dl = pr.latent;
+                       float* rows) {
+  const int64_t w = pr.latent + pr.rope;
   for (int t = 0; t < kMlaTile; ++t) {
+    float* dst = rows + t * w;
     if (t >= nt) {
-      for (int64_t d = 0; d < w; ++d) kt[d * kMlaTile + t] = 0.0f;
-      for (int64_t d = 0; d < dl; ++d) v[t * dl + d] = 0.0f;
+      for (int64_t d = 0; d < w; ++d) dst[d] = 0.0f;
       continue;
     }
     const int64_t tok = tok0 + t;
     const int64_t page = pr.page_table[b * pr.pt_s0 + (tok / pr.page_size) * pr.pt_s1];
     const int64_t off = page * pr.pg_s0 + (tok % pr.page_size) * pr.pg_s1;
-    float* vr = v + t * dl;
+    int64_t d = 0;
     if (pr.pages_bf16) {
       const uint16_t* src = static_cast<const uint16_t*>(pr.pages) + off;
-      for (int64_t d = 0; d < w; ++d) kt[d * kMlaTile + t] = mla_bf16_to_float(src[d]);
+#if defined(__AVX512F__)
+      for (; d + 16 <= w; d += 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d));
+        _mm512_storeu_ps(dst + d,
+                         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+#endif
+      for (; d < w; ++d) dst[d] = mla_bf16_to_float(src[d]);
     } else {
       const float* src = static_cast<const float*>(pr.pages) + off;
-      for (int64_t d = 0; d < w; ++d) kt[d * kMlaTile + t] = src[d];
+      for (; d < w; ++d) dst[d] = src[d];
     }
-    for (int64_t d = 0; d < dl; ++d) vr[d] = kt[d * kMlaTile + t];
   }
+  int64_t d0 = 0;
+#if defined(__AVX512F__)
+  for (; d0 + 16 <= w; d0 += 16)
+    for (int t0 = 0; t0 < kMlaTile; t0 += 16)
+      mla_transpose16(rows + t0 * w + d0, w, kt + d0 * kMlaTile + t0, kMlaTile);
+#endif
+  for (; d0 < w; ++d0)
+    for (int t = 0; t < kMlaTile; ++t) kt[d0 * kMlaTile + t] = rows[t * w + d0];
 }
 
 inline void mla_decode_task(const MlaDecodeParams& pr, int64_t task, float* scratch) {
   const int64_t b = task / pr.splits, split = task % pr.splits;
   const int64_t h = pr.heads, dl = pr.latent, dr = pr.rope, w = dl + dr;
   float* kt = scratch;
-  float* v = kt + w * kMlaTile;
-  float* qbuf = v + kMlaTile * dl;
+  float* v = kt + w * kMlaTile;  // rows [kTile][W]: the value tile is its latent part
+  float* qbuf = v + kMlaTile * w;
   float* s_scr = qbuf + h * w;
   float* p_scr = s_scr + 4 * kMlaTile;
   float* acc = pr.part_acc + task * h * dl;

@@ -13,7 +13,8 @@
 //   decode-cp  decode_cp_attention: all H heads over the rank's round-robin pages, then the
 //              all-gather of fp32 partials and the LSE merge
 // The output projection's all-reduce of y [hidden] is the same for all three and left out.
-// time = max over ranks of the per-rank mean over -n steps after -w warm-up steps.
+// time = max over ranks of the per-rank mean over -n steps after -w warm-up steps; each step
+// runs from a barrier to a barrier (a decode step ends when its slowest rank is done).
 // kv_bytes_per_rank = cache bytes the step reads on the busiest rank; kv_memory_per_rank =
 // cache bytes allocated for the context on the busiest rank.
 //
@@ -113,9 +114,9 @@ int run_decode(const DecodeArgs& a, comm::Communicator& world) {
         p, static_cast<long long>(a.heads), static_cast<long long>(a.latent),
         static_cast<long long>(a.rope), static_cast<long long>(a.page), dtype_name(a.dtype),
         a.iters, a.warmup, a.device.str().c_str());
-    std::printf("# %-9s %3s %2s %8s %6s %6s %13s %13s %10s %9s %8s\n", "sharding", "tp", "g",
+    std::printf("# %-9s %3s %2s %8s %6s %6s %13s %13s %10s %9s %8s %8s\n", "sharding", "tp", "g",
                 "context", "heads", "width", "kv_bytes/rk", "kv_mem/rk", "time_ms", "GFLOP/s",
-                "vs_tp");
+                "vs_tp", "vs_flops");
   }
   DISTATTN_CHECK(a.device.is_cpu(), "mla --decode: --device ", a.device.str(),
                  ": this build's MLA decode kernel runs on the CPU; the CUDA kernel belongs to "
@@ -191,9 +192,12 @@ int run_decode(const DecodeArgs& a, comm::Communicator& world) {
         world.barrier();
         const double t0 = now_seconds();
         step(bn);
+        // A real decode step ends in the y all-reduce: it lasts until the slowest rank is
+        // done, so every variant is timed to a closing barrier.
+        world.barrier();
         bn.total += now_seconds() - t0;
       }
-    double tp_time = 0;
+    double tp_time = 0, tp_flops = 0;
     for (auto& bn : benches) {
       const Variant& v = bn.v;
       const int64_t heads = bn.heads, dl = bn.dl;
@@ -203,14 +207,19 @@ int run_decode(const DecodeArgs& a, comm::Communicator& world) {
       const double mem = max_over_ranks(world, static_cast<double>(cache.kv_memory_bytes()));
       const double flops =
           max_over_ranks(world, ops::mla_decode_flops(heads, cache.length(), dl, a.rope));
-      if (v.s == MlaSharding::kMlaTp) tp_time = t_ms;
+      if (v.s == MlaSharding::kMlaTp) {
+        tp_time = t_ms;
+        tp_flops = flops;
+      }
       const double ratio = tp_time > 0 ? t_ms / tp_time : 0;
+      // Time ratio over FLOP ratio: 1 = no overhead beyond the extra FLOPs.
+      const double vs_model = tp_flops > 0 ? ratio / (flops / tp_flops) : 0;
       const double gflops = flops / (t_ms * 1e-3) / 1e9;
       if (r == 0) {
-        std::printf("  %-9s %3d %2d %8lld %6lld %6lld %13.0f %13.0f %10.3f %9.1f %8.3f\n",
+        std::printf("  %-9s %3d %2d %8lld %6lld %6lld %13.0f %13.0f %10.3f %9.1f %8.3f %8.3f\n",
                     parallel::sharding_name(v.s), p, v.s == MlaSharding::kTpla ? v.g : 0,
                     static_cast<long long>(ctx), static_cast<long long>(heads),
-                    static_cast<long long>(dl + a.rope), bytes, mem, t_ms, gflops, ratio);
+                    static_cast<long long>(dl + a.rope), bytes, mem, t_ms, gflops, ratio, vs_model);
         JsonRow row;
         row.set("sharding", parallel::sharding_name(v.s))
             .set("tp", p)
@@ -224,6 +233,7 @@ int run_decode(const DecodeArgs& a, comm::Communicator& world) {
             .set("flops_per_rank", flops)
             .set("gflops", gflops)
             .set("time_vs_mla_tp", ratio)
+            .set("time_vs_flop_model", vs_model)
             .set("cache_dtype", dtype_name(a.dtype));
         rows.push_back(row);
       }
