@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <sstream>
@@ -294,9 +295,10 @@ double baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
 
 // ---- npy interface ---------------------------------------------------------------------------
 
-Tensor recv_tensor(comm::Communicator& w, std::initializer_list<int64_t> shape, DType dt) {
+Tensor recv_tensor(comm::Communicator& w, int peer, std::initializer_list<int64_t> shape,
+                   DType dt) {
   Tensor t = Tensor::empty(shape, dt);
-  w.recv(t.data(), static_cast<size_t>(t.numel()), dt, 0);
+  w.recv(t.data(), static_cast<size_t>(t.numel()), dt, peer);
   return t;
 }
 
@@ -316,7 +318,7 @@ Tensor scatter(comm::Communicator& w, const Group& g, const SpShape& sh, ShardRo
     }
     local = parallel::shard(g.layout, sh, 0, role, full.view());
   } else {
-    local = recv_tensor(w, {sh.batch, sl, hr.size(), sh.head_dim}, DType::kFloat32);
+    local = recv_tensor(w, 0, {sh.batch, sl, hr.size(), sh.head_dim}, DType::kFloat32);
   }
   if (dtype == DType::kFloat32) return local;
   Tensor c = Tensor::empty({sh.batch, sl, hr.size(), sh.head_dim}, dtype);
@@ -347,8 +349,8 @@ Tensor gather(comm::Communicator& w, const Group& g, const SpShape& sh, ShardRol
           kv ? parallel::local_kv_heads(l, sh, r) : parallel::local_query_heads(l, sh, r);
       const int64_t sl = parallel::local_seq_len(l, sh.seq);
       Tensor t = role == ShardRole::kLse
-                     ? recv_tensor(w, {sh.batch, hr.size(), sl}, DType::kFloat32)
-                     : recv_tensor(w, {sh.batch, sl, hr.size(), sh.head_dim}, DType::kFloat32);
+                     ? recv_tensor(w, r, {sh.batch, hr.size(), sl}, DType::kFloat32)
+                     : recv_tensor(w, r, {sh.batch, sl, hr.size(), sh.head_dim}, DType::kFloat32);
       parallel::unshard_into(l, sh, r, role, t.view(), full.view(), accumulate);
     }
   } else {
@@ -412,6 +414,7 @@ int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>
   Tensor fo = gather(w, g, sh, ShardRole::kQuery, out.view(), false);
   Tensor fl = gather(w, g, sh, ShardRole::kLse, lse.view(), false);
   if (w.rank() == 0) {
+    std::filesystem::create_directories(a.outputs);
     write_npy(a.outputs + "/out.npy", fo.view());
     write_npy(a.outputs + "/lse.npy", fl.view());
   }
