@@ -133,12 +133,16 @@ MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const Ml
       m.dl = dlf / g;
       m.rp = reparam;
       m.mu = reparam->mu[static_cast<size_t>(group_)];
-      // Ranks sharing this head part, one per latent group (rank in it = group).
-      m.latent_comm = tp->split(hp, group_);
       break;
     }
   }
   weights.check(cfg, m.attn_h0, m.attn_hn);
+  if (setup.sharding == MlaSharding::kTpla) {
+    // Ranks sharing this head part, one per latent group (rank in it = group). Collective:
+    // only after every argument check, so a bad setup throws on all ranks before it.
+    const int hparts = p / groups_;
+    m.latent_comm = tp->split(m.rank % hparts, group_);
+  }
   const int64_t lo = m.attn_h0 - weights.head_begin;
   const int64_t wn = weights.head_count;
   if (cfg.q_lora_rank > 0) m.w_dq = to_device(weights.w_dq, Device::cpu());
