@@ -38,11 +38,20 @@ fi
 export NP="${NP:-$default_np}"
 
 # The main job. (Switches to attention once that benchmark lands.)
-DEFAULT_JOB=(comm --op all)
+DEFAULT_JOB=(comm)
+DEFAULT_OPTS=(--op all "${DEVICE_ARGS[@]}")
 if [ "$#" -gt 0 ] && [[ "$1" != -* ]]; then
   ARGS=("$@")                 # a full subcommand line
 else
-  ARGS=("${DEFAULT_JOB[@]}" "${DEVICE_ARGS[@]}" "$@")
+  # Default options the caller did not give (an option may appear only once).
+  ARGS=("${DEFAULT_JOB[@]}")
+  for ((i = 0; i < ${#DEFAULT_OPTS[@]}; i += 2)); do
+    opt="${DEFAULT_OPTS[i]}"
+    given=0
+    for a in "$@"; do [[ "$a" == "$opt" || "$a" == "$opt="* ]] && given=1; done
+    if [ "$given" -eq 0 ]; then ARGS+=("$opt" "${DEFAULT_OPTS[i + 1]}"); fi
+  done
+  ARGS+=("$@")
 fi
 
 echo "[run] NP=$NP: distattn-bench ${ARGS[*]}"
