@@ -7,6 +7,8 @@
 //                 problem run by one rank alone with the same cores (measured in this run: every
 //                 rank runs it at once on its own core(s), so contention matches), TP the
 //                 strategy's time. 1.0 = perfect scaling.
+//   eff_cpu       the same ratio with process CPU times (busy-polling MPI waits count as CPU):
+//                 steadier than wall clock when other processes share the cores.
 //   comm_MB       bytes this rank sent per call (ledger; max over ranks)
 //   exposed_ms    time blocked waiting on communication (not hidden behind compute; max over
 //                 ranks of the mean)
@@ -23,6 +25,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <limits>
 #include <memory>
@@ -50,6 +53,14 @@ using parallel::SpShape;
 using parallel::Strategy;
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// CPU time of this process (all threads). On a shared machine wall-clock rates swing with
+// other processes' load; CPU time shows what the code did with the cycles it got.
+double cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 
 struct Args {
   std::string strategy = "all";
@@ -196,7 +207,7 @@ double check_rows(const Group& g, const SpShape& sh, const Tensor& out, DType dt
 }
 
 struct Result {
-  double time_s = 0, exposed_s = 0, compute_s = 0;
+  double time_s = 0, exposed_s = 0, compute_s = 0, cpu_s = 0;
   uint64_t bytes = 0;
   int64_t peak = 0;
   double err = kNaN;
@@ -232,7 +243,7 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
     reset_ledgers(g);
     const int64_t before = memory_stats(dev.type).current_bytes;
     reset_peak_memory(dev.type);
-    const double t0 = now_seconds();
+    const double t0 = now_seconds(), c0 = cpu_seconds();
     o.stats = &fst;
     parallel::sp_attention_forward(s, g.group, q.view(), k.view(), v.view(), out.view(), lse.view(),
                                    o);
@@ -241,9 +252,10 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
       parallel::sp_attention_backward(s, g.group, q.view(), k.view(), v.view(), out.view(),
                                       dout.view(), lse.view(), dq.view(), dk.view(), dv.view(), o);
     }
-    const double t = now_seconds() - t0;
+    const double t = now_seconds() - t0, ct = cpu_seconds() - c0;
     if (!timed) continue;
     r.time_s += t;
+    r.cpu_s += ct;
     r.exposed_s += fst.exposed_comm_s + (a.backward ? bst.exposed_comm_s : 0);
     r.compute_s += fst.compute_s + (a.backward ? bst.compute_s : 0);
     r.bytes = bytes_sent(g);
@@ -251,6 +263,7 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   }
   const double n = std::max(a.iters, 1);
   r.time_s = max_over_ranks(world, r.time_s / n);
+  r.cpu_s = max_over_ranks(world, r.cpu_s / n);
   r.exposed_s = max_over_ranks(world, r.exposed_s / n);
   r.compute_s = max_over_ranks(world, r.compute_s / n);
   r.bytes = static_cast<uint64_t>(max_over_ranks(world, static_cast<double>(r.bytes)));
@@ -261,10 +274,15 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   return r;
 }
 
-// T1: the full problem on one rank (every rank at once, same threads), mean of iterations.
-double baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
-                comm::Communicator& world) {
-  if (a.baseline_iters <= 0) return kNaN;
+struct Baseline {
+  double wall_s = kNaN, cpu_s = kNaN;
+};
+
+// T1: the full problem on one rank (every rank at once, same threads), mean of iterations:
+// wall time (max over ranks) and CPU time (mean over ranks).
+Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
+                  comm::Communicator& world) {
+  if (a.baseline_iters <= 0) return {};
   Tensor q = make_full(sh, false, 1, dtype, dev);
   Tensor k = make_full(sh, true, 2, dtype, dev);
   Tensor v = make_full(sh, true, 3, dtype, dev);
@@ -280,17 +298,21 @@ double baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
   }
   ops::AttentionOptions o;
   o.causal = a.causal != 0;
-  double total = 0;
+  double total = 0, cpu = 0;
   for (int it = 0; it < a.baseline_iters; ++it) {
     world.barrier();
-    const double t0 = now_seconds();
+    const double t0 = now_seconds(), c0 = cpu_seconds();
     ops::attention_forward(q.view(), k.view(), v.view(), out.view(), lse.view(), o);
     if (a.backward)
       ops::attention_backward(q.view(), k.view(), v.view(), out.view(), dout.view(), lse.view(),
                               dq.view(), dk.view(), dv.view(), o);
     total += now_seconds() - t0;
+    cpu += cpu_seconds() - c0;
   }
-  return max_over_ranks(world, total / a.baseline_iters);
+  Baseline b1;
+  b1.wall_s = max_over_ranks(world, total / a.baseline_iters);
+  b1.cpu_s = sum_over_ranks(world, cpu / a.baseline_iters) / world.size();
+  return b1;
 }
 
 // ---- npy interface ---------------------------------------------------------------------------
@@ -553,14 +575,15 @@ int sp_main(int argc, char** argv) {
     std::printf(
         "# par_eff = T1 / (P * TP), T1 = the full problem on one rank (same cores); "
         "exposed = time blocked on communication\n");
-    std::printf("# %-10s %9s %10s %11s %8s %12s %11s %8s %9s %12s\n", "strategy", "seq", "time_ms",
-                "tflops/rank", "par_eff", "comm_MB/rank", "exposed_ms", "exposed%", "peak_MB",
-                "max_abs_err");
+    std::printf("# %-10s %9s %10s %11s %8s %8s %12s %11s %8s %9s %12s\n", "strategy", "seq",
+                "time_ms", "tflops/rank", "par_eff", "eff_cpu", "comm_MB/rank", "exposed_ms",
+                "exposed%", "peak_MB", "max_abs_err");
   }
   std::vector<JsonRow> rows;
   for (int64_t seq = minseq; seq <= maxseq; seq *= a.factor) {
     SpShape sh{a.batch, seq, a.heads, a.kv_heads, a.dim, 0};
-    const double t1 = baseline(sh, a, dtype, dev, *world);
+    const Baseline base = baseline(sh, a, dtype, dev, *world);
+    const double t1 = base.wall_s;
     const double flops =
         ops::attention_forward_flops(a.batch, a.heads, seq, seq, a.dim, a.causal != 0) *
         (a.backward ? 3.5 : 1.0);
@@ -578,10 +601,11 @@ int sp_main(int argc, char** argv) {
       const Result r = run_strategy(s, g, sh, a, dtype, dev, *world);
       const double tflops = flops / p / r.time_s / 1e12;
       const double eff = std::isnan(t1) ? kNaN : t1 / (p * r.time_s);
+      const double eff_cpu = std::isnan(base.cpu_s) ? kNaN : base.cpu_s / (p * r.cpu_s);
       if (rank == 0) {
-        std::printf("  %-10s %9lld %10.3f %11.4f %8.3f %12.3f %11.3f %7.1f%% %9.1f %12.3g\n",
+        std::printf("  %-10s %9lld %10.3f %11.4f %8.3f %8.3f %12.3f %11.3f %7.1f%% %9.1f %12.3g\n",
                     parallel::strategy_name(s), static_cast<long long>(seq), r.time_s * 1e3, tflops,
-                    eff, r.bytes / 1e6, r.exposed_s * 1e3, 100.0 * r.exposed_s / r.time_s,
+                    eff, eff_cpu, r.bytes / 1e6, r.exposed_s * 1e3, 100.0 * r.exposed_s / r.time_s,
                     r.peak / 1e6, r.err);
         std::fflush(stdout);
       }
@@ -597,6 +621,9 @@ int sp_main(int argc, char** argv) {
           .set("max_abs_err", r.err)
           .set("baseline_ms", t1 * 1e3)
           .set("compute_ms", r.compute_s * 1e3)
+          .set("parallel_efficiency_cpu", eff_cpu)
+          .set("cpu_ms", r.cpu_s * 1e3)
+          .set("baseline_cpu_ms", base.cpu_s * 1e3)
           .set("peak_bytes_per_rank", static_cast<int64_t>(r.peak))
           .set("causal", a.causal != 0)
           .set("backward", a.backward)
