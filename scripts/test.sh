@@ -21,5 +21,7 @@ echo "[test] ctest -j$CTEST_JOBS in $BUILD_DIR${*:+ (args: $*)}"
 rc=0
 (cd "$BUILD_DIR" && ctest --output-on-failure -j "$CTEST_JOBS" "$@") || rc=$?
 end=$(date +%s)
-echo "[test] setup+build $((built - start)) s, tests $((end - built)) s: $([ $rc -eq 0 ] && echo PASSED || echo "FAILED (rc=$rc)")"
+verdict="PASSED"
+if [ "$rc" -ne 0 ]; then verdict="FAILED (rc=$rc)"; fi
+echo "[test] setup+build $((built - start)) s, tests $((end - built)) s: $verdict"
 exit "$rc"
