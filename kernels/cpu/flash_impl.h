@@ -221,6 +221,11 @@ Mask make_mask(const FlashForwardParams& p) {
   return Mask{p.causal, p.window_left, p.window_right, p.q_offset, p.k_offset};
 }
 
+// Small problems run on the calling thread: a thread team's start and barriers cost more
+// than the work (and much more when cores are oversubscribed and waiting threads spin).
+constexpr int64_t kMinParallelMacs = int64_t{1} << 21;
+constexpr int64_t kMinParallelElems = int64_t{1} << 16;
+
 // Calls the progress hook every `every` ticks, only from the calling team's thread 0.
 struct ProgressTicker {
   void (*fn)(void*);
@@ -261,8 +266,9 @@ void forward_impl(const FlashForwardParams& p) {
   const float c2 = p.scale * kLog2e;
   const Mask mask = make_mask(p);
   float* lse_base = static_cast<float*>(p.lse.data);
+  const bool parallel_main = items > 1 && B * Hq * Sq * Sk * (D + Dv) >= kMinParallelMacs;
 
-#pragma omp parallel
+#pragma omp parallel if (parallel_main)
   {
     FloatBuffer qt(D * kBq), st(kBk * kBq), o(kBq * Dv), kbuf(kBk * D), vbuf(kBk * Dv),
         stats(3 * kBq), row(std::max(D, Dv));
@@ -348,11 +354,13 @@ void backward_impl(const FlashBackwardParams& p) {
   const float c2 = p.scale * kLog2e;
   const Mask mask = make_mask(p);
   const int64_t rows = B * Hq * Sq;
+  const bool parallel_rows = rows * std::max(D, Dv) >= kMinParallelElems;
+  const bool parallel_main = B * Hq * Sq * Sk * (D + Dv) >= kMinParallelMacs;
 
   // delta[(b*Hq + h)*Sq + i], lse2 likewise (+inf marks a fully masked row: P = 0 there).
   FloatBuffer delta(rows), lse2(rows);
   const float* lse_base = static_cast<const float*>(p.lse.data);
-#pragma omp parallel
+#pragma omp parallel if (parallel_rows)
   {
     FloatBuffer ro(Dv), rd(Dv);
 #pragma omp for schedule(static)
@@ -372,7 +380,7 @@ void backward_impl(const FlashBackwardParams& p) {
 
   const int64_t nkb = (Sk + kBk - 1) / kBk;
   const int64_t pairs = B * Hkv;
-  const int64_t threads = omp_get_max_threads();
+  const int64_t threads = parallel_main ? omp_get_max_threads() : 1;
   int64_t chunks = 1;
   if (pairs < 2 * threads && nkb > 1) chunks = std::min(nkb, (2 * threads + pairs - 1) / pairs);
   // Each extra chunk costs an fp32 copy of dq: keep the scratch within kDqScratchBytes (or
@@ -388,7 +396,7 @@ void backward_impl(const FlashBackwardParams& p) {
   float* const dq_f32 = static_cast<float*>(p.dq.data);
   if (dq_direct) {
     if (!p.accumulate) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_rows)
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = r % Sq, h = (r / Sq) % Hq, b = r / (Sq * Hq);
         float* d = dq_f32 + b * p.dq.sb + i * p.dq.ss + h * p.dq.sh;
@@ -396,12 +404,12 @@ void backward_impl(const FlashBackwardParams& p) {
       }
     }
   } else {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_rows)
     for (int64_t x = 0; x < chunks * rows; ++x)
       std::fill(dqs.get() + x * D, dqs.get() + (x + 1) * D, 0.f);
   }
 
-#pragma omp parallel
+#pragma omp parallel if (parallel_main)
   {
     FloatBuffer kt(D * kBk), vt(Dv * kBk), kbuf(kBk * D), vbuf(kBk * Dv), dk_acc(kBk * D),
         dv_acc(kBk * Dv), qbuf(kBq * D), dobuf(kBq * Dv), s(kBq * kBk), dp(kBq * kBk);
@@ -488,7 +496,7 @@ void backward_impl(const FlashBackwardParams& p) {
 
   if (dq_direct) return;
     // dq (+)= sum over chunks.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_rows)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r % Sq, h = (r / Sq) % Hq, b = r / (Sq * Hq);
     float* acc = dqs.get() + r * D;
