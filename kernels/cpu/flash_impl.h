@@ -266,7 +266,9 @@ void forward_impl(const FlashForwardParams& p) {
   const float c2 = p.scale * kLog2e;
   const Mask mask = make_mask(p);
   float* lse_base = static_cast<float*>(p.lse.data);
-  const bool parallel_main = items > 1 && B * Hq * Sq * Sk * (D + Dv) >= kMinParallelMacs;
+  const bool parallel_main =
+      items > 1 && static_cast<double>(B * Hq * Sq) * static_cast<double>(Sk * (D + Dv)) >=
+                       static_cast<double>(kMinParallelMacs);
 
 #pragma omp parallel if (parallel_main)
   {
@@ -355,7 +357,9 @@ void backward_impl(const FlashBackwardParams& p) {
   const Mask mask = make_mask(p);
   const int64_t rows = B * Hq * Sq;
   const bool parallel_rows = rows * std::max(D, Dv) >= kMinParallelElems;
-  const bool parallel_main = B * Hq * Sq * Sk * (D + Dv) >= kMinParallelMacs;
+  const bool parallel_main =
+      static_cast<double>(B * Hq * Sq) * static_cast<double>(Sk * (D + Dv)) >=
+      static_cast<double>(kMinParallelMacs);
 
   // delta[(b*Hq + h)*Sq + i], lse2 likewise (+inf marks a fully masked row: P = 0 there).
   FloatBuffer delta(rows), lse2(rows);
