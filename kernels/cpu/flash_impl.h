@@ -250,7 +250,7 @@ struct ProgressTicker {
 };
 
 // ---------------------------------------------------------------------------------------
-// Forward. Work item = (batch, query head, block of kBq queries); K/V tiles of kBk keys.
+// Forward. Work item = (batch, query head, block of <= kBq queries); K/V tiles of kBk keys.
 // Scores are computed transposed (st[j][i] = K Q^T with Q^T packed once per item, prescaled
 // by scale*log2(e)), so the per-query softmax statistics are vertical, lane-parallel
 // reductions; O += P V then broadcasts P^T entries against contiguous V rows.
@@ -261,7 +261,11 @@ void forward_impl(const FlashForwardParams& p) {
   const int64_t B = p.batch, Sq = p.seq_q, Sk = p.seq_k, Hq = p.heads_q, D = p.head_dim,
                 Dv = p.head_dim_v;
   const int64_t group = Hq / p.heads_kv;
-  const int64_t nqb = (Sq + kBq - 1) / kBq;
+  // Query block: kBq, halved (down to 32) while that leaves threads without an item.
+  const int64_t threads = omp_get_max_threads();
+  int64_t qstep = kBq;
+  while (qstep > 32 && B * Hq * ((Sq + qstep - 1) / qstep) < threads) qstep /= 2;
+  const int64_t nqb = (Sq + qstep - 1) / qstep;
   const int64_t items = B * Hq * nqb;
   const float c2 = p.scale * kLog2e;
   const Mask mask = make_mask(p);
@@ -287,8 +291,8 @@ void forward_impl(const FlashForwardParams& p) {
       const int64_t h = (item / nqb) % Hq;
       const int64_t b = item / (nqb * Hq);
       const int64_t hk = h / group;
-      const int64_t i0 = qb * kBq;
-      const int64_t bq = std::min(kBq, Sq - i0);
+      const int64_t i0 = qb * qstep;
+      const int64_t bq = std::min(qstep, Sq - i0);
 
       for (int64_t i = 0; i < bq; ++i) {
         const int64_t off = b * p.q.sb + (i0 + i) * p.q.ss + h * p.q.sh;

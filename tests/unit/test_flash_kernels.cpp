@@ -378,6 +378,22 @@ TEST(FlashForward, StridedOperandsAndLse) {
   for (const Case& v : mask_variants(c)) check_forward(v);
 }
 
+TEST(FlashForward, FewHeadsSplitQueriesIntoSmallerBlocksForMoreThreads) {
+  // One head and 8 threads: the forward halves its query block (128 -> 32) to make items.
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(8);
+  Case c;
+  c.Hq = 1;
+  c.Hkv = 1;
+  c.Sq = 120;
+  c.Sk = 257;
+  check_forward(c);
+  c.causal = true;
+  c.q_offset = 137;
+  check_forward(c);
+  omp_set_num_threads(saved);
+}
+
 TEST(FlashForward, FullyMaskedRowsGiveZeroOutAndNegInfLse) {
   Case c;
   c.Sq = 20;
