@@ -573,8 +573,8 @@ int sp_main(int argc, char** argv) {
         static_cast<long long>(a.heads), static_cast<long long>(a.kv_heads),
         static_cast<long long>(a.dim), a.causal, a.backward ? "fwd+bwd" : "fwd", a.iters, a.warmup);
     std::printf(
-        "# par_eff = T1 / (P * TP), T1 = the full problem on one rank (same cores); "
-        "exposed = time blocked on communication\n");
+        "# par_eff = T1 / (P * TP), T1 = the full problem on one rank (same cores); eff_cpu: "
+        "the same with process CPU times; exposed = time blocked on communication\n");
     std::printf("# %-10s %9s %10s %11s %8s %8s %12s %11s %8s %9s %12s\n", "strategy", "seq",
                 "time_ms", "tflops/rank", "par_eff", "eff_cpu", "comm_MB/rank", "exposed_ms",
                 "exposed%", "peak_MB", "max_abs_err");
