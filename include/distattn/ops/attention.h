@@ -104,7 +104,6 @@ double attention_forward_flops(int64_t batch, int64_t heads_q, int64_t seq_q, in
 // General form: 2*B*Hq*(D + Dv) per visible (query, key) pair under opts' mask (causal,
 // window, q_offset, k_offset), counted exactly.
 double attention_forward_flops(int64_t batch, int64_t heads_q, int64_t seq_q, int64_t seq_k,
-                               int64_t head_dim, int64_t head_dim_v,
-                               const AttentionOptions& opts);
+                               int64_t head_dim, int64_t head_dim_v, const AttentionOptions& opts);
 
 }  // namespace distattn::ops
