@@ -3,7 +3,9 @@
 // -mavx512f/bw/vl/dq -mfma); everything has internal linkage.
 // GCC 12 flags the _mm512_undefined_ps() inside max/min/roundscale/scalef intrinsics as
 // maybe-uninitialized when they inline; the lanes are fully written.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 
 #include <cstdint>
