@@ -434,6 +434,18 @@ TEST(FlashForward, NoVisibleKeysAtAll) {
   check_backward(c);
 }
 
+TEST(FlashForward, EmptyKeyOrQuerySetsAreHandled) {
+  Case c;
+  c.Sq = 7;
+  c.Sk = 0;  // no keys: out = 0, lse = -inf, dq = 0
+  check_forward(c);
+  check_backward(c);
+  c.Sq = 0;
+  c.Sk = 7;  // no queries: dk = dv = 0
+  check_forward(c);
+  check_backward(c);
+}
+
 TEST(FlashBackward, MatchesNaiveAcrossSizesAndMasksFp32) {
   for (int64_t s : {1, 7, 131, 257}) {
     Case base;
