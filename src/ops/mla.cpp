@@ -1,20 +1,26 @@
 // Validation and device dispatch of the MLA local ops (distattn/ops/mla.h).
 #include "distattn/ops/mla.h"
 
+#include <algorithm>
 #include <cmath>
 
+#include "distattn/config.h"
 #include "distattn/core/error.h"
 #include "kernels/cpu/mla_cpu.h"
+#if DISTATTN_WITH_CUDA
+#include "kernels/cuda/mla_cuda.h"
+#endif
 
 namespace distattn::ops {
 
 namespace {
 
-void require_cpu(const TensorView& t, const char* op, const char* name) {
-  DISTATTN_CHECK_STATUS(t.device.is_cpu(), Status::kUnsupported, op, ": ", name, " is on ",
-                        t.device.str(),
-                        "; this build runs MLA ops on CPU tensors only (the CUDA MLA kernels "
-                        "belong to the CUDA backend): pass CPU tensors");
+// CPU tensors always work; CUDA tensors when the build has the CUDA kernels.
+void require_supported_device(const TensorView& t, const char* op) {
+  DISTATTN_CHECK_STATUS(t.device.is_cpu() || (DISTATTN_WITH_CUDA && t.device.is_cuda()),
+                        Status::kUnsupported, op, ": tensors are on ", t.device.str(),
+                        " but this build has no CUDA kernels: pass CPU tensors or build with "
+                        "-DDISTATTN_CUDA=ON");
 }
 
 bool last_dim_contiguous(const TensorView& t) {
@@ -36,7 +42,13 @@ void hadamard_transform(const TensorView& x, float scale, Stream stream) {
                  x.str());
   DISTATTN_CHECK(std::isfinite(scale), "hadamard_transform: scale must be finite, got ", scale);
   if (x.empty()) return;
-  require_cpu(x, "hadamard_transform", "x");
+  require_supported_device(x, "hadamard_transform");
+#if DISTATTN_WITH_CUDA
+  if (x.device.is_cuda()) {
+    kernels::cuda::hadamard_transform(x, scale, stream);
+    return;
+  }
+#endif
   kernels::cpu::hadamard_transform(x, scale);
 }
 
@@ -86,26 +98,47 @@ void mla_decode(const TensorView& q_lat, const TensorView& q_pe, const MlaPagedC
   DISTATTN_CHECK(std::isfinite(opts.latent_logit_scale), op,
                  ": opts.latent_logit_scale must be finite");
   DISTATTN_CHECK(opts.num_splits >= 0, op, ": num_splits must be >= 0 (0 = choose)");
-  for (const TensorView* t : {&q_lat, &out, &lse, &cache.pages, &cache.page_table, &cache.seq_lens})
-    require_cpu(*t, op, "a tensor");
-  if (dr > 0) require_cpu(q_pe, op, "q_pe");
+  require_supported_device(q_lat, op);
+  for (const TensorView* t : {&out, &lse, &cache.pages, &cache.page_table, &cache.seq_lens})
+    DISTATTN_CHECK(t->device == q_lat.device, op, ": every tensor must be on ", q_lat.device.str(),
+                   " (q_lat's device), got ", t->str());
+  if (dr > 0)
+    DISTATTN_CHECK(q_pe.device == q_lat.device, op, ": q_pe must be on ", q_lat.device.str(),
+                   ", got ", q_pe.str());
   if (b == 0 || h == 0) return;
 
-  // The page table is host data: check every page a sequence will read is in range.
+  // Check every page a sequence will read is in range (on a host copy for CUDA tensors).
+  Tensor pt_host, sl_host;
+  TensorView ptv = cache.page_table, slv = cache.seq_lens;
+  if (!q_lat.device.is_cpu()) {
+    pt_host = to_device(cache.page_table, Device::cpu());
+    sl_host = to_device(cache.seq_lens, Device::cpu());
+    ptv = pt_host.view();
+    slv = sl_host.view();
+  }
   const int64_t ps = cache.page_size(), num_pages = cache.pages.size(0);
   const int64_t max_pages = cache.page_table.size(1);
-  const auto* pt = cache.page_table.data_as<const int32_t>();
-  const auto* sl = cache.seq_lens.data_as<const int32_t>();
+  const auto* pt = ptv.data_as<const int32_t>();
+  const auto* sl = slv.data_as<const int32_t>();
+  int64_t max_len = 0;
   for (int64_t i = 0; i < b; ++i) {
-    const int64_t len = sl[i * cache.seq_lens.stride(0)];
+    const int64_t len = sl[i * slv.stride(0)];
+    max_len = std::max(max_len, len);
     DISTATTN_CHECK(len >= 0 && len <= max_pages * ps, op, ": seq_lens[", i, "] = ", len,
                    " must be in [0, max_pages * page_size = ", max_pages * ps, "]");
     for (int64_t pg = 0; pg < (len + ps - 1) / ps; ++pg) {
-      const int64_t id = pt[i * cache.page_table.stride(0) + pg * cache.page_table.stride(1)];
+      const int64_t id = pt[i * ptv.stride(0) + pg * ptv.stride(1)];
       DISTATTN_CHECK(id >= 0 && id < num_pages, op, ": page_table[", i, ", ", pg, "] = ", id,
                      " is outside [0, ", num_pages, ")");
     }
   }
+#if DISTATTN_WITH_CUDA
+  if (q_lat.device.is_cuda()) {
+    kernels::cuda::mla_decode(q_lat, q_pe, cache, out, lse, opts, max_len);
+    return;
+  }
+#endif
+  (void)max_len;
   kernels::cpu::mla_decode(q_lat, q_pe, cache, out, lse, opts);
 }
 
