@@ -12,7 +12,8 @@
 // every dtype, also after summation) and counts elements that differ from the host-computed
 // result (#wrong, summed over ranks).
 // --raw-mpi times the same MPI calls (MPI_Allreduce, ...) on the same host buffers, to show
-// what the Communicator layer costs on top of MPI.
+// what the Communicator layer costs on top of MPI; ours and raw then alternate call by call
+// (each after a barrier) so that both see the same machine load.
 #include <mpi.h>
 
 #include <algorithm>
@@ -24,6 +25,8 @@
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "distattn/comm/communicator.h"
@@ -347,6 +350,27 @@ double time_loop(Communicator& ctl, int iters, const std::function<void()>& call
   return max_over_ranks(ctl, mean);
 }
 
+// --raw-mpi: ours and raw alternate call by call, each call started after a barrier, so
+// both see the same machine load (a shared or oversubscribed node drifts by more than the
+// difference being measured). Returns {ours, raw}, each the max over ranks of the per-rank
+// mean seconds.
+std::pair<double, double> time_interleaved(Communicator& ctl, int iters,
+                                           const std::function<void()>& ours,
+                                           const std::function<void()>& raw) {
+  double sum_ours = 0, sum_raw = 0;
+  for (int i = 0; i < iters; ++i) {
+    ctl.barrier();
+    double t0 = now_seconds();
+    ours();
+    sum_ours += now_seconds() - t0;
+    ctl.barrier();
+    t0 = now_seconds();
+    raw();
+    sum_raw += now_seconds() - t0;
+  }
+  return {max_over_ranks(ctl, sum_ours / iters), max_over_ranks(ctl, sum_raw / iters)};
+}
+
 ReduceOp parse_redop(const std::string& s) {
   if (s == "sum") return ReduceOp::kSum;
   if (s == "max") return ReduceOp::kMax;
@@ -560,15 +584,15 @@ int run_comm(int argc, char** argv) {
         wrong = static_cast<int64_t>(sum_over_ranks(*ctl, static_cast<double>(wrong)));
       }
       for (int i = 0; i < warmup; ++i) call();
-      const double t = time_loop(*ctl, iters, call);
-
-      double raw_t = 0;
+      double t = 0, raw_t = 0;
       if (raw) {
         const auto raw_call = [&] {
           run_raw(*raw, *s, g, send_buf.get(), recv_buf.get(), dt, rop, root, rank, n);
         };
         for (int i = 0; i < warmup; ++i) raw_call();
-        raw_t = time_loop(*ctl, iters, raw_call);
+        std::tie(t, raw_t) = time_interleaved(*ctl, iters, call, raw_call);
+      } else {
+        t = time_loop(*ctl, iters, call);
       }
 
       const double algbw = static_cast<double>(g.bytes) / t / 1e9;
