@@ -22,28 +22,32 @@ void decode_cp_attention(comm::Communicator& cp, const TensorView& q_lat, const 
                  "decode_cp_attention: out must be packed fp32 [B, H, Dl] and lse packed fp32 "
                  "[B, H]; got ",
                  out.str(), ", ", lse.str());
+  DISTATTN_CHECK(lse.device == out.device && q_lat.device == out.device,
+                 "decode_cp_attention: q_lat, out and lse must be on one device; got ", q_lat.str(),
+                 ", ", out.str(), ", ", lse.str());
+  const Device dev = out.device;
   const int64_t b = out.size(0), h = out.size(1), dl = out.size(2);
   const int p = cp.size();
   const int64_t n_out = b * h * dl, n = n_out + b * h;
-  // Local partial straight into this rank's block of the gather buffer.
-  Tensor gathered = Tensor::empty({p, n}, DType::kFloat32);
+  // Local partial straight into this rank's block of the gather buffer (on out's device).
+  Tensor gathered = Tensor::empty({p, n}, DType::kFloat32, dev);
   float* mine = gathered.data_as<float>() + cp.rank() * n;
-  TensorView my_out(mine, DType::kFloat32, Device::cpu(), {b, h, dl});
-  TensorView my_lse(mine + n_out, DType::kFloat32, Device::cpu(), {b, h});
+  TensorView my_out(mine, DType::kFloat32, dev, {b, h, dl});
+  TensorView my_lse(mine + n_out, DType::kFloat32, dev, {b, h});
   ops::mla_decode(q_lat, q_pe, local, my_out, my_lse, opts);
-  cp.all_gather(mine, gathered.data(), static_cast<size_t>(n), DType::kFloat32);
+  cp.all_gather(mine, gathered.data(), static_cast<size_t>(n), DType::kFloat32, opts.stream);
   // Merge in rank order (same order on every rank: identical results everywhere).
   float* acc = gathered.data_as<float>();
-  TensorView acc_o(acc, DType::kFloat32, Device::cpu(), {b, 1, h, dl});
-  TensorView acc_l(acc + n_out, DType::kFloat32, Device::cpu(), {b, h, 1});
+  TensorView acc_o(acc, DType::kFloat32, dev, {b, 1, h, dl});
+  TensorView acc_l(acc + n_out, DType::kFloat32, dev, {b, h, 1});
   for (int r = 1; r < p; ++r) {
     float* part = gathered.data_as<float>() + r * n;
-    TensorView po(part, DType::kFloat32, Device::cpu(), {b, 1, h, dl});
-    TensorView pl(part + n_out, DType::kFloat32, Device::cpu(), {b, h, 1});
-    ops::attention_merge(acc_o, acc_l, po, pl, acc_o, acc_l);
+    TensorView po(part, DType::kFloat32, dev, {b, 1, h, dl});
+    TensorView pl(part + n_out, DType::kFloat32, dev, {b, h, 1});
+    ops::attention_merge(acc_o, acc_l, po, pl, acc_o, acc_l, opts.stream);
   }
-  std::memcpy(out.data, acc, static_cast<size_t>(n_out) * 4);
-  std::memcpy(lse.data, acc + n_out, static_cast<size_t>(b * h) * 4);
+  device_copy(out.data, dev, acc, dev, static_cast<size_t>(n_out) * 4);
+  device_copy(lse.data, dev, acc + n_out, dev, static_cast<size_t>(b * h) * 4);
 }
 
 struct MlaDecoder::Impl {
