@@ -13,6 +13,8 @@
 //   decode-cp  decode_cp_attention: all H heads over the rank's round-robin pages, then the
 //              all-gather of fp32 partials and the LSE merge
 // The output projection's all-reduce of y [hidden] is the same for all three and left out.
+// --device cuda copies each shard to this rank's GPU and runs the CUDA kernels (CUDA
+// builds); the communicator is then NCCL when every rank has its own GPU.
 // time = max over ranks of the per-rank mean over -n steps after -w warm-up steps; each step
 // runs from a barrier to a barrier (a decode step ends when its slowest rank is done).
 // kv_bytes_per_rank = cache bytes the step reads on the busiest rank; kv_memory_per_rank =
@@ -118,9 +120,14 @@ int run_decode(const DecodeArgs& a, comm::Communicator& world) {
                 "context", "heads", "width", "kv_bytes/rk", "kv_mem/rk", "time_ms", "GFLOP/s",
                 "vs_tp", "vs_flops");
   }
-  DISTATTN_CHECK(a.device.is_cpu(), "mla --decode: --device ", a.device.str(),
-                 ": this build's MLA decode kernel runs on the CPU; the CUDA kernel belongs to "
-                 "the CUDA backend (use --device cpu)");
+  Device dev = a.device;
+  if (dev.is_cuda()) {
+    DISTATTN_CHECK_STATUS(built_with_cuda() && cuda_device_count() > 0, Status::kUnsupported,
+                          "mla --decode --device cuda: this build/machine has no CUDA device "
+                          "(built with CUDA: ",
+                          built_with_cuda(), "); use --device cpu");
+    if (runtime_info().device.is_cuda()) dev = runtime_info().device;  // this rank's GPU
+  }
   DISTATTN_CHECK(a.heads % p == 0, "mla --decode: heads (", a.heads,
                  ") must be divisible by the number of ranks (", p, ")");
   const float scale = 1.0f / std::sqrt(192.0f);
@@ -139,6 +146,8 @@ int run_decode(const DecodeArgs& a, comm::Communicator& world) {
       int64_t heads, dl;
       MlaCache cache;
       Tensor q_lat, q_pe, out, lse;
+      Tensor d_pages, d_table, d_lens;  // device copies of the cache (--device cuda)
+      ops::MlaPagedCache view;
       double total = 0;
     };
     std::vector<Bench> benches;
@@ -164,26 +173,39 @@ int run_decode(const DecodeArgs& a, comm::Communicator& world) {
         for (int64_t t = 0; t < ctx; ++t) ids[static_cast<size_t>(t)] = t;
       }
       // For timing only the shard's width matters: TPLA data is generated at width dl.
-      Bench bn{v,  heads, dl, make_cache(ids, capacity, a.page, dl, a.rope, a.dtype),
-               {}, {},    {}, {}};
+      Bench bn{v, heads, dl, make_cache(ids, capacity, a.page, dl, a.rope, a.dtype)};
       bn.q_lat = Tensor::empty({1, heads, dl}, DType::kFloat32);
       bn.q_pe = Tensor::empty({1, heads, a.rope}, DType::kFloat32);
       for (int64_t i = 0; i < bn.q_lat.numel(); ++i)
         bn.q_lat.data_as<float>()[i] = hval(3, static_cast<uint64_t>(i));
       for (int64_t i = 0; i < bn.q_pe.numel(); ++i)
         bn.q_pe.data_as<float>()[i] = hval(4, static_cast<uint64_t>(i));
-      bn.out = Tensor::empty({1, heads, dl}, DType::kFloat32);
-      bn.lse = Tensor::empty({1, heads}, DType::kFloat32);
+      bn.out = Tensor::empty({1, heads, dl}, DType::kFloat32, dev);
+      bn.lse = Tensor::empty({1, heads}, DType::kFloat32, dev);
+      bn.view = bn.cache.view();
+      if (dev.is_cuda()) {
+        bn.q_lat = to_device(bn.q_lat, dev);
+        bn.q_pe = to_device(bn.q_pe, dev);
+        bn.d_pages = to_device(bn.view.pages, dev);
+        bn.d_table = to_device(bn.view.page_table, dev);
+        bn.d_lens = to_device(bn.view.seq_lens, dev);
+        bn.view.pages = bn.d_pages;
+        bn.view.page_table = bn.d_table;
+        bn.view.seq_lens = bn.d_lens;
+      }
       benches.push_back(std::move(bn));
     }
     ops::MlaDecodeOptions opts;
     opts.softmax_scale = scale;
     auto step = [&](Bench& bn) {
       if (bn.v.s == MlaSharding::kDecodeCp)
-        parallel::decode_cp_attention(world, bn.q_lat, bn.q_pe, bn.cache.view(), bn.out, bn.lse,
-                                      opts);
+        parallel::decode_cp_attention(world, bn.q_lat, bn.q_pe, bn.view, bn.out, bn.lse, opts);
       else
-        ops::mla_decode(bn.q_lat, bn.q_pe, bn.cache.view(), bn.out, bn.lse, opts);
+        ops::mla_decode(bn.q_lat, bn.q_pe, bn.view, bn.out, bn.lse, opts);
+      if (dev.is_cuda()) {  // the kernels run on the default stream: a synchronous copy waits
+        float done = 0;
+        device_copy(&done, Device::cpu(), bn.lse.data(), dev, sizeof(float));
+      }
     };
     for (int i = 0; i < a.warmup; ++i)
       for (auto& bn : benches) step(bn);
@@ -579,10 +601,6 @@ int mla_main(int argc, char** argv) {
   }
   DISTATTN_CHECK(vm.count("decode") + vm.count("accuracy") == 1,
                  "mla: pass exactly one of --decode and --accuracy");
-  const auto& info = runtime_info();
-  (void)info;
-  std::unique_ptr<comm::Communicator> world =
-      comm::create_world(comm::Backend::kMpi, Device::cpu());
   if (vm.count("decode")) {
     d.contexts = parse_list(vm.count("context") ? context : "8K,32K,64K");
     if (vm.count("heads")) d.heads = vm["heads"].as<int64_t>();
@@ -593,6 +611,11 @@ int mla_main(int argc, char** argv) {
     d.device = parse_device(device);
     d.json = json;
     DISTATTN_CHECK(d.iters >= 1 && d.warmup >= 0, "mla: -n must be >= 1 and -w >= 0");
+    // NCCL when every rank has its own GPU, MPI otherwise (CPU, or GPUs shared by ranks).
+    std::unique_ptr<comm::Communicator> world = comm::create_world(
+        comm::Backend::kAuto, d.device.is_cuda() && runtime_info().device.is_cuda()
+                                  ? runtime_info().device
+                                  : Device::cpu());
     return run_decode(d, *world);
   }
   DISTATTN_CHECK(parse_device(device).is_cpu(),
@@ -608,6 +631,8 @@ int mla_main(int argc, char** argv) {
   ac.json = json;
   DISTATTN_CHECK(ac.prompt >= 1 && ac.decode_len >= 1 && ac.eval_every >= 1,
                  "mla --accuracy: context, --decode-len and --eval-every must be >= 1");
+  std::unique_ptr<comm::Communicator> world =
+      comm::create_world(comm::Backend::kMpi, Device::cpu());
   return run_accuracy(ac, *world);
 }
 
