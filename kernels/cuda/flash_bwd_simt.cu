@@ -304,8 +304,13 @@ template <typename T>
 void launch_typed(const BwdParams& p, cudaStream_t stream) {
   const FwdParams& f = p.f;
   const int64_t rows = static_cast<int64_t>(f.B) * f.Hq * f.Sq;
-  bwd_delta_kernel<<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
-  DISTATTN_CUDA_CHECK_LAUNCH("bwd_delta_kernel");
+  if (rows == 0 && f.Sk == 0) return;
+  // A zero-sized grid is a launch error: skip the kernels that have nothing to write
+  // (Sq == 0: no delta, no dq; Sk == 0: no dk/dv).
+  if (rows > 0) {
+    bwd_delta_kernel<<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
+    DISTATTN_CUDA_CHECK_LAUNCH("bwd_delta_kernel");
+  }
 
   const int smem_kv = static_cast<int>(sizeof(float)) *
                       (kKvKeys * (f.D + f.Dv) + kKvRows * (f.D + f.Dv) + 2 * kKvRows);
@@ -313,8 +318,10 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
   set_max_dynamic_smem(reinterpret_cast<const void*>(kv_kernel), smem_kv);
   const dim3 kv_grid(static_cast<unsigned>((f.Sk + kKvKeys - 1) / kKvKeys),
                      static_cast<unsigned>(f.B * f.Hkv));
-  kv_kernel<<<kv_grid, 128, smem_kv, stream>>>(p);
-  DISTATTN_CUDA_CHECK_LAUNCH("bwd_dkdv_kernel");
+  if (f.Sk > 0 && f.B * f.Hkv > 0) {
+    kv_kernel<<<kv_grid, 128, smem_kv, stream>>>(p);
+    DISTATTN_CUDA_CHECK_LAUNCH("bwd_dkdv_kernel");
+  }
 
   const int smem_q = static_cast<int>(sizeof(float)) *
                      (kDqRows * (f.D + f.Dv) + kDqKeys * (f.D + 1) + kDqKeys * (f.Dv + 1));
@@ -323,8 +330,10 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
   const int64_t qrows = static_cast<int64_t>(f.Sq) * f.G;
   const dim3 q_grid(static_cast<unsigned>((qrows + kDqRows - 1) / kDqRows),
                     static_cast<unsigned>(f.B * f.Hkv));
-  q_kernel<<<q_grid, 128, smem_q, stream>>>(p);
-  DISTATTN_CUDA_CHECK_LAUNCH("bwd_dq_kernel");
+  if (qrows > 0 && f.B * f.Hkv > 0) {
+    q_kernel<<<q_grid, 128, smem_q, stream>>>(p);
+    DISTATTN_CUDA_CHECK_LAUNCH("bwd_dq_kernel");
+  }
 }
 
 }  // namespace
