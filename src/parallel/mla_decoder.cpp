@@ -232,6 +232,8 @@ void MlaDecoder::step(const float* x, float* y) {
   const int64_t nope = cfg.qk_nope, rope = cfg.qk_rope, dv = cfg.v_head, hid = cfg.hidden;
   const int64_t q_in = cfg.q_lora_rank > 0 ? cfg.q_lora_rank : hid;
   const int64_t ha = m.attn_hn, dl = m.dl, pos = length_;
+  DISTATTN_CHECK(x != nullptr && y != nullptr,
+                 "MlaDecoder::step: x and y must point to hidden-sized fp32 host buffers");
   DISTATTN_CHECK(pos < m.setup.capacity, "MlaDecoder::step: the sequence reached its capacity ",
                  m.setup.capacity, "; construct the decoder with a larger setup.capacity");
 
