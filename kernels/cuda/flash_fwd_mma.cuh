@@ -10,7 +10,8 @@
 //                     ldmatrix.trans
 // Shared memory rows are padded by 8 elements (16 bytes) so ldmatrix is conflict-free;
 // tiles arrive by cp.async with zero fill past the sequence end (so padding rows are
-// finite and masked). Requires 16-byte aligned rows (checked by the dispatcher).
+// finite and masked), K and V in separate groups so that V_j loads during Q K_j^T and
+// K_{j+1} during P V_j. Requires 16-byte aligned rows (checked by the dispatcher).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -25,8 +26,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   const int bytes = valid ? 16 : 0;  // 0: zero-fill the 16 bytes, read nothing
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
 }
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait0() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
@@ -111,7 +115,8 @@ __global__ void __launch_bounds__(FwdTraits<kD, kDv, kBlockN>::kThreads)
     const bool valid = m0 + r < p.Sq;
     cp_async16(Qs + r * QS + c, valid ? qg + (m0 + r) * p.q_s1 + c : qg, valid);
   }
-  cp_async_wait_all();
+  cp_async_commit();
+  cp_async_wait0();
   __syncthreads();
   uint32_t qf[kD / 16][4];
 #pragma unroll
@@ -134,22 +139,31 @@ __global__ void __launch_bounds__(FwdTraits<kD, kDv, kBlockN>::kThreads)
   float l_r[2] = {0.f, 0.f};
   const int row0 = m0 + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
 
-  for (int64_t n0 = n_begin; n0 <= hi; n0 += kBlockN) {
-    __syncthreads();  // every warp is done with the previous K/V tile
-    constexpr int kKChunks = kD / 8, kVChunks = kDv / 8;
+  // K and V tiles arrive in separate cp.async groups so that each load overlaps compute:
+  // V_j loads during S = Q K_j^T, K_{j+1} loads during O += P V_j.
+  constexpr int kKChunks = kD / 8, kVChunks = kDv / 8;
+  auto load_k = [&](int64_t n0) {
     for (int idx = tid; idx < kBlockN * kKChunks; idx += Tr::kThreads) {
       const int r = idx / kKChunks, c = (idx % kKChunks) * 8;
       const bool valid = n0 + r < p.Sk;
       cp_async16(Ks + r * KS + c, valid ? kg + (n0 + r) * p.k_s1 + c : kg, valid);
     }
+    cp_async_commit();
+  };
+  auto load_v = [&](int64_t n0) {
     for (int idx = tid; idx < kBlockN * kVChunks; idx += Tr::kThreads) {
       const int r = idx / kVChunks, c = (idx % kVChunks) * 8;
       const bool valid = n0 + r < p.Sk;
       cp_async16(Vs + r * VS + c, valid ? vg + (n0 + r) * p.v_s1 + c : vg, valid);
     }
-    cp_async_wait_all();
-    __syncthreads();
+    cp_async_commit();
+  };
+  if (n_begin <= hi) load_k(n_begin);
 
+  for (int64_t n0 = n_begin; n0 <= hi; n0 += kBlockN) {
+    cp_async_wait0();  // K_j landed (the only pending group)
+    __syncthreads();   // ... for every thread; and every warp is done with V_{j-1}
+    load_v(n0);
     // S = Q K^T for this warp's 16 rows x kBlockN keys.
     float s[kBlockN / 8][4];
 #pragma unroll
@@ -212,7 +226,11 @@ __global__ void __launch_bounds__(FwdTraits<kD, kDv, kBlockN>::kThreads)
       }
     }
 
-    // O += P V: the S accumulators of n-blocks 2kk, 2kk+1 are the A fragment of k-step kk.
+    cp_async_wait0();  // V_j landed
+    __syncthreads();   // ... for every thread; and every warp is done reading K_j
+    if (n0 + kBlockN <= hi) load_k(n0 + kBlockN);
+
+      // O += P V: the S accumulators of n-blocks 2kk, 2kk+1 are the A fragment of k-step kk.
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t pa[4];

@@ -21,10 +21,14 @@ struct RowMap {
   int64_t size[kMaxLead];
   int64_t stride[kMaxLead];
   __device__ int64_t offset(int64_t row) const {
+    // Fully unrolled so that size/stride stay in registers (no local-memory copy).
     int64_t off = 0;
-    for (int d = nlead - 1; d >= 0; --d) {
-      off += (row % size[d]) * stride[d];
-      row /= size[d];
+#pragma unroll
+    for (int d = kMaxLead - 1; d >= 0; --d) {
+      if (d < nlead) {
+        off += (row % size[d]) * stride[d];
+        row /= size[d];
+      }
     }
     return off;
   }
