@@ -117,8 +117,10 @@ void allgather_forward(comm::Communicator& comm, const TensorView& q, const Tens
     const TensorView kp = packed_or_copy(k, kp_t), vp = packed_or_copy(v, vp_t);
     kg = Tensor::empty({p, b, sl, hkv, d}, k.dtype, dev);
     vg = Tensor::empty({p, b, sl, hkv, dv}, v.dtype, dev);
-    hk = comm.iall_gather(kp.data, kg.data(), static_cast<size_t>(kp.numel()), k.dtype);
-    hv = comm.iall_gather(vp.data, vg.data(), static_cast<size_t>(vp.numel()), v.dtype);
+    hk =
+        comm.iall_gather(kp.data, kg.data(), static_cast<size_t>(kp.numel()), k.dtype, tr.stream());
+    hv =
+        comm.iall_gather(vp.data, vg.data(), static_cast<size_t>(vp.numel()), v.dtype, tr.stream());
   }
   for (const Block& bl : phase1(causal, sl))
     tr.forward(rows(q, bl.q_begin, bl.q_len), rows(k, bl.k_begin, bl.k_len),
@@ -175,8 +177,10 @@ void allgather_backward(comm::Communicator& comm, const TensorView& q, const Ten
     const TensorView kp = packed_or_copy(k, kp_t), vp = packed_or_copy(v, vp_t);
     kg = Tensor::empty({p, b, sl, hkv, d}, k.dtype, dev);
     vg = Tensor::empty({p, b, sl, hkv, dv}, v.dtype, dev);
-    hk = comm.iall_gather(kp.data, kg.data(), static_cast<size_t>(kp.numel()), k.dtype);
-    hv = comm.iall_gather(vp.data, vg.data(), static_cast<size_t>(vp.numel()), v.dtype);
+    hk =
+        comm.iall_gather(kp.data, kg.data(), static_cast<size_t>(kp.numel()), k.dtype, tr.stream());
+    hv =
+        comm.iall_gather(vp.data, vg.data(), static_cast<size_t>(vp.numel()), v.dtype, tr.stream());
   }
   for (const Block& bl : phase1(causal, sl))
     tr.backward(rows(q, bl.q_begin, bl.q_len), rows(k, bl.k_begin, bl.k_len),
@@ -226,10 +230,10 @@ void allgather_backward(comm::Communicator& comm, const TensorView& q, const Ten
   // dk_own/dv_own are free now: receive the reduced blocks into them.
   comm::Handle rsk =
       comm.ireduce_scatter(rk.data(), dk_own.data(), static_cast<size_t>(b * sl * hkv * d),
-                           DType::kFloat32, comm::ReduceOp::kSum);
+                           DType::kFloat32, comm::ReduceOp::kSum, tr.stream());
   comm::Handle rsv =
       comm.ireduce_scatter(rv.data(), dv_own.data(), static_cast<size_t>(b * sl * hkv * dv),
-                           DType::kFloat32, comm::ReduceOp::kSum);
+                           DType::kFloat32, comm::ReduceOp::kSum, tr.stream());
   tr.wait(rsk);
   tr.wait(rsv);
   copy_view(dk, dk_own.view());

@@ -70,6 +70,10 @@ class Tracker {
   void finish();
 
   ops::AttentionOptions attn_options(int64_t q_offset, int64_t k_offset, bool causal) const;
+  // The caller's stream: communication is enqueued on it too, so on CUDA devices a transfer
+  // is ordered after the kernel that produced its buffer (a separate communication stream
+  // for GPU overlap belongs with the CUDA backend).
+  Stream stream() const { return opts_.stream; }
 
  private:
   const SpOptions& opts_;

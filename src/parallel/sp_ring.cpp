@@ -122,7 +122,7 @@ void ring_forward(comm::Communicator& comm, bool zigzag, const TensorView& q, co
     if (step + 1 < p) {
       nxt = {bufs_k[step % 2].view(), bufs_v[step % 2].view()};
       const auto ops = kv_exchange(cur, nxt, next, prev);
-      h = comm.igroup(ops, nullptr);
+      h = comm.igroup(ops, tr.stream());
     }
     for (const Block& blk : step_blocks(zigzag, causal, r, src, step, sl)) {
       const TensorView qb = rows(q, blk.q_begin, blk.q_len);
@@ -203,7 +203,7 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
     if (step + 1 < p) {
       nxt = {bufs_k[step % 2].view(), bufs_v[step % 2].view()};
       const auto ops = kv_exchange(cur, nxt, next, prev);
-      h = comm.igroup(ops, nullptr);
+      h = comm.igroup(ops, tr.stream());
     }
     // Step 0 computes straight into the accumulator that starts travelling; later steps into
     // `mine`, added once the travelling accumulator has arrived.
@@ -239,7 +239,7 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
                             DType::kFloat32, prev),
           comm::P2POp::recv(trav_v[other].data(), static_cast<size_t>(trav_v[other].numel()),
                             DType::kFloat32, prev)};
-      dkv_handle = comm.igroup(ops, nullptr);
+      dkv_handle = comm.igroup(ops, tr.stream());
     }
     if (step + 1 < p) {
       tr.wait(h);

@@ -90,8 +90,9 @@ Exchange make_exchange(const Plan& p, DType dtype, Device dev,
   return e;
 }
 
-comm::Handle start(comm::Communicator& uc, Exchange& e) {
-  return uc.iall_to_all_v(e.send.data(), e.sc, e.sd, e.recv.data(), e.rc, e.rd, e.send.dtype());
+comm::Handle start(comm::Communicator& uc, Exchange& e, Stream stream) {
+  return uc.iall_to_all_v(e.send.data(), e.sc, e.sd, e.recv.data(), e.rc, e.rd, e.send.dtype(),
+                          stream);
 }
 
 // A local BSHD tensor (tokens: my sl rows) -> send parts of heads `hr(j)` for every peer.
@@ -202,7 +203,7 @@ void ulysses_forward(comm::Communicator& uc, comm::Communicator* ring, const Ten
     pack_seq_sharded(p, k, p.kh, x, at);
     pack_seq_sharded(p, v, p.kh, x, at);
   }
-  comm::Handle h = start(uc, x);
+  comm::Handle h = start(uc, x, tr.stream());
   tr.wait(h);
   Tensor qg = Tensor::empty({p.b, p.sg, mq.size(), p.d}, q.dtype, dev);
   Tensor kg = Tensor::empty({p.b, p.sg, mk.size(), p.d}, k.dtype, dev);
@@ -240,8 +241,8 @@ void ulysses_forward(comm::Communicator& uc, comm::Communicator* ring, const Ten
     std::vector<size_t> al = xl.sd;
     pack_lse_gathered(p, lg.view(), xl, al);
   }
-  comm::Handle ho = start(uc, xo);
-  comm::Handle hl = start(uc, xl);
+  comm::Handle ho = start(uc, xo, tr.stream());
+  comm::Handle hl = start(uc, xl, tr.stream());
   tr.wait(ho);
   tr.wait(hl);
   for (int j = 0; j < p.u_deg; ++j) {
@@ -294,10 +295,10 @@ void ulysses_backward(comm::Communicator& uc, comm::Communicator* ring, const Te
     pack_lse_seq_sharded(p, lse, xl, al);
   }
   std::vector<comm::Handle> hs;
-  hs.push_back(start(uc, x));
-  hs.push_back(start(uc, xo));
-  hs.push_back(start(uc, xd));
-  hs.push_back(start(uc, xl));
+  hs.push_back(start(uc, x, tr.stream()));
+  hs.push_back(start(uc, xo, tr.stream()));
+  hs.push_back(start(uc, xd, tr.stream()));
+  hs.push_back(start(uc, xl, tr.stream()));
   tr.wait_all(hs);
   Tensor qg = Tensor::empty({p.b, p.sg, mq.size(), p.d}, q.dtype, dev);
   Tensor kg = Tensor::empty({p.b, p.sg, mk.size(), p.d}, k.dtype, dev);
@@ -339,7 +340,7 @@ void ulysses_backward(comm::Communicator& uc, comm::Communicator* ring, const Te
     pack_gathered(p, dvg.view(), xg, at);
   }
   dqg = dkg = dvg = Tensor();
-  comm::Handle hg = start(uc, xg);
+  comm::Handle hg = start(uc, xg, tr.stream());
   tr.wait(hg);
   Tensor dk_acc = Tensor::zeros({p.b, p.sl, p.hkv, p.d}, DType::kFloat32, dev);
   Tensor dv_acc = Tensor::zeros({p.b, p.sl, p.hkv, p.dv}, DType::kFloat32, dev);
