@@ -36,6 +36,17 @@
 // token_positions() returns the global position of each local row (for RoPE); shard() and
 // unshard_into() convert between full tensors and a rank's local shard in any layout.
 //
+// Typical use in a trainer (zigzag over all ranks; hybrid: build a DeviceMesh with axes
+// {{"ring", R}, {"ulysses", U}} and pass SpGroup::from_mesh(mesh)):
+//   auto world = comm::create_world(comm::Backend::kAuto, device);
+//   const SpGroup group = SpGroup::flat(*world);
+//   const SpLayout layout = group.layout(Strategy::kZigzag);
+//   const int me = group.layout_rank(Strategy::kZigzag);
+//   auto pos = token_positions(layout, global_seq, me);  // RoPE angles for local rows
+//   SpOptions o; o.causal = true;
+//   sp_attention_forward(Strategy::kZigzag, group, q, k, v, out, lse, o);
+//   sp_attention_backward(Strategy::kZigzag, group, q, k, v, out, dout, lse, dq, dk, dv, o);
+//
 // Tensors (BSHD, last dim contiguous, as distattn/ops/attention.h):
 //   q, out, dout, dq  [B, Sl, Hl, D/Dv]     k, v, dk, dv  [B, Sl, Hkvl, D/Dv]
 //   lse               fp32 [B, Hl, Sl]      (natural log, global over all keys)
