@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -84,7 +85,21 @@ struct Case {
   DType dtype = DType::kFloat32;
   int64_t batch = 2, seq = 48, hq = 8, hkv = 2, d = 64;
   bool backward = true;
+  // q, k, v as head slices of one fused [B, S, Hq + 2*Hkv, D] buffer, out a head slice of a
+  // wider buffer: strided views, as trainers pass them.
+  bool fused = false;
 };
+
+// dst <- src for 4-D views of equal shape (any strides, last dim contiguous).
+void copy4d(const TensorView& dst, const TensorView& src) {
+  const size_t row = static_cast<size_t>(src.size(3)) * src.element_size();
+  for (int64_t b = 0; b < src.size(0); ++b)
+    for (int64_t i = 0; i < src.size(1); ++i)
+      for (int64_t h = 0; h < src.size(2); ++h) {
+        const int64_t at[4] = {b, i, h, 0};
+        std::memcpy(dst.element_ptr(at), src.element_ptr(at), row);
+      }
+}
 
 std::string describe(const Case& c) {
   return std::string(strategy_name(c.strategy)) + (c.causal ? " causal" : " full") + " " +
@@ -145,15 +160,25 @@ void run_case(const Case& c) {
   Tensor vl = shard(g.layout, sh, g.rank, ShardRole::kKeyValue, v.view());
   Tensor dol = shard(g.layout, sh, g.rank, ShardRole::kQuery, dout.view());
   const int64_t sl = ql.view().size(1), hl = ql.view().size(2), hkl = kl.view().size(2);
-  Tensor out = Tensor::empty({b, sl, hl, dd}, c.dtype);
+  Tensor out_buf = Tensor::empty({b, sl, c.fused ? 2 * hl : hl, dd}, c.dtype);
+  const TensorView out = out_buf.view().slice(2, 0, hl);
   Tensor lse = Tensor::empty({b, hl, sl}, DType::kFloat32);
+  Tensor qkv = Tensor::empty({b, sl, hl + 2 * hkl, dd}, c.dtype);
+  TensorView qv = ql.view(), kv = kl.view(), vv = vl.view();
+  if (c.fused) {
+    qv = qkv.view().slice(2, 0, hl);
+    kv = qkv.view().slice(2, hl, hkl);
+    vv = qkv.view().slice(2, hl + hkl, hkl);
+    copy4d(qv, ql.view());
+    copy4d(kv, kl.view());
+    copy4d(vv, vl.view());
+  }
   SpOptions opts;
   opts.causal = c.causal;
   opts.heads_q = c.hq;
   opts.heads_kv = c.hkv;
-  sp_attention_forward(c.strategy, g.group, ql.view(), kl.view(), vl.view(), out.view(), lse.view(),
-                       opts);
-  expect_close("out", c, rebuild(g, sh, ShardRole::kQuery, out.view(), {b, s, c.hq, dd}), ref.out);
+  sp_attention_forward(c.strategy, g.group, qv, kv, vv, out, lse.view(), opts);
+  expect_close("out", c, rebuild(g, sh, ShardRole::kQuery, out, {b, s, c.hq, dd}), ref.out);
   expect_close("lse", c, rebuild(g, sh, ShardRole::kLse, lse.view(), {b, c.hq, s}), ref.lse);
   if (!c.backward) return;
 
@@ -162,8 +187,8 @@ void run_case(const Case& c) {
   Tensor dq = Tensor::empty({b, sl, hl, dd}, c.dtype);
   Tensor dk = Tensor::empty({b, sl, hkl, dd}, c.dtype);
   Tensor dv = Tensor::empty({b, sl, hkl, dd}, c.dtype);
-  sp_attention_backward(c.strategy, g.group, ql.view(), kl.view(), vl.view(), out.view(),
-                        dol.view(), lse.view(), dq.view(), dk.view(), dv.view(), opts);
+  sp_attention_backward(c.strategy, g.group, qv, kv, vv, out, dol.view(), lse.view(), dq.view(),
+                        dk.view(), dv.view(), opts);
   expect_close("dq", c, rebuild(g, sh, ShardRole::kQuery, dq.view(), {b, s, c.hq, dd}), rb.dq,
                true);
   expect_close("dk", c, rebuild(g, sh, ShardRole::kKeyValue, dk.view(), {b, s, c.hkv, dd}), rb.dk,
@@ -188,6 +213,10 @@ TEST_P(SpAttention, CausalMqaHeadDim128MatchesReference) {
 
 TEST_P(SpAttention, CausalBf16MatchesReference) {
   run_case({.strategy = GetParam(), .causal = true, .dtype = DType::kBFloat16, .batch = 1});
+}
+
+TEST_P(SpAttention, CausalFusedQkvStridedViewsMatchReference) {
+  run_case({.strategy = GetParam(), .causal = true, .batch = 1, .fused = true});
 }
 
 TEST_P(SpAttention, CausalMhaLongerSequenceMatchesReference) {
