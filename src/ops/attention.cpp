@@ -9,7 +9,11 @@
 #include <limits>
 #include <string>
 
+#include "distattn/config.h"
 #include "kernels/cpu/attention_cpu.h"
+#if DISTATTN_WITH_CUDA
+#include "kernels/cuda/attention_cuda.h"
+#endif
 
 namespace distattn::ops {
 
@@ -150,11 +154,13 @@ void check_options(const char* op, const AttentionOptions& o, int64_t head_dim) 
   (void)o.scale_for(head_dim);  // validates softmax_scale
 }
 
+#if !DISTATTN_WITH_CUDA
 [[noreturn]] void cuda_unsupported(const char* op) {
   DISTATTN_THROW(Status::kUnsupported, op,
-                 ": CUDA attention kernels are not in this build (CPU kernels only); pass CPU "
-                 "tensors, or use a build that includes kernels/cuda attention");
+                 ": CUDA tensors need a build with CUDA kernels (this one is CPU-only: "
+                 "reconfigure with -DDISTATTN_CUDA=ON), or pass CPU tensors");
 }
+#endif
 
 // Sk == 0 (or an empty query set): every row is fully masked -> out = 0, lse = -inf.
 void fill_fully_masked_cpu(const TensorView& out, const TensorView& lse) {
@@ -185,6 +191,35 @@ void zero_cpu(const TensorView& t) {
       }
 }
 
+// The same two fills for any device: CUDA tensors are staged through a packed host copy
+// (these are degenerate calls, so a synchronous copy is fine).
+void fill_fully_masked(const char* op, const TensorView& out, const TensorView& lse) {
+  if (out.device.is_cpu()) return fill_fully_masked_cpu(out, lse);
+  DISTATTN_CHECK_STATUS(out.is_contiguous() && lse.is_contiguous(), Status::kUnsupported, op,
+                        ": with no keys (seq_k = 0) CUDA out and lse must be packed tensors");
+  device_memset_zero(out.data, out.device, out.nbytes());
+  Tensor host =
+      Tensor::empty(std::span<const int64_t>(lse.shape.data(), lse.ndim), DType::kFloat32);
+  std::fill_n(host.data_as<float>(), host.numel(), -std::numeric_limits<float>::infinity());
+  device_copy(lse.data, lse.device, host.data(), Device::cpu(), host.nbytes());
+}
+
+void zero(const char* op, const char* name, const TensorView& t) {
+  if (t.device.is_cpu()) return zero_cpu(t);
+  DISTATTN_CHECK_STATUS(t.is_contiguous(), Status::kUnsupported, op,
+                        ": with no (query, key) "
+                        "pair CUDA ",
+                        name, " must be a packed tensor to be zeroed");
+  device_memset_zero(t.data, t.device, t.nbytes());
+}
+
+// Host copy of a small int32 tensor (page table, sequence lengths) on any device.
+Tensor host_ints(const char* op, const char* name, const TensorView& t) {
+  if (t.device.is_cpu()) return to_device(t, Device::cpu());
+  DISTATTN_CHECK(t.is_contiguous(), op, ": CUDA ", name, " must be a packed tensor, got ", t.str());
+  return to_device(t, Device::cpu());
+}
+
 }  // namespace
 
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -193,11 +228,14 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   const Dims d = check_qkv(op, q, k, v);
   check_out_lse(op, d, q, out, lse);
   check_options(op, opts, d.D);
-  if (q.device.is_cuda()) cuda_unsupported(op);
   if (d.B == 0 || d.Sq == 0 || d.Hq == 0) return;
-  if (d.Sk == 0) {
-    fill_fully_masked_cpu(out, lse);
-    return;
+  if (d.Sk == 0) return fill_fully_masked(op, out, lse);
+  if (q.device.is_cuda()) {
+#if DISTATTN_WITH_CUDA
+    return kernels::cuda::flash_forward(q, k, v, out, lse, opts);
+#else
+    cuda_unsupported(op);
+#endif
   }
   kernels::cpu::flash_forward(q, k, v, out, lse, opts);
 }
@@ -227,16 +265,22 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
     check_last_contiguous(op, g.name, g.t);
   }
   check_options(op, opts, d.D);
-  if (q.device.is_cuda()) cuda_unsupported(op);
   if (d.B == 0) return;
   if (d.Sq == 0 || d.Sk == 0 || d.Hq == 0) {
     // No (query, key) pair: every gradient contribution is zero.
     if (!bopts.accumulate) {
-      zero_cpu(dq);
-      zero_cpu(dk);
-      zero_cpu(dv);
+      zero(op, "dq", dq);
+      zero(op, "dk", dk);
+      zero(op, "dv", dv);
     }
     return;
+  }
+  if (q.device.is_cuda()) {
+#if DISTATTN_WITH_CUDA
+    return kernels::cuda::flash_backward(q, k, v, out, dout, lse, dq, dk, dv, opts, bopts);
+#else
+    cuda_unsupported(op);
+#endif
   }
   kernels::cpu::flash_backward(q, k, v, out, dout, lse, dq, dk, dv, opts, bopts);
 }
@@ -269,9 +313,15 @@ void attention_merge(const TensorView& out_a, const TensorView& lse_a, const Ten
                    " but out_a is on ", out_a.device.str(), "; all tensors must share a device");
     check_data(op, x.name, x.t);
   }
-  if (out_a.device.is_cuda()) cuda_unsupported(op);
-  (void)stream;
   if (out.numel() == 0 && lse.numel() == 0) return;
+  if (out_a.device.is_cuda()) {
+#if DISTATTN_WITH_CUDA
+    return kernels::cuda::merge(out_a, lse_a, out_b, lse_b, out, lse, stream);
+#else
+    cuda_unsupported(op);
+#endif
+  }
+  (void)stream;  // CPU: synchronous
   kernels::cpu::merge(out_a, lse_a, out_b, lse_b, out, lse);
 }
 
@@ -287,11 +337,14 @@ void attention_decode(const TensorView& q, const TensorView& k, const TensorView
                  "; use attention_forward for prefill");
   DISTATTN_CHECK(dopts.num_splits >= 0, op, ": num_splits must be >= 0 (0 = choose), got ",
                  dopts.num_splits);
-  if (q.device.is_cuda()) cuda_unsupported(op);
   if (d.B == 0 || d.Sq == 0 || d.Hq == 0) return;
-  if (d.Sk == 0) {
-    fill_fully_masked_cpu(out, lse);
-    return;
+  if (d.Sk == 0) return fill_fully_masked(op, out, lse);
+  if (q.device.is_cuda()) {
+#if DISTATTN_WITH_CUDA
+    return kernels::cuda::decode(q, k, v, out, lse, opts, dopts);
+#else
+    cuda_unsupported(op);
+#endif
   }
   kernels::cpu::decode(q, k, v, out, lse, opts, dopts);
 }
@@ -331,21 +384,32 @@ void attention_decode_paged(const TensorView& q, const PagedKV& cache, const Ten
   DISTATTN_CHECK(opts.q_offset == 0 && opts.k_offset == 0, op,
                  ": q_offset/k_offset must be 0 for a paged cache (positions are per sequence: "
                  "keys at 0..seq_lens[b]-1, queries are the last seq_q positions)");
+#if !DISTATTN_WITH_CUDA
   if (q.device.is_cuda()) cuda_unsupported(op);
-  // Contents are host memory here: check every sequence length and every page id used.
+#endif
+  // Check every sequence length and every page id used (host copies for CUDA tensors).
+  const Tensor pt_host = host_ints(op, "page_table", pt);
+  const Tensor sl_host = host_ints(op, "seq_lens", sl);
   const int64_t max_pages = pt.size(1);
+  int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = sl.data_as<const int32_t>()[b * sl.stride(0)];
+    const int64_t len = sl_host.data_as<const int32_t>()[b];
+    max_len = std::max(max_len, len);
     DISTATTN_CHECK(len >= 0 && len <= max_pages * ps, op, ": seq_lens[", b, "] = ", len,
                    " must lie in [0, max_pages_per_seq * page_size = ", max_pages * ps, "]");
     const int64_t used = (len + ps - 1) / ps;
     for (int64_t p = 0; p < used; ++p) {
-      const int64_t id = pt.data_as<const int32_t>()[b * pt.stride(0) + p * pt.stride(1)];
+      const int64_t id = pt_host.data_as<const int32_t>()[b * max_pages + p];
       DISTATTN_CHECK(id >= 0 && id < P, op, ": page_table[", b, ", ", p, "] = ", id,
                      " is not a page id in [0, ", P, ")");
     }
   }
   if (B == 0 || Sq == 0 || Hq == 0) return;
+  if (q.device.is_cuda()) {
+#if DISTATTN_WITH_CUDA
+    return kernels::cuda::decode_paged(q, cache, out, lse, opts, dopts, max_len);
+#endif
+  }
   kernels::cpu::decode_paged(q, cache, out, lse, opts, dopts);
 }
 
