@@ -216,6 +216,7 @@ struct Problem {
            (a.op == AttnOp::kBwd ? " (dq only; dk/dv need every row)" : " (out and lse)");
     const TensorView q0 = q.view().slice(0, 0, 1), k0 = k.view().slice(0, 0, 1);
     const TensorView v0 = v.view().slice(0, 0, 1);
+    Tensor lse_host;
     for (int64_t start : {int64_t{0}, sq - r}) {
       ops::AttentionOptions o = opts;
       o.q_offset += start;
@@ -227,7 +228,9 @@ struct Problem {
       } else {
         auto ref = kernels::cpu::reference_attention_forward(qs, k0, v0, o);
         accumulate_error(e, out.view().slice(0, 0, 1).slice(1, start, r), ref.out);
-        accumulate_error(e, lse.view().slice(0, 0, 1).slice(2, start, r), ref.lse);
+        // An lse row slice is strided; take it from a host copy (CUDA views copy packed only).
+        if (!lse_host.defined()) lse_host = to_device(lse.view(), Device::cpu());
+        accumulate_error(e, lse_host.view().slice(0, 0, 1).slice(2, start, r), ref.lse);
       }
     }
     return e;
