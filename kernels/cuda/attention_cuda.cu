@@ -2,6 +2,8 @@
 // views and picks a kernel (tensor cores where the dtype, head dims and alignment allow).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 #include "kernels/cuda/attention_cuda.h"
 #include "kernels/cuda/flash_params.cuh"
@@ -72,6 +74,31 @@ MmaLauncher mma_launcher(const TensorView& q, const TensorView& k, const TensorV
   return nullptr;
 }
 
+using BwdMmaLauncher = void (*)(const BwdParams&, bool, cudaStream_t);
+
+// DISTATTN_CUDA_BACKWARD=simt forces the CUDA-core backward (read once).
+bool backward_forced_simt() {
+  static const bool forced = [] {
+    const char* v = std::getenv("DISTATTN_CUDA_BACKWARD");
+    return v != nullptr && std::string_view(v) == "simt";
+  }();
+  return forced;
+}
+
+BwdMmaLauncher bwd_mma_launcher(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView& dout) {
+  if (backward_forced_simt()) return nullptr;
+  if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16) return nullptr;
+  if (dout.dtype != q.dtype) return nullptr;
+  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(dout)) return nullptr;
+  if (q.size(0) * q.size(2) > 65535 || k.size(0) * k.size(2) > 65535) return nullptr;
+  const int64_t D = q.size(3), Dv = v.size(3);
+  if (D != Dv) return nullptr;
+  if (D == 64) return launch_flash_bwd_mma_hdim64;
+  if (D == 128) return launch_flash_bwd_mma_hdim128;
+  return nullptr;
+}
+
 void check_head_dims(const char* op, int64_t D, int64_t Dv) {
   DISTATTN_CHECK_STATUS(D <= kMaxHeadDim && Dv <= kMaxHeadDim, Status::kUnsupported, op,
                         ": CUDA kernels take head dims up to ", kMaxHeadDim, ", got D = ", D,
@@ -138,10 +165,15 @@ void flash_forward_simt(const TensorView& q, const TensorView& k, const TensorVi
                         to_stream(opts.stream));
 }
 
-void flash_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                    const TensorView& out, const TensorView& dout, const TensorView& lse,
-                    const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                    const ops::AttentionOptions& opts, const ops::BackwardOptions& bopts) {
+namespace {
+
+enum class BwdPath { kAuto, kSimt };
+
+void run_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                  const TensorView& out, const TensorView& dout, const TensorView& lse,
+                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                  const ops::AttentionOptions& opts, const ops::BackwardOptions& bopts,
+                  BwdPath path) {
   check_head_dims("attention_backward", q.size(3), v.size(3));
   if (q.size(0) == 0) return;
   DeviceGuard guard(q.device.index);
@@ -165,7 +197,34 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
   const size_t rows = static_cast<size_t>(p.f.B) * p.f.Hq * p.f.Sq;
   Workspace ws(rows * sizeof(float), stream);
   p.delta = ws.as<float>();
+  const BwdMmaLauncher mma = path == BwdPath::kAuto ? bwd_mma_launcher(q, k, v, dout) : nullptr;
+  if (mma != nullptr) {
+    launch_bwd_delta(p, stream);
+    mma(p, q.dtype == DType::kBFloat16, stream);
+    return;
+  }
   launch_flash_bwd_simt(p, q.dtype, stream);
+}
+
+}  // namespace
+
+void flash_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                    const TensorView& out, const TensorView& dout, const TensorView& lse,
+                    const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                    const ops::AttentionOptions& opts, const ops::BackwardOptions& bopts) {
+  run_backward(q, k, v, out, dout, lse, dq, dk, dv, opts, bopts, BwdPath::kAuto);
+}
+
+void flash_backward_simt(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const TensorView& dout, const TensorView& lse,
+                         const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                         const ops::AttentionOptions& opts, const ops::BackwardOptions& bopts) {
+  run_backward(q, k, v, out, dout, lse, dq, dk, dv, opts, bopts, BwdPath::kSimt);
+}
+
+bool flash_backward_uses_tensor_cores(const TensorView& q, const TensorView& k, const TensorView& v,
+                                      const TensorView& dout) {
+  return bwd_mma_launcher(q, k, v, dout) != nullptr;
 }
 
 void decode(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,

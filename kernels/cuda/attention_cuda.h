@@ -13,7 +13,8 @@
 //   * every other forward (fp32, other head dims <= 256, unaligned strides): a CUDA-core
 //     kernel with the same semantics (GQA heads of one KV head packed as rows);
 //   * backward: delta = rowsum(dout * out), then dK/dV per key tile (summed over the GQA
-//     group, no atomics) and dQ per query tile, CUDA cores, head dims <= 256;
+//     group, no atomics: deterministic) and dQ per query tile; tensor cores for bf16/fp16
+//     with D == Dv in {64, 128} and aligned rows, CUDA cores otherwise (head dims <= 256);
 //   * decode: split-KV over contiguous or paged caches, then an LSE combine;
 //   * merge: NaN-safe LSE merge of fp32 partials (in place allowed).
 #include "distattn/core/tensor_view.h"
@@ -51,5 +52,14 @@ void flash_forward_simt(const TensorView& q, const TensorView& k, const TensorVi
                         const TensorView& out, const TensorView& lse,
                         const ops::AttentionOptions& opts);
 bool flash_forward_uses_tensor_cores(const TensorView& q, const TensorView& k, const TensorView& v);
+// The same for the backward (the tensor-core backward needs D == Dv in {64, 128}, bf16 or
+// fp16, dout in q's dtype, 16-byte aligned rows; DISTATTN_CUDA_BACKWARD=simt in the
+// environment forces the CUDA-core backward everywhere).
+void flash_backward_simt(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const TensorView& dout, const TensorView& lse,
+                         const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                         const ops::AttentionOptions& opts, const ops::BackwardOptions& bopts);
+bool flash_backward_uses_tensor_cores(const TensorView& q, const TensorView& k, const TensorView& v,
+                                      const TensorView& dout);
 
 }  // namespace distattn::kernels::cuda

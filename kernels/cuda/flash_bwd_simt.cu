@@ -338,6 +338,13 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+void launch_bwd_delta(const BwdParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.f.B) * p.f.Hq * p.f.Sq;
+  if (rows == 0) return;
+  bwd_delta_kernel<<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
+  DISTATTN_CUDA_CHECK_LAUNCH("bwd_delta_kernel");
+}
+
 void launch_flash_bwd_simt(const BwdParams& p, DType dtype, cudaStream_t stream) {
   DISTATTN_CHECK_STATUS(p.f.D <= 256 && p.f.Dv <= 256, Status::kUnsupported,
                         "CUDA attention backward supports head dims up to 256, got D = ", p.f.D,

@@ -83,6 +83,13 @@ void launch_flash_fwd_mma_hdim192(const FwdParams& p, bool bf16, cudaStream_t st
 void launch_flash_fwd_simt(const FwdParams& p, DType dtype, bool paged, cudaStream_t stream);
 // Folds the num_splits partials of ws_out/ws_lse into out/lse.
 void launch_combine_splits(const FwdParams& p, cudaStream_t stream);
+// delta = rowsum(dout * out) into p.delta, then dQ, dK, dV on CUDA cores.
 void launch_flash_bwd_simt(const BwdParams& p, DType dtype, cudaStream_t stream);
+// delta alone (the tensor-core backward's preprocessing).
+void launch_bwd_delta(const BwdParams& p, cudaStream_t stream);
+// Tensor-core dK/dV and dQ (D == Dv, bf16/fp16, dout in q's dtype, 16-byte aligned rows);
+// p.delta must hold delta already.
+void launch_flash_bwd_mma_hdim64(const BwdParams& p, bool bf16, cudaStream_t stream);
+void launch_flash_bwd_mma_hdim128(const BwdParams& p, bool bf16, cudaStream_t stream);
 
 }  // namespace distattn::kernels::cuda

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -171,8 +172,9 @@ TEST_F(CudaAttention, ForwardHonoursStrides) {
 }
 
 // Backward: gradients of the fp64 reference, from the CUDA forward's out/lse.
-void check_backward(const FwdCase& c, DType dt, bool accumulate) {
-  SCOPED_TRACE(std::string(c.name) + " " + dtype_name(dt) + (accumulate ? " accumulate" : ""));
+void check_backward(const FwdCase& c, DType dt, bool accumulate, Path path = Path::kDefault) {
+  SCOPED_TRACE(std::string(c.name) + " " + dtype_name(dt) + (accumulate ? " accumulate" : "") +
+               (path == Path::kSimt ? " simt" : ""));
   const uint64_t seed = 2000 + static_cast<uint64_t>(c.Sq);
   const DeviceInputs in = make_inputs(c, dt, seed);
   Tensor dout_h = make_input({c.B, c.Sq, c.Hq, c.Dv}, dt, seed, 3);
@@ -193,7 +195,10 @@ void check_backward(const FwdCase& c, DType dt, bool accumulate) {
                          : poisoned({c.B, c.Sk, c.Hkv, c.Dv}, DType::kFloat32, gpu());
   ops::BackwardOptions bo;
   bo.accumulate = accumulate;
-  kc::flash_backward(in.dq, in.dk, in.dv, out, dout, lse, dq, dk, dv, o, bo);
+  if (path == Path::kSimt)
+    kc::flash_backward_simt(in.dq, in.dk, in.dv, out, dout, lse, dq, dk, dv, o, bo);
+  else
+    kc::flash_backward(in.dq, in.dk, in.dv, out, dout, lse, dq, dk, dv, o, bo);
   auto ref = kernels::cpu::reference_attention_backward(in.q, in.k, in.v, dout_h, o);
   if (accumulate) {
     for (auto [r, g] :
@@ -212,7 +217,32 @@ void check_backward(const FwdCase& c, DType dt, bool accumulate) {
 TEST_F(CudaAttention, BackwardMatchesReference) {
   for (const FwdCase& c : kFwdCases) {
     if (c.D > 128) continue;  // keep the fp64 reference cheap
-    for (DType dt : {DType::kFloat32, DType::kBFloat16}) check_backward(c, dt, false);
+    for (DType dt : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
+      check_backward(c, dt, false);
+  }
+}
+
+TEST_F(CudaAttention, CudaCoreBackwardMatchesReference) {
+  for (const FwdCase& c : kFwdCases) {
+    if (c.D > 128) continue;
+    check_backward(c, DType::kBFloat16, false, Path::kSimt);
+  }
+}
+
+TEST_F(CudaAttention, TensorCoreBackwardTakesAlignedHeadDims64And128) {
+  for (auto [d, dv, expect] : {std::tuple{64, 64, true}, std::tuple{128, 128, true},
+                               std::tuple{192, 128, false}, std::tuple{96, 96, false}}) {
+    const FwdCase c{"probe", 1, 8, 8, 2, 1, d, dv, false, 0, 0, -1, -1};
+    const DeviceInputs in = make_inputs(c, DType::kFloat16, 9);
+    Tensor dout = poisoned({1, 8, 2, dv}, DType::kFloat16, gpu());
+    Tensor dout32 = poisoned({1, 8, 2, dv}, DType::kFloat32, gpu());
+    // DISTATTN_CUDA_BACKWARD=simt turns the tensor-core backward off everywhere.
+    const char* env = std::getenv("DISTATTN_CUDA_BACKWARD");
+    const bool forced_simt = env != nullptr && std::string(env) == "simt";
+    EXPECT_EQ(kc::flash_backward_uses_tensor_cores(in.dq, in.dk, in.dv, dout),
+              expect && !forced_simt)
+        << d << "/" << dv;
+    EXPECT_FALSE(kc::flash_backward_uses_tensor_cores(in.dq, in.dk, in.dv, dout32));
   }
 }
 
