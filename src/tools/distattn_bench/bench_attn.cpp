@@ -400,6 +400,11 @@ Args parse(int argc, char** argv, bool& help) {
   else
     DISTATTN_THROW(Status::kInvalidArgument, "--op '", op, "' is not one of fwd|bwd|decode");
   a.device = parse_device(device);
+  DISTATTN_CHECK_STATUS(a.device.is_cpu() || cuda_device_count() > a.device.index,
+                        Status::kUnsupported, "--device ", device, ": ",
+                        built_with_cuda() ? "no such CUDA device is visible"
+                                          : "this build has no CUDA (-DDISTATTN_CUDA=ON)",
+                        "; use --device cpu");
   a.dtype = parse_dtype(dtype);
   DISTATTN_CHECK(
       a.dtype == DType::kFloat32 || a.dtype == DType::kBFloat16 || a.dtype == DType::kFloat16,
