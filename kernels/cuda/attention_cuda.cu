@@ -22,6 +22,15 @@ int to_int(int64_t x, const char* what) {
   return static_cast<int>(x);
 }
 
+// Every row of t (last dim) starts on a 16-byte boundary and spans whole 16-byte chunks.
+bool rows_vec16(const TensorView& t) {
+  const int64_t vec = 16 / static_cast<int64_t>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0 || t.size(-1) % vec != 0) return false;
+  for (int d = 0; d < t.ndim - 1; ++d)
+    if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
+  return true;
+}
+
 FwdParams make_params(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView& out, const TensorView& lse,
                       const ops::AttentionOptions& opts) {
@@ -49,6 +58,7 @@ FwdParams make_params(const TensorView& q, const TensorView& k, const TensorView
   p.q_offset = opts.q_offset;
   p.k_offset = opts.k_offset;
   p.out_elt = elt_of(out.dtype);
+  p.kv_vec16 = rows_vec16(k) && rows_vec16(v);
   return p;
 }
 

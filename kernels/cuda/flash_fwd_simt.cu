@@ -24,6 +24,29 @@ int simt_smem_bytes(int D, int Dv) {
   return static_cast<int>(sizeof(float)) * (kRows * D + kKeys * (D + 1) + kKeys * Dv);
 }
 
+// Keys [n0, n0 + kKeys) (those <= hi; zeros past it) of one KV head into shared memory
+// as fp32 rows of `smem_stride`, 16 bytes per global load (decode is bound by these reads).
+// Needs 16-byte aligned rows and width % (16 / sizeof(T)) == 0 (FwdParams::kv_vec16).
+template <typename T, bool kPaged>
+__device__ __forceinline__ void load_tile_vec(const FwdParams& p, float* smem, const T* g,
+                                              int64_t s0, int64_t s1, int64_t head_off, int width,
+                                              int smem_stride, int b, int64_t n0, int64_t hi,
+                                              int tid) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const int chunks = width / kVec;
+  for (int idx = tid; idx < kKeys * chunks; idx += kThreads) {
+    const int j = idx / chunks, c = (idx % chunks) * kVec;
+    const int64_t t = n0 + j;
+    uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+    if (t <= hi)
+      raw = *reinterpret_cast<const uint4*>(g + key_row_offset<kPaged>(p, b, t, s0, s1) + head_off +
+                                            c);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) smem[j * smem_stride + c + u] = to_f32(e[u]);
+  }
+}
+
 template <typename T, bool kPaged>
 __global__ void __launch_bounds__(kThreads) flash_fwd_simt_kernel(const FwdParams p) {
   extern __shared__ float smem[];
@@ -78,21 +101,26 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_simt_kernel(const FwdParam
 
   for (int64_t n0 = lo; n0 <= hi; n0 += kKeys) {
     __syncthreads();  // previous tile fully read (and Qs written on the first pass)
-    for (int idx = tid; idx < kKeys * D; idx += kThreads) {
-      const int j = idx / D, c = idx % D;
-      const int64_t t = n0 + j;
-      float val = 0.f;
-      if (t <= hi)
-        val = to_f32(k[key_row_offset<kPaged>(p, b, t, p.k_s0, p.k_s1) + hkv * p.k_s2 + c]);
-      Ks[j * (D + 1) + c] = val;
-    }
-    for (int idx = tid; idx < kKeys * Dv; idx += kThreads) {
-      const int j = idx / Dv, c = idx % Dv;
-      const int64_t t = n0 + j;
-      float val = 0.f;
-      if (t <= hi)
-        val = to_f32(v[key_row_offset<kPaged>(p, b, t, p.v_s0, p.v_s1) + hkv * p.v_s2 + c]);
-      Vs[j * Dv + c] = val;
+    if (p.kv_vec16) {
+      load_tile_vec<T, kPaged>(p, Ks, k, p.k_s0, p.k_s1, hkv * p.k_s2, D, D + 1, b, n0, hi, tid);
+      load_tile_vec<T, kPaged>(p, Vs, v, p.v_s0, p.v_s1, hkv * p.v_s2, Dv, Dv, b, n0, hi, tid);
+    } else {
+      for (int idx = tid; idx < kKeys * D; idx += kThreads) {
+        const int j = idx / D, c = idx % D;
+        const int64_t t = n0 + j;
+        float val = 0.f;
+        if (t <= hi)
+          val = to_f32(k[key_row_offset<kPaged>(p, b, t, p.k_s0, p.k_s1) + hkv * p.k_s2 + c]);
+        Ks[j * (D + 1) + c] = val;
+      }
+      for (int idx = tid; idx < kKeys * Dv; idx += kThreads) {
+        const int j = idx / Dv, c = idx % Dv;
+        const int64_t t = n0 + j;
+        float val = 0.f;
+        if (t <= hi)
+          val = to_f32(v[key_row_offset<kPaged>(p, b, t, p.v_s0, p.v_s1) + hkv * p.v_s2 + c]);
+        Vs[j * Dv + c] = val;
+      }
     }
     __syncthreads();
     const int64_t t = n0 + lane;

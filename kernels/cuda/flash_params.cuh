@@ -26,6 +26,9 @@ struct FwdParams {
   Mask mask{false, -1, -1};
   int64_t q_offset = 0, k_offset = 0;
   Elt out_elt = Elt::kF32;
+  // K and V rows are 16-byte aligned and their widths multiples of 16 bytes: the CUDA-core
+  // kernel loads them 16 bytes at a time.
+  bool kv_vec16 = false;
 
   // Split-KV: split z covers keys [z * split_keys, (z + 1) * split_keys). With
   // num_splits > 1 results go to ws_out [splits, B, Sq, Hq, Dv] and ws_lse
