@@ -425,6 +425,53 @@ TEST_F(CudaAttention, MergeIsNanSafeAndWorksInPlace) {
   }
 }
 
+// Through the public ops (validation + device dispatch) with CUDA tensors.
+TEST_F(CudaAttention, OpsDispatchCudaTensorsToTheGpuKernels) {
+  const FwdCase& c = kFwdCases[1];
+  const DeviceInputs in = make_inputs(c, DType::kBFloat16, 61);
+  Tensor out = poisoned({c.B, c.Sq, c.Hq, c.Dv}, DType::kBFloat16, gpu());
+  Tensor lse = poisoned({c.B, c.Hq, c.Sq}, DType::kFloat32, gpu());
+  const ops::AttentionOptions o = options_of(c);
+  ops::attention_forward(in.dq, in.dk, in.dv, out, lse, o);
+  const auto ref = kernels::cpu::reference_attention_forward(in.q, in.k, in.v, o);
+  expect_close(out, ref.out, tolerance(DType::kBFloat16), "out");
+  expect_close(lse, ref.lse, 1e-5, "lse");
+
+  // No keys: out 0, lse -inf.
+  Tensor k0 = Tensor::empty({c.B, 0, c.Hkv, c.D}, DType::kBFloat16, gpu());
+  Tensor v0 = Tensor::empty({c.B, 0, c.Hkv, c.Dv}, DType::kBFloat16, gpu());
+  ops::attention_forward(in.dq, k0, v0, out, lse, o);
+  for (double x : to_double_vector(out)) ASSERT_EQ(x, 0.0);
+  for (double x : to_double_vector(lse)) ASSERT_EQ(x, -std::numeric_limits<double>::infinity());
+
+  // Mixed devices are refused before any kernel runs.
+  Tensor k_host = make_input({c.B, c.Sk, c.Hkv, c.D}, DType::kBFloat16, 61, 1);
+  EXPECT_THROW(ops::attention_forward(in.dq, k_host, in.dv, out, lse, o), Error);
+}
+
+TEST_F(CudaAttention, OpsPagedDecodeValidatesDevicePageTables) {
+  const int64_t B = 1, Sq = 1, H = 2, D = 64, page = 16, pages = 4;
+  Tensor kp = to_device(make_input({pages, page, H, D}, DType::kBFloat16, 3, 1).view(), gpu());
+  Tensor vp = to_device(make_input({pages, page, H, D}, DType::kBFloat16, 3, 2).view(), gpu());
+  Tensor q = to_device(make_input({B, Sq, H, D}, DType::kBFloat16, 3, 0).view(), gpu());
+  Tensor pt_h = Tensor::empty({B, 2}, DType::kInt32);
+  pt_h.data_as<int32_t>()[0] = 3;
+  pt_h.data_as<int32_t>()[1] = 7;  // not a page id
+  Tensor sl_h = Tensor::empty({B}, DType::kInt32);
+  sl_h.data_as<int32_t>()[0] = 20;
+  Tensor pt = to_device(pt_h.view(), gpu()), sl = to_device(sl_h.view(), gpu());
+  ops::PagedKV cache{kp.view(), vp.view(), pt.view(), sl.view()};
+  Tensor out = poisoned({B, Sq, H, D}, DType::kFloat32, gpu());
+  Tensor lse = poisoned({B, H, Sq}, DType::kFloat32, gpu());
+  try {
+    ops::attention_decode_paged(q, cache, out, lse);
+    ADD_FAILURE() << "a page id outside the pool was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::kInvalidArgument);
+    EXPECT_NE(e.message().find("page_table[0, 1] = 7"), std::string::npos) << e.message();
+  }
+}
+
 #else
 TEST(CudaAttention, SkippedWithoutCudaBuild) {
   GTEST_SKIP() << "skipped: built without CUDA";

@@ -10,6 +10,7 @@
 
 #include "common/test_data.h"
 #include "distattn/config.h"
+#include "distattn/ops/mla.h"
 #include "tests/cuda/cuda_test_util.h"
 #if DISTATTN_WITH_CUDA
 #include "kernels/cuda/mla_cuda.h"
@@ -173,6 +174,46 @@ TEST_F(CudaMla, HadamardMatchesFp64TransformEveryWidth) {
     const std::vector<double> pad_want = to_double_vector(host.view().slice(1, d, pad));
     EXPECT_EQ(pad_got, pad_want);
   }
+}
+
+// Through the public op: CUDA tensors reach the CUDA kernel (same result as the CPU op).
+TEST_F(CudaMla, OpsDispatchCudaTensorsToTheGpuKernels) {
+  const int64_t B = 2, H = 4, Dl = 128, Dr = 64, page = 64, pages = 6;
+  Tensor pages_h = Tensor::empty({pages, page, Dl + Dr}, DType::kBFloat16);
+  fill_test_data(pages_h, 5, 0);
+  Tensor ql = Tensor::empty({B, H, Dl}, DType::kFloat32),
+         qp = Tensor::empty({B, H, Dr}, DType::kFloat32);
+  fill_test_data(ql, 5, 1);
+  fill_test_data(qp, 5, 2);
+  Tensor pt = Tensor::empty({B, 3}, DType::kInt32), sl = Tensor::empty({B}, DType::kInt32);
+  for (int i = 0; i < 6; ++i) pt.data_as<int32_t>()[i] = 5 - i;
+  sl.data_as<int32_t>()[0] = 150;
+  sl.data_as<int32_t>()[1] = 7;
+  ops::MlaDecodeOptions o;
+  o.softmax_scale = 0.125f;
+  Tensor out_h = Tensor::empty({B, H, Dl}, DType::kFloat32),
+         lse_h = Tensor::empty({B, H}, DType::kFloat32);
+  ops::mla_decode(ql, qp, {pages_h.view(), pt.view(), sl.view(), Dl}, out_h, lse_h, o);
+  Tensor pd = to_device(pages_h.view(), gpu()), ptd = to_device(pt.view(), gpu());
+  Tensor sld = to_device(sl.view(), gpu());
+  Tensor qld = to_device(ql.view(), gpu()), qpd = to_device(qp.view(), gpu());
+  Tensor out = poisoned({B, H, Dl}, DType::kFloat32, gpu()),
+         lse = poisoned({B, H}, DType::kFloat32, gpu());
+  ops::mla_decode(qld, qpd, {pd.view(), ptd.view(), sld.view(), Dl}, out, lse, o);
+  const ErrorStats so = compare(to_double_vector(out), to_double_vector(out_h));
+  const ErrorStats sl_ = compare(to_double_vector(lse), to_double_vector(lse_h));
+  EXPECT_EQ(so.non_finite + sl_.non_finite, 0);
+  EXPECT_LE(so.max_abs_err, 1e-5 * so.max_ref);
+  EXPECT_LE(sl_.max_abs_err, 1e-5 * sl_.max_ref);
+
+  Tensor x = Tensor::empty({3, 256}, DType::kFloat32);
+  fill_test_data(x, 5, 9);
+  Tensor xd = to_device(x.view(), gpu());
+  ops::hadamard_transform(x, 0.0625f);
+  ops::hadamard_transform(xd, 0.0625f);
+  const ErrorStats sh = compare(to_double_vector(xd), to_double_vector(x));
+  EXPECT_EQ(sh.non_finite, 0);
+  EXPECT_LE(sh.max_abs_err, 1e-5 * sh.max_ref);
 }
 
 #else
