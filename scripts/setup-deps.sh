@@ -2,8 +2,17 @@
 # Installs the Debian/Ubuntu packages distattn's build needs. Idempotent: when every package
 # is already installed it touches nothing (no apt-get at all). CUDA and NCCL are not
 # installed here: the CUDA toolkit (with NCCL) comes from NVIDIA; without it distattn builds
-# its CPU/MPI parts only.
+# its CPU/MPI parts only. NumPy (for the .npy round-trip check against a NumPy attention) is
+# installed from PyPI into the python3 on PATH when missing; without it that one test skips.
 set -euo pipefail
+
+ensure_numpy() {
+  command -v python3 >/dev/null 2>&1 || return 0
+  if python3 -c 'import numpy' >/dev/null 2>&1; then return 0; fi
+  echo "[setup-deps] installing numpy for $(command -v python3)"
+  python3 -m pip install --quiet numpy ||
+    echo "[setup-deps] numpy could not be installed: the npy round-trip test will skip" >&2
+}
 
 PACKAGES=(
   cmake ninja-build g++
@@ -20,6 +29,7 @@ done
 
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "[setup-deps] all build dependencies are installed"
+  ensure_numpy
   exit 0
 fi
 
@@ -43,4 +53,5 @@ echo "[setup-deps] installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update
 "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+ensure_numpy
 echo "[setup-deps] done"
