@@ -3,10 +3,11 @@
 // For each strategy and global sequence length (-b/-e/-f) it prints, on rank 0:
 //   time_ms       max over ranks of the mean per-call time after warm-up
 //   tflops        attention FLOPs of the whole problem / ranks / time (per-rank rate)
-//   par_eff       parallel efficiency = T1 / (P * TP), where T1 is the time of the SAME full
-//                 problem run by one rank alone with the same cores (measured in this run: every
-//                 rank runs it at once on its own core(s), so contention matches), TP the
-//                 strategy's time. 1.0 = perfect scaling.
+//   par_eff       parallel efficiency = T1 / (P * TP), where T1 is the mean time of the SAME
+//                 full problem run by one rank alone with the same cores (measured in this run
+//                 after -w warm-up runs, at least one: every rank runs it at once on its own
+//                 core(s), so contention matches), TP the strategy's time. 1.0 = perfect
+//                 scaling; values are in [0, 1] up to timing noise.
 //   eff_cpu       the same ratio with process CPU times (busy-polling MPI waits count as CPU):
 //                 steadier than wall clock when other processes share the cores.
 //   comm_MB       bytes this rank sent per call (ledger; max over ranks)
@@ -80,7 +81,7 @@ struct Args {
   int ulysses = 0;
   int ring = 0;
   bool backward = false;
-  int baseline_iters = 1;
+  int baseline_iters = -1;  // -1: same as --iters (at least 2)
   bool no_progress = false;
   std::string inputs, outputs;
 };
@@ -279,10 +280,13 @@ struct Baseline {
 };
 
 // T1: the full problem on one rank (every rank at once, same threads), mean of iterations:
-// wall time (max over ranks) and CPU time (mean over ranks).
+// wall time (max over ranks) and CPU time (mean over ranks). It is warmed up like the
+// strategies (-w runs, at least one, untimed): a cold first call pays page faults on the
+// fresh buffers and one-time setup, which inflated T1 and so par_eff above 1.
 Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
                   comm::Communicator& world) {
-  if (a.baseline_iters <= 0) return {};
+  const int iters = a.baseline_iters < 0 ? std::max(a.iters, 2) : a.baseline_iters;
+  if (iters == 0) return {};
   Tensor q = make_full(sh, false, 1, dtype, dev);
   Tensor k = make_full(sh, true, 2, dtype, dev);
   Tensor v = make_full(sh, true, 3, dtype, dev);
@@ -299,19 +303,21 @@ Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
   ops::AttentionOptions o;
   o.causal = a.causal != 0;
   double total = 0, cpu = 0;
-  for (int it = 0; it < a.baseline_iters; ++it) {
+  const int warmup = std::max(a.warmup, 1);
+  for (int it = 0; it < warmup + iters; ++it) {
     world.barrier();
     const double t0 = now_seconds(), c0 = cpu_seconds();
     ops::attention_forward(q.view(), k.view(), v.view(), out.view(), lse.view(), o);
     if (a.backward)
       ops::attention_backward(q.view(), k.view(), v.view(), out.view(), dout.view(), lse.view(),
                               dq.view(), dk.view(), dv.view(), o);
+    if (it < warmup) continue;
     total += now_seconds() - t0;
     cpu += cpu_seconds() - c0;
   }
   Baseline b1;
-  b1.wall_s = max_over_ranks(world, total / a.baseline_iters);
-  b1.cpu_s = sum_over_ranks(world, cpu / a.baseline_iters) / world.size();
+  b1.wall_s = max_over_ranks(world, total / iters);
+  b1.cpu_s = sum_over_ranks(world, cpu / iters) / world.size();
   return b1;
 }
 
@@ -509,8 +515,9 @@ int sp_main(int argc, char** argv) {
     ("ring", po::value(&a.ring)->default_value(0), "hybrid: ring degree (default ranks/ulysses)")
     ("backward", po::value(&backward)->default_value(0)->implicit_value(1),
      "also run (and time) the backward pass")
-    ("baseline-iters", po::value(&a.baseline_iters)->default_value(1),
-     "iterations of the single-rank full-problem run for parallel efficiency (0: skip)")
+    ("baseline-iters", po::value(&a.baseline_iters)->default_value(-1),
+     "timed iterations of the single-rank full-problem run T1 for par_eff, after -w (at least "
+     "1) untimed ones (-1: same as -n, at least 2; 0: skip)")
     ("no-progress", po::bool_switch(&a.no_progress),
      "do not drive communication progress from inside the kernels (to measure overlap)")
     ("inputs", po::value(&a.inputs)->default_value(""), "read q.npy, k.npy, v.npy [, dout.npy]")
@@ -533,7 +540,13 @@ int sp_main(int argc, char** argv) {
     if (rank == 0) {
       std::ostringstream os;
       os << desc;
-      std::printf("%s\n", os.str().c_str());
+      std::printf(
+          "%s\nparallel efficiency (par_eff, JSON parallel_efficiency) = T1 / (P * TP): T1 is the "
+          "mean wall time of the whole problem on one rank alone (every rank runs it at once on "
+          "its own cores, after warm-up), TP the strategy's mean time on P ranks. 1 = perfect "
+          "scaling; values lie in [0, 1] up to timing noise. eff_cpu is the same ratio with "
+          "process CPU times.\n",
+          os.str().c_str());
     }
     return 0;
   }
@@ -542,6 +555,10 @@ int sp_main(int argc, char** argv) {
   DISTATTN_CHECK(dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16,
                  "--dtype must be fp32, bf16 or fp16, got ", a.dtype);
   if (a.kv_heads == 0) a.kv_heads = a.heads;
+  DISTATTN_CHECK(a.baseline_iters >= -1,
+                 "--baseline-iters must be -1 (same as -n), 0 (skip) or "
+                 "positive, got ",
+                 a.baseline_iters);
   std::vector<Strategy> strategies;
   if (a.strategy == "all") {
     strategies.assign(parallel::all_strategies().begin(), parallel::all_strategies().end());
@@ -573,8 +590,10 @@ int sp_main(int argc, char** argv) {
         static_cast<long long>(a.heads), static_cast<long long>(a.kv_heads),
         static_cast<long long>(a.dim), a.causal, a.backward ? "fwd+bwd" : "fwd", a.iters, a.warmup);
     std::printf(
-        "# par_eff = T1 / (P * TP), T1 = the full problem on one rank (same cores); eff_cpu: "
-        "the same with process CPU times; exposed = time blocked on communication\n");
+        "# par_eff = T1 / (P * TP) in [0, 1] (1 = perfect scaling), T1 = the full problem on one "
+        "rank (same cores, after warm-up, mean of %d runs), TP = the strategy's time; eff_cpu: "
+        "the same with process CPU times; exposed = time blocked on communication\n",
+        a.baseline_iters < 0 ? std::max(a.iters, 2) : a.baseline_iters);
     std::printf("# %-10s %9s %10s %11s %8s %8s %12s %11s %8s %9s %12s\n", "strategy", "seq",
                 "time_ms", "tflops/rank", "par_eff", "eff_cpu", "comm_MB/rank", "exposed_ms",
                 "exposed%", "peak_MB", "max_abs_err");
