@@ -92,11 +92,17 @@ void check_layout(const SpLayout& l, const SpShape& sh) {
                  ": query heads (", sh.heads_q, ") must be a positive multiple of KV heads (",
                  sh.heads_kv, ")");
   auto need_multiple = [&](int64_t m, const char* what) {
+    // Only end padding is offered: under the causal mask keys after every real query never
+    // reach a real row, so the result is exact. There is no key-length/key-mask option, so
+    // padded keys WOULD leak into non-causal rows; say so instead of hinting at a mask.
+    const int64_t padded = (sh.seq + m - 1) / m * m;
     DISTATTN_CHECK(sh.seq % m == 0, name, " over ", p,
-                   " ranks needs the sequence length to be a "
-                   "multiple of ",
-                   m, " (", what, "); got ", sh.seq, ": pad it to ", (sh.seq + m - 1) / m * m,
-                   " (padding keys must be masked by the caller)");
+                   " ranks needs the sequence length to be a multiple of ", m, " (", what,
+                   "); got ", sh.seq, ". Causal attention: pad it at the END to ", padded,
+                   " and discard the padded query rows (padded keys come after every real "
+                   "query, so the causal mask hides them). Non-causal attention has no "
+                   "key-length option: choose a sequence length that is a multiple of ",
+                   m, " (e.g. ", padded, ")");
   };
   switch (l.strategy) {
     case Strategy::kHeads:

@@ -81,7 +81,11 @@ TEST(SpLayout, IndivisibleSequencesNameTheNeededMultipleAndThePaddedLength) {
   } catch (const Error& e) {
     const std::string m = e.what();
     EXPECT_NE(m.find("multiple of 8"), std::string::npos) << m;
-    EXPECT_NE(m.find("pad it to 104"), std::string::npos) << m;
+    EXPECT_NE(m.find("pad it at the END to 104"), std::string::npos) << m;
+    EXPECT_NE(m.find("discard the padded query rows"), std::string::npos) << m;
+    // No key-mask option exists: the message must not promise one.
+    EXPECT_EQ(m.find("masked by the caller"), std::string::npos) << m;
+    EXPECT_NE(m.find("Non-causal attention has no key-length option"), std::string::npos) << m;
   }
   sh.seq = 10;
   EXPECT_THROW(check_layout(SpLayout{Strategy::kRing, 4, 1}, sh), Error);

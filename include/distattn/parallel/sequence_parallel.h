@@ -97,8 +97,10 @@ struct SpShape {
 };
 
 // Throws Error(kInvalidArgument) naming the needed multiple (e.g. "zigzag over 4 ranks needs
-// the sequence length to be a multiple of 8 (2*ranks); got 100: pad it to 104") or the bad
-// head counts.
+// the sequence length to be a multiple of 8 (2*ranks); got 100. Causal attention: pad it at the
+// END to 104 and discard the padded query rows ...") or the bad head counts. End padding is
+// exact only for causal attention (padded keys follow every real query); there is no key-length
+// option for non-causal attention.
 void check_layout(const SpLayout& layout, const SpShape& shape);
 
 // Local sequence length of every rank (same for all ranks).
