@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "common/test_data.h"
@@ -41,12 +42,12 @@ MlaConfig small_config() {
 }
 
 struct Fixture {
-  MlaConfig cfg = small_config();
+  MlaConfig cfg;
   std::shared_ptr<comm::Communicator> world;
   MlaWeights weights;
   Tensor x;  // [kCap, hidden]
   parallel::MlaReference ref;
-  Fixture() {
+  explicit Fixture(const MlaConfig& c = small_config()) : cfg(c) {
     world = comm::create_world(comm::Backend::kMpi, Device::cpu());
     weights = MlaWeights::generate(cfg, kSeed);
     x = Tensor::empty({kCap, cfg.hidden}, DType::kFloat32);
@@ -63,13 +64,28 @@ Fixture& fx() {
   return f;
 }
 
+// hidden 96 > kv_lora 64: the latents span the whole latent space. (In fx() they span a
+// 48-dim subspace; PCA's last components are then rounding noise, and the sliced RMSNorm of a
+// slice made only of them, at g = 4, normalizes that noise: fp32 and fp64 legitimately differ.)
+Fixture& fx_full_rank() {
+  static Fixture f([] {
+    MlaConfig c = small_config();
+    c.hidden = 96;
+    return c;
+  }());
+  return f;
+}
+
 // Runs prefill + kDecode decode steps; returns the decode outputs [kDecode, hidden].
+// `tp` defaults to the world.
 std::vector<double> run_decode(const MlaDecodeSetup& setup,
-                               const parallel::TplaReparam* rp = nullptr) {
-  Fixture& f = fx();
+                               const parallel::TplaReparam* rp = nullptr,
+                               std::shared_ptr<comm::Communicator> tp = nullptr,
+                               Fixture& f = fx()) {
+  if (!tp) tp = f.world;
   TensorView prompt = f.x.view().slice(0, 0, kPrompt);
-  auto pre = parallel::mla_prefill_tp(f.cfg, f.weights, prompt, *f.world, kCap);
-  MlaDecoder dec(f.cfg, f.weights, setup, f.world, rp);
+  auto pre = parallel::mla_prefill_tp(f.cfg, f.weights, prompt, *tp, kCap);
+  MlaDecoder dec(f.cfg, f.weights, setup, tp, rp);
   dec.load_prefill(pre.cache);
   std::vector<double> out;
   std::vector<float> y(static_cast<size_t>(f.cfg.hidden));
@@ -88,8 +104,7 @@ MlaDecodeSetup setup_for(MlaSharding s, int groups = 0) {
   return st;
 }
 
-parallel::TplaReparam reparam_for(int groups, TplaRotation rot) {
-  Fixture& f = fx();
+parallel::TplaReparam reparam_for(int groups, TplaRotation rot, Fixture& f = fx()) {
   // Calibration: the exact latents of the prompt and the absorbed queries of its tokens.
   std::vector<float> lat(f.ref.latent.begin(), f.ref.latent.begin() + kPrompt * f.cfg.kv_lora_rank);
   auto q = parallel::mla_absorbed_queries(f.cfg, f.weights, f.x.data_as<float>(), 8);
@@ -183,6 +198,172 @@ TEST(MlaSharding, TplaPerShardSoftmaxIsABoundedApproximation) {
   // into the first shards and wins clearly over no rotation and Hadamard.
   EXPECT_LT(err[2], 0.5 * err[0]);
   EXPECT_LT(err[2], 0.5 * err[1]);
+}
+
+// Independent fp64 TPLA decode (docs/MLA.md, REFERENCE.md section 5), straight from the
+// full weights: q_lat[h] = q_nope[h] W_UK[h] diag(gamma), q_hat = q_lat U; latent c_hat = c U
+// (prompt tokens and exact-RMSNorm decode tokens: the full-vector normalized latent; sliced
+// decode tokens: each slice of (x W_DKV) U normalized by its own RMS); shard i:
+// s_i[t] = mu_i scale q_hat_i . c_hat_i[t] + scale q_pe . k_pe[t], P_i = softmax(s_i),
+// O_i = P_i c_hat_i, o[h] = sum_i W_UV[h] diag(gamma) U[:, slice i] O_i (no 1/g),
+// y = sum_h o[h] W_O[h]. Returns the decode outputs [kDecode, hidden].
+std::vector<double> tpla_fp64(const Fixture& f, const parallel::TplaReparam& rp, TplaNorm norm) {
+  const MlaConfig& c = f.cfg;
+  const int64_t H = c.heads, nope = c.qk_nope, rope = c.qk_rope, dv = c.v_head, hid = c.hidden;
+  const int64_t dl = c.kv_lora_rank, q_in = c.q_lora_rank, g = rp.groups, w = dl / g;
+  const double eps = c.rms_eps, scale = c.scale();
+  const float* gamma = f.weights.gamma.data_as<float>();
+  auto vec_mat = [](const std::vector<double>& v, const float* m, int64_t cols) {
+    std::vector<double> out(static_cast<size_t>(cols), 0.0);
+    for (size_t i = 0; i < v.size(); ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        out[static_cast<size_t>(j)] += v[i] * m[static_cast<int64_t>(i) * cols + j];
+    return out;
+  };
+  auto rms_normalize = [eps](double* v, int64_t d) {
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += v[i] * v[i];
+    const double inv = 1.0 / std::sqrt(ss / static_cast<double>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) v[i] *= inv;
+  };
+  auto rope_at = [&](double* v, int64_t pos) {  // half-split RoPE, as in mla.h
+    for (int64_t i = 0; i < rope / 2; ++i) {
+      const double ang =
+          static_cast<double>(pos) * std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / rope);
+      const double a = v[i], b = v[i + rope / 2];
+      v[i] = a * std::cos(ang) - b * std::sin(ang);
+      v[i + rope / 2] = a * std::sin(ang) + b * std::cos(ang);
+    }
+  };
+  auto rotate = [&](const double* v) {  // v U
+    std::vector<double> out(static_cast<size_t>(dl), 0.0);
+    for (int64_t k = 0; k < dl; ++k)
+      for (int64_t j = 0; j < dl; ++j)
+        out[static_cast<size_t>(j)] += v[k] * rp.u[static_cast<size_t>(k * dl + j)];
+    return out;
+  };
+  std::vector<double> chat(static_cast<size_t>(kCap * dl)), kpe(static_cast<size_t>(kCap * rope));
+  for (int64_t t = 0; t < kCap; ++t) {
+    std::vector<double> xt(f.x.data_as<float>() + t * hid, f.x.data_as<float>() + (t + 1) * hid);
+    std::vector<double> lat = vec_mat(xt, f.weights.w_dkv.data_as<float>(), dl);
+    const bool sliced = norm == TplaNorm::kSliced && t >= kPrompt;
+    if (!sliced) rms_normalize(lat.data(), dl);
+    std::vector<double> r = rotate(lat.data());
+    if (sliced)
+      for (int64_t i = 0; i < g; ++i) rms_normalize(r.data() + i * w, w);
+    std::copy(r.begin(), r.end(), chat.begin() + t * dl);
+    std::vector<double> kr = vec_mat(xt, f.weights.w_kr.data_as<float>(), rope);
+    rope_at(kr.data(), t);
+    std::copy(kr.begin(), kr.end(), kpe.begin() + t * rope);
+  }
+  // Guards the reference itself: its latents and RoPE'd keys agree with the exact model's.
+  std::vector<double> kpe_ref(f.ref.k_pe.begin(), f.ref.k_pe.begin() + kCap * rope);
+  EXPECT_LT(testing::compare(kpe, kpe_ref).rel(), 1e-12);
+
+  std::vector<double> y(static_cast<size_t>(kDecode * hid), 0.0);
+  for (int64_t s = 0; s < kDecode; ++s) {
+    const int64_t pos = kPrompt + s, len = pos + 1;
+    std::vector<double> xt(f.x.data_as<float>() + pos * hid,
+                           f.x.data_as<float>() + (pos + 1) * hid);
+    std::vector<double> cq = vec_mat(xt, f.weights.w_dq.data_as<float>(), q_in);
+    rms_normalize(cq.data(), q_in);
+    const std::vector<double> qn = vec_mat(cq, f.weights.w_uq.data_as<float>(), H * nope);
+    const std::vector<double> qr = vec_mat(cq, f.weights.w_qr.data_as<float>(), H * rope);
+    for (int64_t h = 0; h < H; ++h) {
+      std::vector<double> qlat(static_cast<size_t>(dl), 0.0);
+      for (int64_t i = 0; i < nope; ++i)
+        for (int64_t j = 0; j < dl; ++j)
+          qlat[static_cast<size_t>(j)] += qn[static_cast<size_t>(h * nope + i)] *
+                                          f.weights.w_uk.data_as<float>()[(h * nope + i) * dl + j];
+      for (int64_t j = 0; j < dl; ++j) qlat[static_cast<size_t>(j)] *= gamma[j];
+      const std::vector<double> qhat = rotate(qlat.data());
+      std::vector<double> qpe(qr.begin() + h * rope, qr.begin() + (h + 1) * rope);
+      rope_at(qpe.data(), pos);
+      std::vector<double> o(static_cast<size_t>(dv), 0.0);
+      for (int64_t i = 0; i < g; ++i) {
+        const double mu = rp.mu[static_cast<size_t>(i)];
+        std::vector<double> sc(static_cast<size_t>(len));
+        double mx = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) {
+          double a = 0, b = 0;
+          for (int64_t j = i * w; j < (i + 1) * w; ++j)
+            a += qhat[static_cast<size_t>(j)] * chat[static_cast<size_t>(t * dl + j)];
+          for (int64_t j = 0; j < rope; ++j)
+            b += qpe[static_cast<size_t>(j)] * kpe[static_cast<size_t>(t * rope + j)];
+          sc[static_cast<size_t>(t)] = mu * scale * a + scale * b;
+          mx = std::max(mx, sc[static_cast<size_t>(t)]);
+        }
+        double l = 0;
+        for (double& v : sc) l += (v = std::exp(v - mx));
+        std::vector<double> oi(static_cast<size_t>(w), 0.0);
+        for (int64_t t = 0; t < len; ++t)
+          for (int64_t j = 0; j < w; ++j)
+            oi[static_cast<size_t>(j)] +=
+                sc[static_cast<size_t>(t)] / l * chat[static_cast<size_t>(t * dl + i * w + j)];
+        // O_i back through W_UV[h] diag(gamma) U[:, slice i].
+        for (int64_t k = 0; k < dl; ++k) {
+          double z = 0;
+          for (int64_t j = 0; j < w; ++j)
+            z += rp.u[static_cast<size_t>(k * dl + i * w + j)] * oi[static_cast<size_t>(j)];
+          z *= gamma[k];
+          for (int64_t e = 0; e < dv; ++e)
+            o[static_cast<size_t>(e)] += f.weights.w_uv.data_as<float>()[(h * dv + e) * dl + k] * z;
+        }
+      }
+      for (int64_t e = 0; e < dv; ++e)
+        for (int64_t j = 0; j < hid; ++j)
+          y[static_cast<size_t>(s * hid + j)] +=
+              o[static_cast<size_t>(e)] * f.weights.w_o.data_as<float>()[(h * dv + e) * hid + j];
+    }
+  }
+  return y;
+}
+
+TEST(MlaSharding, TplaPerShardSoftmaxMatchesIndependentFp64Tpla) {
+  // The real per-shard-softmax decode path against tpla_fp64, for every group count that
+  // divides TP (g < TP: heads split TP/g ways inside each latent group), rotation and
+  // RMSNorm mode, with the mu values the decoder uses.
+  Fixture& f = fx_full_rank();
+  const int p = f.world->size();
+  for (int g = 1; g <= p; g *= 2)
+    for (auto rot : {TplaRotation::kNone, TplaRotation::kHadamard, TplaRotation::kPca}) {
+      const auto rp = reparam_for(g, rot, f);
+      for (auto norm : {TplaNorm::kSliced, TplaNorm::kExact}) {
+        auto st = setup_for(MlaSharding::kTpla, g);
+        st.tpla_norm = norm;
+        const auto got = run_decode(st, &rp, f.world, f);
+        const auto want = tpla_fp64(f, rp, norm);
+        const auto e = testing::compare(got, want);
+        const std::string what = "g=" + std::to_string(g) + " " + parallel::rotation_name(rot) +
+                                 " " + parallel::norm_name(norm);
+        EXPECT_EQ(e.non_finite, 0) << what;
+        EXPECT_LT(e.rel(), 2e-5) << what;
+        if (g > 1) {  // and it is not exact MLA: the check above is not the exact path's
+          EXPECT_GT(testing::compare(want, f.ref_rows(kPrompt, kDecode)).rel(), 1e-4) << what;
+        }
+      }
+    }
+}
+
+TEST(MlaSharding, TplaTwoGroupsGiveTheSameOutputAtTp2AndTp4) {
+  // g = 2 at TP = 4 (heads split 2 ways inside each latent group) vs g = 2 at TP = 2 (each
+  // half of the world alone): the same TPLA computation, so the same output.
+  Fixture& f = fx_full_rank();
+  if (f.world->size() != 4) GTEST_SKIP() << "needs 4 ranks";
+  std::shared_ptr<comm::Communicator> half = f.world->split(f.world->rank() / 2, f.world->rank());
+  ASSERT_EQ(half->size(), 2);
+  for (auto rot : {TplaRotation::kNone, TplaRotation::kHadamard, TplaRotation::kPca}) {
+    const auto rp = reparam_for(2, rot, f);
+    for (auto norm : {TplaNorm::kSliced, TplaNorm::kExact}) {
+      auto st = setup_for(MlaSharding::kTpla, 2);
+      st.tpla_norm = norm;
+      const auto tp4 = run_decode(st, &rp, f.world, f);
+      const auto tp2 = run_decode(st, &rp, half, f);
+      const auto e = testing::compare(tp4, tp2);
+      EXPECT_EQ(e.non_finite, 0);
+      EXPECT_LT(e.rel(), 1e-5) << parallel::rotation_name(rot) << " " << parallel::norm_name(norm);
+    }
+  }
 }
 
 TEST(MlaSharding, TplaDecodeTokensCarrySlicedOrExactRmsNorm) {
