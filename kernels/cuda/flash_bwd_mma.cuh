@@ -215,7 +215,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_mma_kernel(const BwdParams p
   T* Vs = Ks + BN * S;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = static_cast<int>(blockIdx.x) * BM;
+  // Last query tiles first: under a causal mask they see the most keys, so the longest
+  // blocks start in the first wave instead of trailing the grid.
+  const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * BM;
   const int b = static_cast<int>(blockIdx.y) / f.Hq, h = static_cast<int>(blockIdx.y) % f.Hq;
   const int hkv = h / f.G;
   const T* qg = static_cast<const T*>(f.q) + b * f.q_s0 + h * f.q_s2;

@@ -101,7 +101,9 @@ __global__ void __launch_bounds__(FwdTraits<kD, kDv, kBlockN>::kThreads)
   T* Vs = Ks + kBlockN * KS;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = static_cast<int>(blockIdx.x) * kBM;
+  // Last query tiles first: under a causal mask they see the most keys, so the longest
+  // blocks start in the first wave instead of trailing the grid.
+  const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kBM;
   const int b = static_cast<int>(blockIdx.y) / p.Hq, h = static_cast<int>(blockIdx.y) % p.Hq;
   const int hkv = h / p.G;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_s0 + h * p.q_s2;
