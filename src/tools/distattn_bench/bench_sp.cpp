@@ -15,8 +15,11 @@
 //                 ranks of the mean)
 //   peak_MB       peak bytes of distattn tensors allocated during the call (max over ranks)
 //   max_abs_err   with -c: max |out - fp64 reference| over sampled query rows of every rank
+//   grad_err      with -c --backward: max |dq, dk, dv - fp64 reference| (dq on the sampled
+//                 query rows; dk, dv on sampled key rows of one KV head per rank)
 // --json FILE writes one row per (strategy, seq) with keys strategy, ranks, seq, time_ms, tflops,
-// parallel_efficiency, comm_bytes_per_rank, exposed_comm_ms, max_abs_err (+ extra keys).
+// parallel_efficiency, comm_bytes_per_rank, exposed_comm_ms, max_abs_err (+ extra keys, among
+// them max_grad_abs_err).
 //
 // --inputs DIR --outputs DIR: rank 0 reads q.npy, k.npy, v.npy (float32 [B, S, H, D]) and
 // optionally dout.npy, scatters them in the strategy's layout, runs, gathers and writes
@@ -207,11 +210,78 @@ double check_rows(const Group& g, const SpShape& sh, const Tensor& out, DType dt
   return err;
 }
 
+// Max |grad - fp64 reference| of dq, dk, dv, sampled. dq: up to `samples` local query rows
+// (all local heads); a row's dq depends only on that row, so each is one single-row fp64
+// backward against the full K, V. dk, dv: one local KV head (different ranks pick different
+// heads) of batch 0, up to `samples` local key rows; a key row's gradient sums over every
+// query of its group, so this runs the fp64 backward of that head's whole group (O(S^2)).
+// Head parallel: replicated KV heads hold only the local query heads' share, so the reference
+// sums over exactly those heads.
+double check_grads(const Group& g, const SpShape& sh, const Tensor& dq, const Tensor& dk,
+                   const Tensor& dv, DType dtype, bool causal, int samples) {
+  const auto pos = parallel::token_positions(g.layout, sh.seq, g.rank);
+  const parallel::HeadRange hr = parallel::local_query_heads(g.layout, sh, g.rank);
+  const parallel::HeadRange hrk = parallel::local_kv_heads(g.layout, sh, g.rank);
+  Tensor qf = make_full(sh, false, 1, dtype, Device::cpu());
+  Tensor kf = make_full(sh, true, 2, dtype, Device::cpu());
+  Tensor vf = make_full(sh, true, 3, dtype, Device::cpu());
+  Tensor df = make_full(sh, false, 4, dtype, Device::cpu());
+  auto host64 = [](const Tensor& t) {
+    Tensor h = to_device(t.view(), Device::cpu());
+    const TensorView hv = h.view();
+    Tensor r = Tensor::empty({hv.size(0), hv.size(1), hv.size(2), hv.size(3)}, DType::kFloat64);
+    convert_dtype_cpu(hv, r.view());
+    return r;
+  };
+  const Tensor dq64 = host64(dq), dk64 = host64(dk), dv64 = host64(dv);
+  const int64_t sl = static_cast<int64_t>(pos.size()), D = sh.head_dim, Dv = sh.dim_v();
+  const int64_t group = sh.heads_q / sh.heads_kv;
+  ops::AttentionOptions o;
+  o.causal = causal;
+  double err = 0;
+  const int64_t n = std::min<int64_t>(samples, sl);
+  auto sample = [&](int64_t t) { return n > 1 ? t * (sl - 1) / (n - 1) : int64_t{0}; };
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t i = sample(t), gi = pos[static_cast<size_t>(i)];
+    for (int64_t b = 0; b < sh.batch; ++b)
+      for (int64_t h = 0; h < hr.size(); ++h) {
+        const int64_t gh = hr.begin + h, kvh = gh / group;
+        o.q_offset = gi;
+        const auto ref = kernels::cpu::reference_attention_backward(
+            qf.view().slice(0, b, 1).slice(1, gi, 1).slice(2, gh, 1),
+            kf.view().slice(0, b, 1).slice(2, kvh, 1), vf.view().slice(0, b, 1).slice(2, kvh, 1),
+            df.view().slice(0, b, 1).slice(1, gi, 1).slice(2, gh, 1), o);
+        const double* r = ref.dq.data_as<double>();
+        const double* got = dq64.data_as<double>() + ((b * sl + i) * hr.size() + h) * D;
+        for (int64_t d = 0; d < D; ++d) err = std::max(err, std::abs(got[d] - r[d]));
+      }
+  }
+  // dk, dv: batch 0, one local KV head, the query heads of its group that this rank holds.
+  const int64_t hk = g.rank % hrk.size(), kvh = hrk.begin + hk;
+  const int64_t h0 = std::max(kvh * group, hr.begin), h1 = std::min((kvh + 1) * group, hr.end);
+  DISTATTN_CHECK(h0 < h1, "sp -c: KV head ", kvh, " has no local query head on rank ", g.rank);
+  o.q_offset = 0;
+  const auto ref = kernels::cpu::reference_attention_backward(
+      qf.view().slice(0, 0, 1).slice(2, h0, h1 - h0), kf.view().slice(0, 0, 1).slice(2, kvh, 1),
+      vf.view().slice(0, 0, 1).slice(2, kvh, 1), df.view().slice(0, 0, 1).slice(2, h0, h1 - h0), o);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t j = sample(t), gj = pos[static_cast<size_t>(j)];
+    const double* rk = ref.dk.data_as<double>() + gj * D;  // [1, S, 1, D]
+    const double* rv = ref.dv.data_as<double>() + gj * Dv;
+    const double* gk = dk64.data_as<double>() + (j * hrk.size() + hk) * D;
+    const double* gv = dv64.data_as<double>() + (j * hrk.size() + hk) * Dv;
+    for (int64_t d = 0; d < D; ++d) err = std::max(err, std::abs(gk[d] - rk[d]));
+    for (int64_t d = 0; d < Dv; ++d) err = std::max(err, std::abs(gv[d] - rv[d]));
+  }
+  return err;
+}
+
 struct Result {
   double time_s = 0, exposed_s = 0, compute_s = 0, cpu_s = 0;
   uint64_t bytes = 0;
   int64_t peak = 0;
   double err = kNaN;
+  double grad_err = kNaN;  // with -c and --backward: max |dq, dk, dv - fp64 reference|
 };
 
 Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DType dtype, Device dev,
@@ -271,6 +341,8 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   r.peak = static_cast<int64_t>(max_over_ranks(world, static_cast<double>(r.peak)));
   if (a.check) {
     r.err = max_over_ranks(world, check_rows(g, sh, out, dtype, o.causal, 16));
+    if (a.backward)
+      r.grad_err = max_over_ranks(world, check_grads(g, sh, dq, dk, dv, dtype, o.causal, 16));
   }
   return r;
 }
@@ -507,7 +579,8 @@ int sp_main(int argc, char** argv) {
     ("dim", po::value(&a.dim)->default_value(128), "head dim")
     ("causal", po::value(&a.causal)->default_value(0)->implicit_value(1), "causal mask (0|1)")
     ("check,c", po::value(&a.check)->default_value(0)->implicit_value(1),
-     "1: max error vs fp64 reference on 16 sampled query rows per rank")
+     "1: max error vs fp64 reference on 16 sampled query rows per rank (with --backward also "
+     "dq on those rows and dk, dv on 16 key rows of one KV head per rank)")
     ("json", po::value(&a.json)->default_value(""), "write rows to this JSON file")
     ("iters,n", po::value(&a.iters)->default_value(5), "timed iterations")
     ("warmup_iters,w", po::value(&a.warmup)->default_value(1), "untimed iterations")
@@ -594,9 +667,9 @@ int sp_main(int argc, char** argv) {
         "rank (same cores, after warm-up, mean of %d runs), TP = the strategy's time; eff_cpu: "
         "the same with process CPU times; exposed = time blocked on communication\n",
         a.baseline_iters < 0 ? std::max(a.iters, 2) : a.baseline_iters);
-    std::printf("# %-10s %9s %10s %11s %8s %8s %12s %11s %8s %9s %12s\n", "strategy", "seq",
+    std::printf("# %-10s %9s %10s %11s %8s %8s %12s %11s %8s %9s %12s %9s\n", "strategy", "seq",
                 "time_ms", "tflops/rank", "par_eff", "eff_cpu", "comm_MB/rank", "exposed_ms",
-                "exposed%", "peak_MB", "max_abs_err");
+                "exposed%", "peak_MB", "max_abs_err", "grad_err");
   }
   std::vector<JsonRow> rows;
   for (int64_t seq = minseq; seq <= maxseq; seq *= a.factor) {
@@ -622,10 +695,11 @@ int sp_main(int argc, char** argv) {
       const double eff = std::isnan(t1) ? kNaN : t1 / (p * r.time_s);
       const double eff_cpu = std::isnan(base.cpu_s) ? kNaN : base.cpu_s / (p * r.cpu_s);
       if (rank == 0) {
-        std::printf("  %-10s %9lld %10.3f %11.4f %8.3f %8.3f %12.3f %11.3f %7.1f%% %9.1f %12.3g\n",
-                    parallel::strategy_name(s), static_cast<long long>(seq), r.time_s * 1e3, tflops,
-                    eff, eff_cpu, r.bytes / 1e6, r.exposed_s * 1e3, 100.0 * r.exposed_s / r.time_s,
-                    r.peak / 1e6, r.err);
+        std::printf(
+            "  %-10s %9lld %10.3f %11.4f %8.3f %8.3f %12.3f %11.3f %7.1f%% %9.1f %12.3g %9.3g\n",
+            parallel::strategy_name(s), static_cast<long long>(seq), r.time_s * 1e3, tflops, eff,
+            eff_cpu, r.bytes / 1e6, r.exposed_s * 1e3, 100.0 * r.exposed_s / r.time_s, r.peak / 1e6,
+            r.err, r.grad_err);
         std::fflush(stdout);
       }
       JsonRow row;
@@ -638,6 +712,7 @@ int sp_main(int argc, char** argv) {
           .set("comm_bytes_per_rank", r.bytes)
           .set("exposed_comm_ms", r.exposed_s * 1e3)
           .set("max_abs_err", r.err)
+          .set("max_grad_abs_err", r.grad_err)
           .set("baseline_ms", t1 * 1e3)
           .set("compute_ms", r.compute_s * 1e3)
           .set("parallel_efficiency_cpu", eff_cpu)
