@@ -57,7 +57,6 @@ struct MlaDecoder::Impl {
   std::unique_ptr<comm::Communicator> latent_comm;  // TPLA: ranks of the other latent groups
   const TplaReparam* rp = nullptr;
   int rank = 0, size = 1;
-  float mu = 1.0f;
   int64_t attn_h0 = 0, attn_hn = 0;  // heads attended here
   int64_t proj_h0 = 0, proj_hn = 0;  // heads projected (W_UV, W_O) here, inside attn heads
   int64_t dl = 0, dl_full = 0;
@@ -136,7 +135,9 @@ MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const Ml
       m.attn_hn = m.proj_hn = H / hparts;
       m.dl = dlf / g;
       m.rp = reparam;
-      m.mu = reparam->mu[static_cast<size_t>(group_)];
+      DISTATTN_CHECK(static_cast<int64_t>(reparam->mu.size()) == g,
+                     "TPLA: the TplaReparam must hold one mu per group (", g, "), got ",
+                     reparam->mu.size());
       break;
     }
   }
@@ -264,15 +265,15 @@ void MlaDecoder::step(const float* x, float* y) {
     gemm(1, dl, hid, x, hid, m.w_dkv.data_as<float>(), dl, c.data(), dl);
     double ss = 0;
     for (float v : c) ss += static_cast<double>(v) * v;
-    double count = static_cast<double>(dl);
-    if (m.setup.sharding == MlaSharding::kTpla && m.setup.tpla_norm == TplaNorm::kExact &&
-        groups_ > 1) {
+    // The slice is the whole latent unless TPLA has more than one group.
+    TplaNorm norm = TplaNorm::kExact;
+    if (m.setup.sharding == MlaSharding::kTpla && groups_ > 1) {
+      norm = m.setup.tpla_norm;
       // Exact RMSNorm: one scalar all-reduce of the slices' sums of squares.
-      m.latent_comm->all_reduce(&ss, &ss, 1, DType::kFloat64, comm::ReduceOp::kSum);
-      count = static_cast<double>(m.dl_full);
+      if (norm == TplaNorm::kExact)
+        m.latent_comm->all_reduce(&ss, &ss, 1, DType::kFloat64, comm::ReduceOp::kSum);
     }
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss / count + cfg.rms_eps));
-    for (float& v : c) v *= inv;
+    tpla_normalize_slice(c.data(), dl, norm, ss, m.dl_full, cfg.rms_eps);
     if (rope > 0) {
       gemm(1, rope, hid, x, hid, m.w_kr.data_as<float>(), rope, kpe.data(), rope);
       rope_inplace(kpe.data(), rope, pos, cfg.rope_theta);
@@ -331,8 +332,9 @@ void MlaDecoder::step(const float* x, float* y) {
         for (int64_t j = 0; j < dl; ++j) o[j] += pr * row[static_cast<size_t>(j)];
       }
     }
+  } else if (m.setup.sharding == MlaSharding::kTpla) {
+    tpla_shard_attention(*m.rp, group_, q_lat, qpe_v, cache_.view(), o_lat, lse, opts);
   } else {
-    opts.latent_logit_scale = m.mu;
     ops::mla_decode(q_lat, qpe_v, cache_.view(), o_lat, lse, opts);
   }
 

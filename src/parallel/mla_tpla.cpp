@@ -191,6 +191,20 @@ TplaReparam make_tpla_reparam(int64_t latent, int groups, TplaRotation rotation,
       }
     rp.eigenvalues = symmetric_eigen(m, d, rp.u);  // columns = eigenvectors, descending
   }
+  calibrate_tpla_mu(rp, calib_latents, n_latents, calib_qlat, n_queries);
+  return rp;
+}
+
+void calibrate_tpla_mu(TplaReparam& rp, const float* calib_latents, int64_t n_latents,
+                       const float* calib_qlat, int64_t n_queries) {
+  const int64_t d = rp.latent;
+  const int groups = rp.groups;
+  DISTATTN_CHECK(
+      d > 0 && groups >= 1 && d % groups == 0 && static_cast<int64_t>(rp.u.size()) == d * d,
+      "calibrate_tpla_mu: pass a TplaReparam from make_tpla_reparam whose groups (", groups,
+      ") divide its latent width (", d, ")");
+  DISTATTN_CHECK(n_latents >= 0 && n_queries >= 0,
+                 "calibrate_tpla_mu: calibration counts must be >= 0");
   rp.mu.assign(static_cast<size_t>(groups), 1.0f);
   if (calib_qlat != nullptr && n_queries > 0 && calib_latents != nullptr && n_latents > 0 &&
       groups > 1) {
@@ -224,7 +238,37 @@ TplaReparam make_tpla_reparam(int64_t latent, int groups, TplaRotation rotation,
         rp.mu[static_cast<size_t>(g)] =
             static_cast<float>(num[static_cast<size_t>(g)] / den[static_cast<size_t>(g)]);
   }
-  return rp;
+}
+
+void tpla_normalize_slice(float* slice, int64_t w, TplaNorm norm, double full_sum_sq,
+                          int64_t latent, float eps) {
+  DISTATTN_CHECK(slice != nullptr && w > 0 && latent >= w && eps > 0,
+                 "tpla_normalize_slice: need a slice of width w > 0 within the latent (w ", w,
+                 ", latent ", latent, ") and eps > 0");
+  double ss = full_sum_sq, count = static_cast<double>(latent);
+  if (norm == TplaNorm::kSliced) {
+    ss = 0;
+    for (int64_t j = 0; j < w; ++j) ss += static_cast<double>(slice[j]) * slice[j];
+    count = static_cast<double>(w);
+  }
+  DISTATTN_CHECK(std::isfinite(ss) && ss >= 0,
+                 "tpla_normalize_slice: the sum of squares must be finite and >= 0, got ", ss);
+  const float inv = static_cast<float>(1.0 / std::sqrt(ss / count + eps));
+  for (int64_t j = 0; j < w; ++j) slice[j] *= inv;
+}
+
+void tpla_shard_attention(const TplaReparam& rp, int group, const TensorView& q_lat,
+                          const TensorView& q_pe, const ops::MlaPagedCache& shard,
+                          const TensorView& out, const TensorView& lse,
+                          ops::MlaDecodeOptions opts) {
+  DISTATTN_CHECK(group >= 0 && group < rp.groups && static_cast<int64_t>(rp.mu.size()) == rp.groups,
+                 "tpla_shard_attention: group ", group, " outside [0, ", rp.groups,
+                 ") or the reparameterization has no mu per group");
+  DISTATTN_CHECK(q_lat.ndim == 3 && q_lat.size(2) == rp.slice_width(),
+                 "tpla_shard_attention: q_lat must be [B, H, latent/g = ", rp.slice_width(),
+                 "], got ", q_lat.str());
+  opts.latent_logit_scale = rp.mu[static_cast<size_t>(group)];
+  ops::mla_decode(q_lat, q_pe, shard, out, lse, opts);
 }
 
 // ---- resharding --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // TPLA offline reparameterization: Jacobi eigensolver, orthogonal U for every rotation,
-// PCA ordering, the fast Hadamard rotation equal to its dense matrix, mu calibration.
+// PCA ordering, the fast Hadamard rotation equal to its dense matrix, mu calibration (and
+// regrouping one U), the sliced / exact RMSNorm of a latent slice.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -121,6 +122,47 @@ TEST(MlaReparam, MuIsTheLeastSquaresFitOfFullByShardLogits) {
   const auto one =
       parallel::make_tpla_reparam(d, 1, TplaRotation::kNone, 0, lat.data(), n, q.data(), m);
   EXPECT_FLOAT_EQ(one.mu[0], 1.0f);
+}
+
+TEST(MlaReparam, RegroupingOneRotationEqualsBuildingItForThatGroupCount) {
+  // calibrate_tpla_mu on a g = 1 reparameterization regrouped to g gives make_tpla_reparam's
+  // mu for g exactly (the accuracy bench regroups one U this way).
+  const int64_t d = 32, n = 40, m = 12;
+  std::vector<float> lat(n * d), q(m * d);
+  for (int64_t i = 0; i < n * d; ++i) lat[i] = static_cast<float>(u01(i + 7) * (1 + i % 5));
+  for (int64_t i = 0; i < m * d; ++i) q[i] = static_cast<float>(u01(i + 9001));
+  for (auto rot : {TplaRotation::kNone, TplaRotation::kHadamard, TplaRotation::kPca})
+    for (int g : {2, 4, 8}) {
+      auto rp = parallel::make_tpla_reparam(d, 1, rot, 3, lat.data(), n);
+      rp.groups = g;
+      parallel::calibrate_tpla_mu(rp, lat.data(), n, q.data(), m);
+      const auto want = parallel::make_tpla_reparam(d, g, rot, 3, lat.data(), n, q.data(), m);
+      ASSERT_EQ(rp.mu.size(), static_cast<size_t>(g));
+      for (int i = 0; i < g; ++i) EXPECT_EQ(rp.mu[i], want.mu[i]) << g << " " << i;
+      // PCA decorrelates the shards on the calibration latents (sum_t c_i c_j^T = 0 for
+      // i != j), so the cross terms of the fit vanish and mu = 1; the others fit mu != 1.
+      if (rot == TplaRotation::kPca)
+        EXPECT_NEAR(rp.mu[0], 1.0f, 1e-5);
+      else
+        EXPECT_GT(std::abs(rp.mu[0] - 1.0f), 1e-3) << parallel::rotation_name(rot) << " " << g;
+    }
+}
+
+TEST(MlaReparam, SlicedAndExactRmsNormOfALatentSlice) {
+  std::vector<float> s = {3.0f, 4.0f};  // |s|^2 = 25
+  auto a = s;
+  parallel::tpla_normalize_slice(a.data(), 2, parallel::TplaNorm::kSliced, 1e9, 8, 1e-6f);
+  const double inv_s = 1.0 / std::sqrt(25.0 / 2 + 1e-6);
+  EXPECT_NEAR(a[0], 3.0 * inv_s, 1e-6);
+  EXPECT_NEAR(a[1], 4.0 * inv_s, 1e-6);
+  auto b = s;
+  parallel::tpla_normalize_slice(b.data(), 2, parallel::TplaNorm::kExact, 100.0, 8, 1e-6f);
+  const double inv_e = 1.0 / std::sqrt(100.0 / 8 + 1e-6);
+  EXPECT_NEAR(b[0], 3.0 * inv_e, 1e-6);
+  EXPECT_NEAR(b[1], 4.0 * inv_e, 1e-6);
+  EXPECT_THROW(
+      parallel::tpla_normalize_slice(b.data(), 4, parallel::TplaNorm::kExact, 1.0, 2, 1e-6f),
+      Error);
 }
 
 TEST(MlaReparam, RejectsWhatItCannotBuild) {

@@ -158,6 +158,30 @@ TplaReparam make_tpla_reparam(int64_t latent, int groups, TplaRotation rotation,
                               const float* calib_latents = nullptr, int64_t n_latents = 0,
                               const float* calib_qlat = nullptr, int64_t n_queries = 0);
 
+// (Re)fits rp.mu for rp.groups shards with rp.u / rp.signs kept (make_tpla_reparam's fit,
+// above; it calls this). A rotation does not depend on g, so one U can be regrouped for
+// several g. Without calibration data, or for one group, mu = 1.
+void calibrate_tpla_mu(TplaReparam& rp, const float* calib_latents, int64_t n_latents,
+                       const float* calib_qlat, int64_t n_queries);
+
+// TPLA's RMSNorm of one decode token's cached latent slice, in place (what MlaDecoder
+// stores). slice [w] = this group's slice of (x W_DKV) U, not yet normalized. kSliced
+// divides by the slice's own RMS sqrt(|slice|^2 / w + eps); kExact by the whole latent's,
+// sqrt(full_sum_sq / latent + eps), where full_sum_sq = |x W_DKV|^2 (MlaDecoder all-reduces
+// the slices' sums of squares: one scalar per token).
+void tpla_normalize_slice(float* slice, int64_t w, TplaNorm norm, double full_sum_sq,
+                          int64_t latent, float eps);
+
+// One TPLA shard's decode attention with the per-shard softmax (MlaDecoder's core on a
+// rank of latent group `group`): ops::mla_decode with latent_logit_scale = rp.mu[group],
+// i.e. logits mu_i * scale * q_hat_i . c_hat_i + scale * q_pe . k_pe.
+//   q_lat [B, H, Dl/g]: the group's slice of the rotated absorbed queries q_lat U
+//   shard: reshard_to_tpla's cache (+ decode tokens normalized by tpla_normalize_slice)
+//   out [B, H, Dl/g] = P_i c_hat_i, lse [B, H]; opts.latent_logit_scale is overwritten.
+void tpla_shard_attention(const TplaReparam& rp, int group, const TensorView& q_lat,
+                          const TensorView& q_pe, const ops::MlaPagedCache& shard,
+                          const TensorView& out, const TensorView& lse, ops::MlaDecodeOptions opts);
+
 // Symmetric eigensolver (cyclic Jacobi), fp64, for the offline PCA. a [n, n] row-major
 // symmetric (destroyed). Returns eigenvalues descending; vectors [n, n] with eigenvector k
 // in COLUMN k. Converges to ~1e-12 relative off-diagonal mass; throws after 100 sweeps.

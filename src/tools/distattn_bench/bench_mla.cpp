@@ -27,6 +27,10 @@
 // the resharding), then --decode-len tokens are decoded; decode tokens' latents go through
 // TPLA's RMSNorm (sliced: each shard normalizes its own slice; exact: full-vector norm).
 // Attention is evaluated every --eval-every decode steps. Data recipes: see docs/MLA.md.
+// The TPLA side runs the library functions MlaDecoder itself uses (make_tpla_reparam,
+// calibrate_tpla_mu, reshard_to_tpla, tpla_normalize_slice, tpla_shard_attention), all g
+// shards in one process (g may exceed the ranks); tests/mpi/test_mla_sharding.cpp checks
+// MlaDecoder against an independent fp64 TPLA.
 // Configurations are spread over the ranks.
 #include <algorithm>
 #include <boost/program_options.hpp>
@@ -459,55 +463,69 @@ int run_accuracy(const AccArgs& a, comm::Communicator& world) {
       }
 
       const TplaRotation rot = rots[ri];
-      // Rotated normalized latents (prompt + exact-norm decode), rotated raw latents (sliced
-      // norm of decode tokens) and rotated queries; the rotation does not depend on g.
+      // The library's TPLA path, as MlaDecoder runs it on the rank of latent group i:
+      // make_tpla_reparam / calibrate_tpla_mu (U, mu), reshard_to_tpla (prompt: rotate the
+      // normalized latents, slice), tpla_normalize_slice (decode tokens: slice of the rotated
+      // raw latent, sliced or exact RMSNorm), tpla_shard_attention (per-shard softmax with
+      // mu_i). MlaDecoder folds U into W_UK / W_UV; here the queries are rotated and the
+      // shard outputs rotated back (o_lat += O_i U_i^T), the same linear maps.
+      // The rotation does not depend on g: one U, mu re-fitted per g.
       const auto rp0 = parallel::make_tpla_reparam(d, 1, rot, seed, cal.data(), a.calib_tokens);
-      std::vector<float> crot(cnorm), rawrot(raw), qrot(qlat);
-      rp0.rotate_rows(crot.data(), total);
-      rp0.rotate_rows(rawrot.data(), total);
+      MlaCache prompt_cache(a.prompt, a.page, d, dr, DType::kFloat32);
+      prompt_cache.append(cnorm.data(), kpe.data(), a.prompt);
+      std::vector<float> rawrot(raw.begin() + a.prompt * d, raw.end()), qrot(qlat);
+      rp0.rotate_rows(rawrot.data(), a.decode_len);
       rp0.rotate_rows(qrot.data(), ns * h);
+      std::vector<double> raw_ss(static_cast<size_t>(a.decode_len), 0.0);
+      for (int64_t t = 0; t < a.decode_len; ++t)
+        for (int64_t k = 0; k < d; ++k) {
+          const double v = raw[static_cast<size_t>((a.prompt + t) * d + k)];
+          raw_ss[static_cast<size_t>(t)] += v * v;
+        }
       for (size_t gi = 0; gi < ng; ++gi) {
         const int g = static_cast<int>(a.groups[gi]);
-        // mu by least squares on the calibration set (same U as rp0: same seed/data).
         parallel::TplaReparam rp = rp0;
         rp.groups = g;
-        // Least squares fit of mu in the rotated space (see make_tpla_reparam).
-        std::vector<float> calr(cal), calqr(calq);
-        rp0.rotate_rows(calr.data(), a.calib_tokens);
-        rp0.rotate_rows(calqr.data(), a.calib_queries);
-        const auto fitted =
-            parallel::make_tpla_reparam(d, g, TplaRotation::kNone, seed, calr.data(),
-                                        a.calib_tokens, calqr.data(), a.calib_queries);
-        rp.mu = fitted.mu;
+        parallel::calibrate_tpla_mu(rp, cal.data(), a.calib_tokens, calq.data(), a.calib_queries);
         const int64_t w = d / g;
         double mu_mean = 0;
         for (float m : rp.mu) mu_mean += m / g;
         for (int ni = 0; ni < 2; ++ni) {
           const TplaNorm norm = norms[ni];
           std::vector<double> approx(static_cast<size_t>(ns * h * d), 0.0);
-          std::vector<float> sl(static_cast<size_t>(total * w)), o(static_cast<size_t>(h * w));
+          std::vector<float> sl(static_cast<size_t>(w)), o(static_cast<size_t>(h * w));
           std::vector<float> qs(static_cast<size_t>(h * w));
+          Tensor lse = Tensor::empty({1, h}, DType::kFloat32);
+          Tensor lens = Tensor::empty({1}, DType::kInt32);
+          ops::MlaDecodeOptions opts;
+          opts.softmax_scale = scale;
           for (int gs = 0; gs < g; ++gs) {
-            for (int64_t t = 0; t < total; ++t) {
-              const bool sliced_decode = norm == TplaNorm::kSliced && t >= a.prompt;
-              const float* src = (sliced_decode ? rawrot.data() : crot.data()) + t * d + gs * w;
-              std::copy(src, src + w, sl.data() + t * w);
-              if (sliced_decode) normalize_rows(sl.data() + t * w, 1, w, w);
+            MlaCache shard = parallel::reshard_to_tpla(prompt_cache, rp, gs, total);
+            for (int64_t t = 0; t < a.decode_len; ++t) {
+              const float* src = rawrot.data() + t * d + gs * w;
+              std::copy(src, src + w, sl.data());
+              parallel::tpla_normalize_slice(sl.data(), w, norm, raw_ss[static_cast<size_t>(t)], d,
+                                             1e-6f);
+              shard.append(sl.data(), kpe.data() + (a.prompt + t) * dr, 1);
             }
-            MlaCache shard(total, a.page, w, dr, DType::kFloat32);
-            shard.append(sl.data(), kpe.data(), total);
+            ops::MlaPagedCache view = shard.view();
+            view.seq_lens = lens;
             for (int64_t si = 0; si < ns; ++si) {
               for (int64_t hh = 0; hh < h; ++hh)
                 std::copy(qrot.data() + (si * h + hh) * d + gs * w,
                           qrot.data() + (si * h + hh) * d + (gs + 1) * w, qs.data() + hh * w);
-              decode(shard, a.prompt + steps[static_cast<size_t>(si)] + 1, qs.data(),
-                     qpe.data() + si * h * dr, w, rp.mu[static_cast<size_t>(gs)], o.data());
+              lens.data_as<int32_t>()[0] =
+                  static_cast<int32_t>(a.prompt + steps[static_cast<size_t>(si)] + 1);
+              TensorView qv(qs.data(), DType::kFloat32, Device::cpu(), {1, h, w});
+              TensorView pv(qpe.data() + si * h * dr, DType::kFloat32, Device::cpu(), {1, h, dr});
+              TensorView ov(o.data(), DType::kFloat32, Device::cpu(), {1, h, w});
+              parallel::tpla_shard_attention(rp, gs, qv, pv, view, ov, lse, opts);
               // Back to the unrotated latent space: o_lat += O_i U_i^T.
               for (int64_t hh = 0; hh < h; ++hh) {
                 double* dst = approx.data() + (si * h + hh) * d;
                 const float* oi = o.data() + hh * w;
                 for (int64_t k = 0; k < d; ++k) {
-                  const double* uk = rp0.u.data() + k * d + gs * w;
+                  const double* uk = rp.u.data() + k * d + gs * w;
                   double acc = 0;
                   for (int64_t j = 0; j < w; ++j) acc += uk[j] * oi[j];
                   dst[k] += acc;
