@@ -158,6 +158,52 @@ class MpiOpState final : public PendingOp {
   int failed_rc_ = MPI_SUCCESS;
 };
 
+namespace {
+struct AbandonedRequests {
+  std::mutex mu;
+  std::vector<MPI_Request> reqs;
+  std::string why;
+};
+AbandonedRequests& abandoned() {
+  static auto* a = new AbandonedRequests;  // never destroyed: used from runtime_finalize
+  return *a;
+}
+}  // namespace
+
+void abandon_mpi_requests(std::span<const MPI_Request> reqs, const std::string& why) {
+  AbandonedRequests& a = abandoned();
+  std::lock_guard<std::mutex> lock(a.mu);
+  for (MPI_Request r : reqs)
+    if (r != MPI_REQUEST_NULL) a.reqs.push_back(r);
+  if (a.why.empty()) a.why = why;
+}
+
+size_t settle_abandoned_mpi_requests(std::chrono::steady_clock::time_point deadline,
+                                     std::string* why) {
+  AbandonedRequests& a = abandoned();
+  std::lock_guard<std::mutex> lock(a.mu);
+  if (why != nullptr) *why = a.why;
+  auto sleep = std::chrono::microseconds(20);
+  for (;;) {
+    // MPI_Test frees and nulls a completed request; a failed one counts as settled (its
+    // error was already reported, or its owner is gone).
+    size_t pending = 0;
+    for (MPI_Request& r : a.reqs) {
+      if (r == MPI_REQUEST_NULL) continue;
+      int flag = 0;
+      if (MPI_Test(&r, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) r = MPI_REQUEST_NULL;
+      if (!flag && r != MPI_REQUEST_NULL) ++pending;
+    }
+    if (pending == 0) {
+      a.reqs.clear();
+      return 0;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return pending;
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::microseconds(500));
+  }
+}
+
 }  // namespace detail
 
 namespace {
@@ -458,9 +504,12 @@ std::unique_ptr<MpiCommunicator> MpiCommunicator::dup_world() {
   MPI_Request req = MPI_REQUEST_NULL;
   DISTATTN_MPI_CHECK(MPI_Comm_idup(MPI_COMM_WORLD, &dup, &req), "create_world(mpi) on rank ", rank);
   const auto timeout = default_timeout();
-  DISTATTN_CHECK_STATUS(
-      wait_request(&req, timeout, "create_world(mpi)"), Status::kTimeout,
-      timeout_message("create_world(mpi) (MPI_Comm_idup)", rank, size, timeout, false));
+  if (!wait_request(&req, timeout, "create_world(mpi)")) {
+    detail::abandon_mpi_requests(std::span<const MPI_Request>(&req, 1),
+                                 "create_world(mpi) timed out on rank " + std::to_string(rank));
+    DISTATTN_THROW(Status::kTimeout, timeout_message("create_world(mpi) (MPI_Comm_idup)", rank,
+                                                     size, timeout, false));
+  }
   return std::make_unique<MpiCommunicator>(dup, max_count);
 }
 
@@ -480,14 +529,31 @@ void MpiCommunicator::progress() {
 
 void MpiCommunicator::wait_setup(MPI_Request* req, const char* what) {
   if (wait_request(req, timeout(), std::string(what) + " on rank " + std::to_string(rank_))) return;
+  detail::abandon_mpi_requests(std::span<const MPI_Request>(req, 1),
+                               std::string(what) + " timed out on rank " + std::to_string(rank_));
   abort();
   DISTATTN_THROW(Status::kTimeout, timeout_message(what, rank_, size_, timeout(), true));
 }
 
 void MpiCommunicator::do_abort() noexcept {
   // In-flight requests cannot be cancelled portably (collectives never): their owners
-  // leak them on purpose, so progress() must stop touching them.
+  // leak them on purpose, so progress() must stop touching them. They are handed to the
+  // process-wide record so that runtime_finalize() knows whether MPI can still finalize.
   std::lock_guard<std::mutex> lock(registry_->mu);
+  std::vector<MPI_Request> pending;
+  for (MpiOpState* op : registry_->ops)
+    for (MPI_Request r : op->reqs)
+      if (r != MPI_REQUEST_NULL) pending.push_back(r);
+  if (!pending.empty()) {
+    try {
+      detail::abandon_mpi_requests(
+          pending, "a communicator of " + std::to_string(size_) + " ranks was aborted on rank " +
+                       std::to_string(rank_) + " with " + std::to_string(pending.size()) +
+                       " MPI request(s) in flight");
+    } catch (...) {
+      // Out of memory while recording: finalize will at worst block like plain MPI.
+    }
+  }
   registry_->ops.clear();
 }
 

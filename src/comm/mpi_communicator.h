@@ -2,7 +2,9 @@
 // Internal: the MPI backend of distattn::comm::Communicator. Only src/comm includes mpi.h.
 #include <mpi.h>
 
+#include <chrono>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "distattn/comm/communicator.h"
@@ -94,5 +96,17 @@ class MpiCommunicator final : public Communicator {
 
 // DISTATTN_MPI_MAX_COUNT, else INT_MAX.
 size_t mpi_max_count_from_env();
+
+namespace detail {
+// Process-wide record of MPI requests that an abort or a watchdog timeout left behind.
+// MPI cannot cancel them (collectives never), and MPI_Finalize with requests that never
+// complete may block forever, so runtime_finalize() asks settle_abandoned_mpi_requests()
+// and calls MPI_Abort instead of MPI_Finalize when some are still pending.
+void abandon_mpi_requests(std::span<const MPI_Request> reqs, const std::string& why);
+// Drives the abandoned requests (MPI_Testall) until all completed or `deadline` passed.
+// Returns how many are still pending; `why` gets the first reason recorded.
+size_t settle_abandoned_mpi_requests(std::chrono::steady_clock::time_point deadline,
+                                     std::string* why);
+}  // namespace detail
 
 }  // namespace distattn::comm

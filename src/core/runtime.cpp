@@ -4,14 +4,20 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
+#include <thread>
 
+#include "distattn/comm/communicator.h"
 #include "distattn/config.h"
 #include "distattn/core/error.h"
+#include "src/comm/mpi_communicator.h"
 #if DISTATTN_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -124,6 +130,52 @@ const RuntimeInfo& runtime_init(int* argc, char*** argv, const RuntimeOptions& o
   return s.info;
 }
 
+namespace {
+
+// MPI_Finalize blocks until every rank reaches it (and, with requests that never complete,
+// possibly forever). Everything before it is bounded by the watchdog timeout: a barrier
+// over the world (a peer stuck elsewhere), then the requests an abort left behind (a peer
+// that never joined a collective). When either does not finish, the job is ended with
+// MPI_Abort so that it exits non-zero instead of hanging. Returns only when MPI_Finalize
+// is safe.
+void bounded_finalize_or_abort(int rank, int size) {
+  const auto timeout = comm::default_timeout();
+  char secs[32];
+  std::snprintf(secs, sizeof(secs), "%.1f", std::chrono::duration<double>(timeout).count());
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  MPI_Request req = MPI_REQUEST_NULL;
+  if (size > 1 && MPI_Ibarrier(MPI_COMM_WORLD, &req) == MPI_SUCCESS) {
+    auto sleep = std::chrono::microseconds(20);
+    for (int polls = 0;; ++polls) {
+      int flag = 0;
+      if (MPI_Test(&req, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS || flag) break;
+      if (std::chrono::steady_clock::now() >= deadline) {
+        runtime_abort(1, "runtime_finalize: not every one of the " + std::to_string(size) +
+                             " ranks reached runtime_finalize within " + secs +
+                             " s (DISTATTN_COMM_TIMEOUT_S); a rank is stuck or died, so "
+                             "MPI_Finalize would block forever");
+      }
+      if (polls > 200) {
+        std::this_thread::sleep_for(sleep);
+        sleep = std::min(sleep * 2, std::chrono::microseconds(500));
+      }
+    }
+  }
+  // Every rank is here: requests abandoned by a late-but-alive peer complete now.
+  std::string why;
+  const size_t pending = comm::detail::settle_abandoned_mpi_requests(
+      std::max(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(1)), &why);
+  if (pending > 0) {
+    runtime_abort(
+        1, "runtime_finalize on rank " + std::to_string(rank) + ": " + std::to_string(pending) +
+               " MPI request(s) abandoned by a communicator abort never completed (" + why +
+               "); MPI cannot recover from that and MPI_Finalize could block "
+               "forever, so the job is aborted");
+  }
+}
+
+}  // namespace
+
 void runtime_finalize() {
   RuntimeState& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
@@ -132,7 +184,10 @@ void runtime_finalize() {
   s.finalized = true;
   int done = 0;
   MPI_Finalized(&done);
-  if (s.we_initialized_mpi && !done) MPI_Finalize();
+  if (s.we_initialized_mpi && !done) {
+    bounded_finalize_or_abort(s.info.rank, s.info.size);
+    MPI_Finalize();
+  }
 }
 
 bool runtime_initialized() {
