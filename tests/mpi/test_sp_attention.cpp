@@ -448,6 +448,54 @@ TEST(SpAttentionMemory, RingHoldsOwnKvPlusInFlightBlocksAndScalesWithLocalSequen
   }
 }
 
+// Ring backward: K,V travel as in the forward (2 in-flight blocks in the input dtype) and each
+// block carries an fp32 dK,dV accumulator (2 slots: one arriving, one leaving) plus this rank's
+// fp32 contribution: 5 K,V-block-sized buffers, all proportional to the local sequence. The
+// caller's q, k, v, out, dout, lse, dq, dk, dv exist before the call and do not count.
+MemResult ring_backward_scratch(int64_t seq) {
+  comm::Communicator& w = world();
+  const int p = w.size();
+  const int64_t b = 1, hq = 4, hkv = 2, d = 64, sl = seq / p;
+  auto make = [&](std::initializer_list<int64_t> shape, uint64_t id) {
+    Tensor t = Tensor::empty(shape, DType::kFloat32);
+    fill_test_data(t.view(), 9, id, static_cast<uint64_t>(w.rank() * t.numel()));
+    return t;
+  };
+  Tensor q = make({b, sl, hq, d}, 1), k = make({b, sl, hkv, d}, 2), v = make({b, sl, hkv, d}, 3);
+  Tensor dout = make({b, sl, hq, d}, 4);
+  Tensor out = Tensor::empty({b, sl, hq, d}, DType::kFloat32);
+  Tensor lse = Tensor::empty({b, hq, sl}, DType::kFloat32);
+  Tensor dq = Tensor::empty({b, sl, hq, d}, DType::kFloat32);
+  Tensor dk = Tensor::empty({b, sl, hkv, d}, DType::kFloat32);
+  Tensor dv = Tensor::empty({b, sl, hkv, d}, DType::kFloat32);
+  SpOptions o;
+  o.causal = true;
+  sp_attention_forward(Strategy::kRing, SpGroup::flat(w), q.view(), k.view(), v.view(), out.view(),
+                       lse.view(), o);
+  w.barrier();
+  const int64_t before = memory_stats(DeviceType::kCPU).current_bytes;
+  reset_peak_memory(DeviceType::kCPU);
+  sp_attention_backward(Strategy::kRing, SpGroup::flat(w), q.view(), k.view(), v.view(), out.view(),
+                        dout.view(), lse.view(), dq.view(), dk.view(), dv.view(), o);
+  MemResult m;
+  m.scratch = memory_stats(DeviceType::kCPU).peak_bytes - before;
+  const int64_t kv_block = 2 * b * sl * hkv * d * 4;
+  // p == 1: only the one accumulator the single step computes into.
+  m.bound = p > 1 ? 5 * kv_block : kv_block;
+  return m;
+}
+
+TEST(SpAttentionMemory, RingBackwardHoldsInFlightBlocksAndAccumulatorsOnly) {
+  const int p = world().size();
+  const MemResult a = ring_backward_scratch(64 * p);
+  const MemResult b = ring_backward_scratch(128 * p);
+  EXPECT_LE(a.scratch, a.bound);
+  EXPECT_LE(b.scratch, b.bound);
+  ASSERT_GT(a.scratch, 0);  // at least the fp32 dK,dV accumulator
+  const double ratio = static_cast<double>(b.scratch) / static_cast<double>(a.scratch);
+  EXPECT_NEAR(ratio, 2.0, 0.05) << "scratch " << a.scratch << " -> " << b.scratch;
+}
+
 // ---- errors -------------------------------------------------------------------------------
 
 TEST(SpAttentionErrors, IndivisibleSequenceNamesTheNeededMultiple) {
