@@ -179,6 +179,30 @@ class ScopedRange {
   ScopedRange& operator=(const ScopedRange&) = delete;
 };
 
+// Opens an NVTX start/end range in the "distattn" domain (it may end on another call than
+// the one that started it: nonblocking ops end in Handle::wait/test). 0 without NVTX.
+uint64_t start_range(const char* name) {
+#if DISTATTN_WITH_NVTX
+  nvtxEventAttributes_t a{};
+  a.version = NVTX_VERSION;
+  a.size = NVTX_EVENT_ATTRIB_STRUCT_SIZE;
+  a.messageType = NVTX_MESSAGE_TYPE_ASCII;
+  a.message.ascii = name;
+  return nvtxDomainRangeStartEx(nvtx_domain(), &a);
+#else
+  (void)name;
+  return 0;
+#endif
+}
+
+void end_range_id(uint64_t id) noexcept {
+#if DISTATTN_WITH_NVTX
+  if (id != 0) nvtxDomainRangeEnd(nvtx_domain(), id);
+#else
+  (void)id;
+#endif
+}
+
 }  // namespace
 
 std::chrono::milliseconds default_timeout() {
@@ -199,13 +223,15 @@ std::chrono::milliseconds default_timeout() {
 // ---- Handle --------------------------------------------------------------------------------
 
 Handle::Handle(Communicator* comm, std::unique_ptr<PendingOp> op, std::string what,
-               std::string peers, OpKind kind, std::chrono::steady_clock::time_point start)
+               std::string peers, OpKind kind, std::chrono::steady_clock::time_point start,
+               uint64_t nvtx_range)
     : comm_(comm),
       op_(std::move(op)),
       what_(std::move(what)),
       peers_(std::move(peers)),
       kind_(kind),
-      start_(start) {}
+      start_(start),
+      nvtx_range_(nvtx_range) {}
 
 Handle::Handle(Handle&& o) noexcept
     : comm_(o.comm_),
@@ -213,8 +239,10 @@ Handle::Handle(Handle&& o) noexcept
       what_(std::move(o.what_)),
       peers_(std::move(o.peers_)),
       kind_(o.kind_),
-      start_(o.start_) {
+      start_(o.start_),
+      nvtx_range_(o.nvtx_range_) {
   o.comm_ = nullptr;
+  o.nvtx_range_ = 0;
 }
 
 Handle& Handle::operator=(Handle&& o) noexcept {
@@ -231,21 +259,32 @@ Handle& Handle::operator=(Handle&& o) noexcept {
     peers_ = std::move(o.peers_);
     kind_ = o.kind_;
     start_ = o.start_;
+    end_range();
+    nvtx_range_ = o.nvtx_range_;
     o.comm_ = nullptr;
+    o.nvtx_range_ = 0;
   }
   return *this;
 }
 
 Handle::~Handle() {
-  if (!op_) return;
-  try {
-    wait();
-  } catch (...) {
-    // Destructors never throw; the communicator is aborted when the wait failed.
+  if (op_) {
+    try {
+      wait();
+    } catch (...) {
+      // Destructors never throw; the communicator is aborted when the wait failed.
+    }
   }
+  end_range();
+}
+
+void Handle::end_range() noexcept {
+  end_range_id(nvtx_range_);
+  nvtx_range_ = 0;
 }
 
 void Handle::complete() {
+  end_range();
   std::unique_ptr<PendingOp> op = std::move(op_);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
@@ -258,6 +297,7 @@ bool Handle::test() {
   if (comm_->aborted()) {
     // The backend may still own the buffers of this op: keep its state alive forever.
     (void)op_.release();
+    end_range();
     DISTATTN_THROW(Status::kRemoteError, what_, " on rank ", comm_->rank(),
                    " cannot complete: the communicator was aborted (an earlier op timed out or "
                    "failed); create a new communicator");
@@ -268,6 +308,7 @@ bool Handle::test() {
   } catch (...) {
     comm_->abort();
     (void)op_.release();
+    end_range();
     throw;
   }
   if (done) complete();
@@ -288,6 +329,7 @@ void Handle::wait() {
     if (std::chrono::steady_clock::now() >= deadline) {
       comm_->abort();
       (void)op_.release();
+      end_range();
       std::ostringstream os;
       os << what_ << " on rank " << comm_->rank() << " did not complete within "
          << format_seconds(timeout) << " s; peers: " << peers_
@@ -344,16 +386,25 @@ void Communicator::check_buffer(const char* op, const char* name, const void* pt
 Handle Communicator::launch(OpKind kind, std::string what, std::string peers, uint64_t bytes_sent,
                             uint64_t bytes_recv,
                             const std::function<std::unique_ptr<PendingOp>()>& start) {
-  ScopedRange range(op_kind_name(kind));
+  // A start/end range owned by the handle: it spans post to completion, not just the post.
+  const uint64_t range = start_range(op_kind_name(kind));
   const auto t0 = std::chrono::steady_clock::now();
-  std::unique_ptr<PendingOp> op = start();
-  DISTATTN_CHECK_STATUS(op != nullptr, Status::kInternal, "backend returned no operation for ",
-                        what);
+  std::unique_ptr<PendingOp> op;
+  try {
+    op = start();
+  } catch (...) {
+    end_range_id(range);
+    throw;
+  }
+  if (op == nullptr) {
+    end_range_id(range);
+    DISTATTN_THROW(Status::kInternal, "backend returned no operation for ", what);
+  }
   LedgerEntry& e = ledger_[kind];
   e.calls += 1;
   e.bytes_sent += bytes_sent;
   e.bytes_recv += bytes_recv;
-  return Handle(this, std::move(op), std::move(what), std::move(peers), kind, t0);
+  return Handle(this, std::move(op), std::move(what), std::move(peers), kind, t0, range);
 }
 
 namespace {

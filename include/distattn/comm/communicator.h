@@ -75,8 +75,11 @@ class Communicator;
 class Handle {
  public:
   Handle() = default;
-  Handle(Communicator* comm, std::unique_ptr<PendingOp> op, std::string what,
-         std::string peers, OpKind kind, std::chrono::steady_clock::time_point start);
+  // `nvtx_range`: id of an NVTX start/end range (domain "distattn") opened when the op was
+  // posted; the handle ends it when the op completes, fails, times out or is abandoned, so
+  // the range covers the op and not just its launch. 0 = none.
+  Handle(Communicator* comm, std::unique_ptr<PendingOp> op, std::string what, std::string peers,
+         OpKind kind, std::chrono::steady_clock::time_point start, uint64_t nvtx_range = 0);
   Handle(Handle&&) noexcept;
   Handle& operator=(Handle&&) noexcept;
   Handle(const Handle&) = delete;
@@ -92,12 +95,14 @@ class Handle {
 
  private:
   void complete();
+  void end_range() noexcept;
   Communicator* comm_ = nullptr;
   std::unique_ptr<PendingOp> op_;
   std::string what_;
   std::string peers_;
   OpKind kind_ = OpKind::kBarrier;
   std::chrono::steady_clock::time_point start_{};
+  uint64_t nvtx_range_ = 0;
 };
 
 // Waits for all handles (each with the watchdog).
@@ -129,8 +134,7 @@ class Communicator {
   void reduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype, ReduceOp op,
                       Stream stream = nullptr);
   // send and recv hold size()*count elements; block j of send goes to rank j.
-  void all_to_all(const void* send, void* recv, size_t count, DType dtype,
-                  Stream stream = nullptr);
+  void all_to_all(const void* send, void* recv, size_t count, DType dtype, Stream stream = nullptr);
   // Uneven: counts and displacements (elements) per peer, as MPI_Alltoallv. Not in place.
   void all_to_all_v(const void* send, std::span<const size_t> send_counts,
                     std::span<const size_t> send_displs, void* recv,
@@ -149,8 +153,8 @@ class Communicator {
                      Stream stream = nullptr);
   Handle iall_gather(const void* send, void* recv, size_t send_count, DType dtype,
                      Stream stream = nullptr);
-  Handle ireduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype,
-                         ReduceOp op, Stream stream = nullptr);
+  Handle ireduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype, ReduceOp op,
+                         Stream stream = nullptr);
   Handle iall_to_all(const void* send, void* recv, size_t count, DType dtype,
                      Stream stream = nullptr);
   Handle iall_to_all_v(const void* send, std::span<const size_t> send_counts,
@@ -188,8 +192,7 @@ class Communicator {
   virtual std::unique_ptr<PendingOp> start_all_reduce(const void* send, void* recv, size_t count,
                                                       DType dtype, ReduceOp op, Stream s) = 0;
   virtual std::unique_ptr<PendingOp> start_all_gather(const void* send, void* recv,
-                                                      size_t send_count, DType dtype,
-                                                      Stream s) = 0;
+                                                      size_t send_count, DType dtype, Stream s) = 0;
   virtual std::unique_ptr<PendingOp> start_reduce_scatter(const void* send, void* recv,
                                                           size_t recv_count, DType dtype,
                                                           ReduceOp op, Stream s) = 0;
