@@ -359,8 +359,33 @@ void Communicator::check_usable(const char* op) const {
                         "create a new communicator");
 }
 
+namespace {
+bool valid_dtype(DType t) {
+  switch (t) {
+    case DType::kFloat32:
+    case DType::kFloat64:
+    case DType::kBFloat16:
+    case DType::kFloat16:
+    case DType::kInt32:
+    case DType::kInt64:
+    case DType::kUInt8:
+      return true;
+  }
+  return false;
+}
+
+void check_reduce_op(const char* op, ReduceOp r) {
+  DISTATTN_CHECK(r == ReduceOp::kSum || r == ReduceOp::kMax || r == ReduceOp::kMin, op,
+                 ": reduce op value ", static_cast<int>(r),
+                 " is not a valid ReduceOp; use ReduceOp::kSum, kMax or kMin");
+}
+}  // namespace
+
 void Communicator::check_buffer(const char* op, const char* name, const void* ptr, size_t count,
                                 DType dtype) const {
+  DISTATTN_CHECK(valid_dtype(dtype), op, ": ", name, " has dtype value ", static_cast<int>(dtype),
+                 ", which is not a valid distattn::DType; use fp32, fp64, bf16, fp16, int32, "
+                 "int64 or uint8");
   size_t bytes = 0;
   DISTATTN_CHECK(checked_bytes(count, dtype_size(dtype), &bytes), op, ": ", name, " of ", count,
                  " ", dtype_name(dtype),
@@ -426,6 +451,7 @@ Handle Communicator::iall_reduce(const void* send, void* recv, size_t count, DTy
                                  ReduceOp op, Stream stream) {
   constexpr const char* kOp = "all_reduce";
   check_usable(kOp);
+  check_reduce_op(kOp, op);
   check_buffer(kOp, "send buffer", send, count, dtype);
   check_buffer(kOp, "recv buffer", recv, count, dtype);
   const int n = size();
@@ -453,6 +479,7 @@ Handle Communicator::ireduce_scatter(const void* send, void* recv, size_t recv_c
                                      ReduceOp op, Stream stream) {
   constexpr const char* kOp = "reduce_scatter";
   check_usable(kOp);
+  check_reduce_op(kOp, op);
   const int n = size();
   check_count_product(kOp, recv_count, n, dtype);
   check_buffer(kOp, "send buffer", send, recv_count * n, dtype);
@@ -508,6 +535,24 @@ Handle Communicator::iall_to_all_v(const void* send, std::span<const size_t> sen
   check_buffer(kOp, "recv buffer", recv, recv_extent, dtype);
   DISTATTN_CHECK(send == nullptr || send != recv || send_extent == 0 || recv_extent == 0, kOp,
                  ": in-place all_to_all_v is not supported; pass distinct send and recv buffers");
+  {
+    // Two peers writing the same receive elements would race (the result depends on
+    // arrival order): every peer needs a disjoint part of recv.
+    std::vector<size_t> order;
+    for (size_t j = 0; j < un; ++j)
+      if (recv_counts[j] > 0) order.push_back(j);
+    std::sort(order.begin(), order.end(),
+              [&](size_t a, size_t b) { return recv_displs[a] < recv_displs[b]; });
+    for (size_t i = 1; i < order.size(); ++i) {
+      const size_t a = order[i - 1], b = order[i];
+      DISTATTN_CHECK(recv_displs[a] + recv_counts[a] <= recv_displs[b], kOp,
+                     ": receive regions overlap: peer ", a, " writes elements [", recv_displs[a],
+                     ", ", recv_displs[a] + recv_counts[a], ") and peer ", b, " writes [",
+                     recv_displs[b], ", ", recv_displs[b] + recv_counts[b],
+                     "); give each peer a disjoint range of recv (recv_displs[j] >= "
+                     "recv_displs[j-1] + recv_counts[j-1])");
+    }
+  }
   return launch(OpKind::kAllToAllV, describe(kOp, sent + recvd, dtype), all_peers(n), sent, recvd,
                 [&] {
                   return start_all_to_all_v(send, send_counts, send_displs, recv, recv_counts,
@@ -610,6 +655,99 @@ void Communicator::recv(void* buf, size_t count, DType dtype, int peer, Stream s
 }
 void Communicator::barrier() {
   ibarrier().wait();
+}
+
+// ---- TensorView forms
+// ----------------------------------------------------------------------------
+
+size_t Communicator::check_tensor(const char* op, const char* name, const TensorView& t) const {
+  DISTATTN_CHECK(t.is_contiguous(), op, ": ", name, " tensor ", t.str(),
+                 " is not contiguous; pass a packed row-major tensor (copy it first)");
+  if (t.device.is_cuda()) {
+    DISTATTN_CHECK(accepts_device_memory(), op, ": ", name, " tensor is on ", t.device.str(),
+                   " but the ", backend_name(backend()),
+                   " communicator only accepts host memory here (build with CUDA, or copy it "
+                   "to the host first)");
+  } else {
+    DISTATTN_CHECK(accepts_host_memory(), op, ": ", name, " tensor is on ", t.device.str(),
+                   " but the ", backend_name(backend()),
+                   " communicator only accepts CUDA device memory (copy it to the GPU, or use "
+                   "the mpi backend)");
+  }
+  return static_cast<size_t>(t.numel());
+}
+
+namespace {
+void check_same_dtype(const char* op, const TensorView& send, const TensorView& recv) {
+  DISTATTN_CHECK(send.dtype == recv.dtype, op, ": mismatched dtype: send tensor is ",
+                 dtype_name(send.dtype), " but recv tensor is ", dtype_name(recv.dtype),
+                 "; both must have the same dtype (convert one first)");
+}
+}  // namespace
+
+void Communicator::all_reduce(const TensorView& send, const TensorView& recv, ReduceOp op,
+                              Stream stream) {
+  constexpr const char* kOp = "all_reduce";
+  check_same_dtype(kOp, send, recv);
+  const size_t ns = check_tensor(kOp, "send", send), nr = check_tensor(kOp, "recv", recv);
+  DISTATTN_CHECK(ns == nr, kOp, ": send tensor has ", ns, " elements but recv tensor has ", nr,
+                 "; they must be equal");
+  all_reduce(send.data, recv.data, ns, send.dtype, op, stream);
+}
+
+void Communicator::all_gather(const TensorView& send, const TensorView& recv, Stream stream) {
+  constexpr const char* kOp = "all_gather";
+  check_same_dtype(kOp, send, recv);
+  const size_t ns = check_tensor(kOp, "send", send), nr = check_tensor(kOp, "recv", recv);
+  const size_t n = static_cast<size_t>(size());
+  DISTATTN_CHECK(ns <= std::numeric_limits<size_t>::max() / n && nr == ns * n, kOp,
+                 ": recv tensor has ", nr, " elements but must hold size() x send = ", n, " x ", ns,
+                 " elements");
+  all_gather(send.data, recv.data, ns, send.dtype, stream);
+}
+
+void Communicator::reduce_scatter(const TensorView& send, const TensorView& recv, ReduceOp op,
+                                  Stream stream) {
+  constexpr const char* kOp = "reduce_scatter";
+  check_same_dtype(kOp, send, recv);
+  const size_t ns = check_tensor(kOp, "send", send), nr = check_tensor(kOp, "recv", recv);
+  const size_t n = static_cast<size_t>(size());
+  DISTATTN_CHECK(nr <= std::numeric_limits<size_t>::max() / n && ns == nr * n, kOp,
+                 ": send tensor has ", ns, " elements but must hold size() x recv = ", n, " x ", nr,
+                 " elements");
+  reduce_scatter(send.data, recv.data, nr, send.dtype, op, stream);
+}
+
+void Communicator::all_to_all(const TensorView& send, const TensorView& recv, Stream stream) {
+  constexpr const char* kOp = "all_to_all";
+  check_same_dtype(kOp, send, recv);
+  const size_t ns = check_tensor(kOp, "send", send), nr = check_tensor(kOp, "recv", recv);
+  const size_t n = static_cast<size_t>(size());
+  DISTATTN_CHECK(ns == nr && ns % n == 0, kOp,
+                 ": send and recv tensors must have the same "
+                 "element count, a multiple of size() = ",
+                 n, "; got send ", ns, ", recv ", nr);
+  all_to_all(send.data, recv.data, ns / n, send.dtype, stream);
+}
+
+void Communicator::broadcast(const TensorView& send, const TensorView& recv, int root,
+                             Stream stream) {
+  constexpr const char* kOp = "broadcast";
+  check_same_dtype(kOp, send, recv);
+  const size_t ns = check_tensor(kOp, "send", send), nr = check_tensor(kOp, "recv", recv);
+  DISTATTN_CHECK(ns == nr, kOp, ": send tensor has ", ns, " elements but recv tensor has ", nr,
+                 "; they must be equal (non-root ranks may pass recv as send)");
+  broadcast(send.data, recv.data, nr, recv.dtype, root, stream);
+}
+
+void Communicator::send(const TensorView& buf, int peer, Stream stream) {
+  const size_t n = check_tensor("send", "send", buf);
+  send(buf.data, n, buf.dtype, peer, stream);
+}
+
+void Communicator::recv(const TensorView& buf, int peer, Stream stream) {
+  const size_t n = check_tensor("recv", "recv", buf);
+  recv(buf.data, n, buf.dtype, peer, stream);
 }
 
 // ---- split / abort -----------------------------------------------------------------------------

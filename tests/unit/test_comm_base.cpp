@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "distattn/comm/communicator.h"
+#include "distattn/core/tensor_view.h"
 
 namespace distattn::comm {
 namespace {
@@ -277,6 +278,118 @@ TEST(CommBase, SplitValidatesColorAndInheritsTimeout) {
   EXPECT_EQ(child->ledger().total().calls, 0u);
   expect_error([&] { c.split(-2, 0); }, Status::kInvalidArgument,
                "color -2 is invalid; use a non-negative color, or Communicator::kNoColor");
+}
+
+TEST(CommBase, InvalidEnumValuesAreRejectedBeforeTheBackend) {
+  Script s;
+  FakeComm c(s, 1, 4);
+  float x[8] = {};
+  const auto bad_dtype = static_cast<DType>(99);
+  const auto bad_op = static_cast<ReduceOp>(7);
+  expect_error([&] { c.all_reduce(x, x, 2, bad_dtype, ReduceOp::kSum); }, Status::kInvalidArgument,
+               "all_reduce: send buffer has dtype value 99, which is not a valid distattn::DType");
+  // Zero counts do not skip the dtype check.
+  expect_error([&] { c.all_gather(nullptr, nullptr, 0, bad_dtype); }, Status::kInvalidArgument,
+               "not a valid distattn::DType");
+  expect_error([&] { c.send(x, 1, bad_dtype, 2); }, Status::kInvalidArgument,
+               "send_recv: send buffer has dtype value 99");
+  expect_error([&] { c.all_reduce(x, x, 2, DType::kFloat32, bad_op); }, Status::kInvalidArgument,
+               "all_reduce: reduce op value 7 is not a valid ReduceOp; use ReduceOp::kSum, kMax "
+               "or kMin");
+  expect_error([&] { c.reduce_scatter(x, x, 2, DType::kFloat32, bad_op); },
+               Status::kInvalidArgument, "reduce_scatter: reduce op value 7 is not a valid");
+  EXPECT_EQ(s.started, 0);
+  EXPECT_FALSE(c.aborted());
+}
+
+TEST(CommBase, AllToAllVRejectsOverlappingReceiveRegions) {
+  Script s;
+  FakeComm c(s, 0, 4);
+  std::vector<float> send(8), recv(16);
+  const std::vector<size_t> counts = {2, 2, 2, 2}, sdispl = {0, 2, 4, 6};
+  const std::vector<size_t> overlap = {0, 2, 3, 6};
+  expect_error(
+      [&] {
+        c.all_to_all_v(send.data(), counts, sdispl, recv.data(), counts, overlap, DType::kFloat32);
+      },
+      Status::kInvalidArgument,
+      "all_to_all_v: receive regions overlap: peer 1 writes elements [2, 4) and peer 2 writes "
+      "[3, 5)");
+  const std::vector<size_t> same = {4, 4, 8, 12};
+  expect_error(
+      [&] {
+        c.all_to_all_v(send.data(), counts, sdispl, recv.data(), counts, same, DType::kFloat32);
+      },
+      Status::kInvalidArgument, "receive regions overlap");
+  EXPECT_EQ(s.started, 0);
+  // Disjoint in any order, and empty regions anywhere, are fine.
+  const std::vector<size_t> reversed = {6, 4, 2, 0};
+  c.all_to_all_v(send.data(), counts, sdispl, recv.data(), counts, reversed, DType::kFloat32);
+  const std::vector<size_t> some_empty = {2, 0, 2, 0}, empty_displ = {0, 1, 2, 1};
+  c.all_to_all_v(send.data(), counts, sdispl, recv.data(), some_empty, empty_displ,
+                 DType::kFloat32);
+  EXPECT_EQ(s.started, 2);
+}
+
+TEST(CommBase, TensorFormsCheckDtypeLayoutSizesAndDevice) {
+  Script s;
+  FakeComm c(s, 0, 4);
+  std::vector<float> a(48), b(48);
+  std::vector<uint16_t> h(48);
+  const Device cpu = Device::cpu();
+  TensorView t12(a.data(), DType::kFloat32, cpu, {3, 4});
+  TensorView r12(b.data(), DType::kFloat32, cpu, {12});
+  TensorView bf12(h.data(), DType::kBFloat16, cpu, {12});
+  expect_error([&] { c.all_reduce(t12, bf12, ReduceOp::kSum); }, Status::kInvalidArgument,
+               "all_reduce: mismatched dtype: send tensor is fp32 but recv tensor is bf16");
+  expect_error([&] { c.all_gather(bf12, r12); }, Status::kInvalidArgument,
+               "all_gather: mismatched dtype");
+  // Every other column of a 3x8 buffer: strided.
+  const int64_t shape[] = {3, 4}, strides[] = {8, 2};
+  TensorView strided(a.data(), DType::kFloat32, cpu, shape, strides);
+  expect_error([&] { c.all_reduce(strided, r12, ReduceOp::kSum); }, Status::kInvalidArgument,
+               "all_reduce: send tensor fp32[3, 4] on cpu is not contiguous");
+  expect_error([&] { c.send(strided, 1); }, Status::kInvalidArgument, "is not contiguous");
+  TensorView r11(b.data(), DType::kFloat32, cpu, {11});
+  expect_error([&] { c.all_reduce(t12, r11, ReduceOp::kSum); }, Status::kInvalidArgument,
+               "send tensor has 12 elements but recv tensor has 11");
+  TensorView s3(a.data(), DType::kFloat32, cpu, {3});
+  expect_error([&] { c.all_gather(s3, r11); }, Status::kInvalidArgument,
+               "all_gather: recv tensor has 11 elements but must hold size() x send = 4 x 3");
+  expect_error(
+      [&] {
+        c.reduce_scatter(TensorView(a.data(), DType::kFloat32, cpu, {10}), s3, ReduceOp::kSum);
+      },
+      Status::kInvalidArgument,
+      "reduce_scatter: send tensor has 10 elements but must hold size() x recv = 4 x 3");
+  TensorView s10(a.data(), DType::kFloat32, cpu, {10});
+  TensorView r10(b.data(), DType::kFloat32, cpu, {10});
+  expect_error([&] { c.all_to_all(s10, r10); }, Status::kInvalidArgument,
+               "a multiple of size() = 4; got send 10, recv 10");
+  expect_error([&] { c.broadcast(t12, r11, 0); }, Status::kInvalidArgument,
+               "broadcast: send tensor has 12 elements but recv tensor has 11");
+  TensorView on_gpu(b.data(), DType::kFloat32, Device::cuda(0), {12});
+  expect_error([&] { c.all_reduce(t12, on_gpu, ReduceOp::kSum); }, Status::kInvalidArgument,
+               "all_reduce: recv tensor is on cuda:0 but the mpi communicator only accepts host "
+               "memory");
+  expect_error([&] { c.recv(on_gpu, 1); }, Status::kInvalidArgument,
+               "recv: recv tensor is on "
+               "cuda:0");
+  EXPECT_EQ(s.started, 0);
+
+  // Consistent tensors reach the backend with counts from numel().
+  TensorView r48(b.data(), DType::kFloat32, cpu, {4, 12});
+  c.all_reduce(t12, r12, ReduceOp::kMax);
+  c.all_gather(t12, r48);
+  c.reduce_scatter(r48, t12, ReduceOp::kSum);
+  c.all_to_all(t12, r12);
+  c.broadcast(t12, t12, 0);
+  c.send(t12, 3);
+  c.recv(r12, 1);
+  EXPECT_EQ(s.started, 7);
+  EXPECT_EQ(c.ledger()[OpKind::kAllGather].bytes_sent, 3u * 12 * 4);  // (n-1) x block
+  EXPECT_EQ(c.ledger()[OpKind::kSendRecv].bytes_sent, 12u * 4);
+  EXPECT_EQ(c.ledger()[OpKind::kSendRecv].bytes_recv, 12u * 4);
 }
 
 TEST(CommBase, Names) {

@@ -31,6 +31,10 @@
 #include "distattn/core/dtype.h"
 #include "distattn/core/error.h"
 
+namespace distattn {
+struct TensorView;
+}  // namespace distattn
+
 namespace distattn::comm {
 
 enum class ReduceOp { kSum, kMax, kMin };
@@ -148,6 +152,26 @@ class Communicator {
   void recv(void* buf, size_t count, DType dtype, int peer, Stream stream = nullptr);
   void barrier();
 
+  // ---- TensorView forms (blocking) ----
+  // Counts come from numel(). Both tensors must have the same dtype ("mismatched dtype"
+  // otherwise), be packed row-major (is_contiguous) and live on a device this communicator
+  // accepts; sizes must agree as stated per op. Checked before the backend is called.
+  // recv.numel() == send.numel().
+  void all_reduce(const TensorView& send, const TensorView& recv, ReduceOp op,
+                  Stream stream = nullptr);
+  // recv.numel() == size() * send.numel().
+  void all_gather(const TensorView& send, const TensorView& recv, Stream stream = nullptr);
+  // send.numel() == size() * recv.numel().
+  void reduce_scatter(const TensorView& send, const TensorView& recv, ReduceOp op,
+                      Stream stream = nullptr);
+  // send.numel() == recv.numel(), a multiple of size(); block j (numel/size elements) of
+  // send goes to rank j.
+  void all_to_all(const TensorView& send, const TensorView& recv, Stream stream = nullptr);
+  // send.numel() == recv.numel(); send is only read on root (others may pass recv).
+  void broadcast(const TensorView& send, const TensorView& recv, int root, Stream stream = nullptr);
+  void send(const TensorView& buf, int peer, Stream stream = nullptr);
+  void recv(const TensorView& buf, int peer, Stream stream = nullptr);
+
   // ---- non-blocking forms ----
   Handle iall_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
                      Stream stream = nullptr);
@@ -217,6 +241,8 @@ class Communicator {
   void check_usable(const char* op) const;
   void check_buffer(const char* op, const char* name, const void* ptr, size_t count,
                     DType dtype) const;
+  // Contiguous, on an accepted device; returns numel().
+  size_t check_tensor(const char* op, const char* name, const TensorView& t) const;
   Handle launch(OpKind kind, std::string what, std::string peers, uint64_t bytes_sent,
                 uint64_t bytes_recv, const std::function<std::unique_ptr<PendingOp>()>& start);
 
