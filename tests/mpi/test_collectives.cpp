@@ -22,11 +22,18 @@ Communicator& world() {
   return *w;
 }
 
-// The big size only for a float, a 16-bit float and an integer type: keeps np4 fast.
-std::vector<size_t> sizes_for(DType t) {
-  std::vector<size_t> s = {0, 1, 7, 1000};
-  if (t == DType::kFloat32 || t == DType::kBFloat16 || t == DType::kInt32) s.push_back(1 << 20);
-  return s;
+// Every dtype at every size, 1<<20 included (the long-message paths of each MPI type and
+// the fp32 widening of bf16/fp16 at size); the big size skips only repetitions (min/max
+// and some in-place forms) that the small sizes already cover.
+std::vector<size_t> sizes_for(DType) {
+  return {0, 1, 7, 1000, size_t{1} << 20};
+}
+
+// At 1<<20, the in-place form only for a float, a 16-bit float and an integer type: the
+// in-place code paths do not depend on the dtype and the small sizes cover them all.
+bool skip_big_in_place(DType t, size_t count, bool in_place) {
+  return in_place && count == (size_t{1} << 20) && t != DType::kFloat32 && t != DType::kBFloat16 &&
+         t != DType::kInt32;
 }
 
 // Element i of rank r's buffer (tensor `salt`), exactly representable in t; integers are
@@ -182,7 +189,10 @@ TEST(Collectives, AllReduceEveryDTypeOpSizeAndPlacement) {
     for (size_t count : sizes_for(t)) {
       for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
         if (count == (1u << 20) && op != ReduceOp::kSum) continue;
-        for (bool in_place : {false, true}) check_all_reduce(c, t, op, count, in_place, ++salt);
+        for (bool in_place : {false, true}) {
+          if (skip_big_in_place(t, count, in_place)) continue;
+          check_all_reduce(c, t, op, count, in_place, ++salt);
+        }
       }
     }
   }
@@ -234,6 +244,7 @@ TEST(Collectives, ReduceScatterEveryDTypeOpSizeAndPlacement) {
       for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
         if (count == (1u << 20) && op != ReduceOp::kSum) continue;
         for (bool in_place : {false, true}) {
+          if (skip_big_in_place(t, count, in_place)) continue;
           ++salt;
           Buf send(count * n, t), recv(count, t);
           for (size_t i = 0; i < count * n; ++i) send.set(i, value(t, me, i, salt));
@@ -288,6 +299,7 @@ TEST(Collectives, BroadcastEveryDTypeSizeRootAndPlacement) {
   for (DType t : kAllDTypes) {
     for (size_t count : sizes_for(t)) {
       for (bool in_place : {false, true}) {
+        if (skip_big_in_place(t, count, in_place)) continue;
         ++salt;
         const int root = static_cast<int>(salt % n);
         Buf send(count, t), recv(count, t);
