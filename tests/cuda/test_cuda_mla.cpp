@@ -33,12 +33,15 @@ struct MlaCase {
   int splits;
 };
 
-// Widths 512/256/128 + 64 (and no rope), head counts not a multiple of the 16-head block,
-// fp32 and bf16 caches, automatic and forced splits.
+// Widths 512/256/128 + 64 (and no rope, and an odd rope width), head counts not a multiple of the
+// 16-head block, fp32 and bf16 caches, automatic and forced splits.
 const MlaCase kMlaCases[] = {
-    {512, 64, 16, DType::kBFloat16, 0}, {512, 64, 20, DType::kFloat32, 3},
-    {256, 64, 8, DType::kBFloat16, 1},  {128, 64, 33, DType::kBFloat16, 0},
+    {512, 64, 16, DType::kBFloat16, 0},
+    {512, 64, 20, DType::kFloat32, 3},
+    {256, 64, 8, DType::kBFloat16, 1},
+    {128, 64, 33, DType::kBFloat16, 0},
     {128, 0, 5, DType::kFloat32, 2},
+    {128, 3, 7, DType::kBFloat16, 2},  // row width 131: not 16-byte multiple, scalar loads
 };
 
 TEST_F(CudaMla, DecodeMatchesFp64Reference) {
