@@ -19,7 +19,7 @@ struct RuntimeInfo {
 
 struct RuntimeOptions {
   bool use_gpu = false;   // bind a GPU (cudaSetDevice(local_rank % count)) when one exists
-  bool verbose = false;   // print one placement line per rank
+  bool verbose = false;   // print one placement line per rank (also: DISTATTN_VERBOSE=1)
 };
 
 // Initializes MPI (MPI_THREAD_MULTIPLE when available, else FUNNELED) once. Safe to call

@@ -54,6 +54,15 @@ void local_from_env(RuntimeInfo& info) {
       env_int("OMPI_COMM_WORLD_LOCAL_SIZE", env_int("SLURM_NTASKS_PER_NODE", info.size));
 }
 
+// DISTATTN_VERBOSE: set and not "0"/"false"/"no"/"off" turns on the placement summary.
+// Read once, by runtime_init.
+bool env_verbose() {
+  const char* v = std::getenv("DISTATTN_VERBOSE");
+  if (v == nullptr || *v == '\0') return false;
+  const std::string s(v);
+  return s != "0" && s != "false" && s != "no" && s != "off" && s != "FALSE" && s != "OFF";
+}
+
 std::string host_name() {
   char buf[256] = {};
   if (gethostname(buf, sizeof(buf) - 1) == 0 && buf[0] != '\0') return buf;
@@ -119,7 +128,7 @@ const RuntimeInfo& runtime_init(int* argc, char*** argv, const RuntimeOptions& o
     info.device = Device::cuda(dev);
   }
 #endif
-  if (opts.verbose) {
+  if (opts.verbose || env_verbose()) {
     std::printf("[distattn] rank %d/%d local %d/%d host %s device %s (cuda devices: %d)\n",
                 info.rank, info.size, info.local_rank, info.local_size, info.hostname.c_str(),
                 info.device.str().c_str(), info.cuda_devices);
