@@ -208,31 +208,42 @@ void calibrate_tpla_mu(TplaReparam& rp, const float* calib_latents, int64_t n_la
   rp.mu.assign(static_cast<size_t>(groups), 1.0f);
   if (calib_qlat != nullptr && n_queries > 0 && calib_latents != nullptr && n_latents > 0 &&
       groups > 1) {
-    // Least-squares fit per shard: mu_i = sum(a_i a) / sum(a_i^2) over (query, key) pairs.
+    // Least-squares fit per shard: mu_i = sum(a_i a) / sum(a_i^2) over all (query, key)
+    // pairs. With Q = sum_q q_hat q_hat^T and C = sum_t c_hat c_hat^T (rotated space),
+    // sum_{q,t} a_i a_j = sum_{k in slice i, l in slice j} Q[k,l] C[k,l], so the fit costs
+    // (n_queries + n_latents) d^2 / 2 instead of n_queries n_latents d: every calibration
+    // query meets every calibration latent at the cost of two second-moment matrices.
     std::vector<float> qh(calib_qlat, calib_qlat + n_queries * d);
     std::vector<float> ch(calib_latents, calib_latents + n_latents * d);
     rp.rotate_rows(qh.data(), n_queries);  // q . c = (q U) . (c U) for orthogonal U
     rp.rotate_rows(ch.data(), n_latents);
+    auto second_moment = [d](const std::vector<float>& rows, int64_t n) {
+      std::vector<double> m(static_cast<size_t>(d * d), 0.0);
+      for (int64_t t = 0; t < n; ++t) {
+        const float* r = rows.data() + t * d;
+        for (int64_t k = 0; k < d; ++k) {
+          const double rk = r[k];
+          double* mk = m.data() + k * d;
+          for (int64_t l = k; l < d; ++l) mk[l] += rk * r[l];
+        }
+      }
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t l = 0; l < k; ++l)
+          m[static_cast<size_t>(k * d + l)] = m[static_cast<size_t>(l * d + k)];
+      return m;
+    };
+    const std::vector<double> qm = second_moment(qh, n_queries), cm = second_moment(ch, n_latents);
     const int64_t w = d / groups;
     std::vector<double> num(static_cast<size_t>(groups), 0.0),
         den(static_cast<size_t>(groups), 0.0);
-    std::vector<double> a(static_cast<size_t>(groups));
-    for (int64_t qi = 0; qi < n_queries; ++qi)
-      for (int64_t t = 0; t < n_latents; ++t) {
-        double full = 0;
-        for (int g = 0; g < groups; ++g) {
-          double s = 0;
-          const float* q = qh.data() + qi * d + g * w;
-          const float* c = ch.data() + t * d + g * w;
-          for (int64_t j = 0; j < w; ++j) s += static_cast<double>(q[j]) * c[j];
-          a[static_cast<size_t>(g)] = s;
-          full += s;
-        }
-        for (int g = 0; g < groups; ++g) {
-          num[static_cast<size_t>(g)] += a[static_cast<size_t>(g)] * full;
-          den[static_cast<size_t>(g)] += a[static_cast<size_t>(g)] * a[static_cast<size_t>(g)];
-        }
+    for (int64_t k = 0; k < d; ++k) {
+      const int gk = static_cast<int>(k / w);
+      for (int64_t l = 0; l < d; ++l) {
+        const double v = qm[static_cast<size_t>(k * d + l)] * cm[static_cast<size_t>(k * d + l)];
+        num[static_cast<size_t>(gk)] += v;  // pairs (slice gk, any slice)
+        if (l / w == gk) den[static_cast<size_t>(gk)] += v;
       }
+    }
     for (int g = 0; g < groups; ++g)
       if (den[static_cast<size_t>(g)] > 0)
         rp.mu[static_cast<size_t>(g)] =

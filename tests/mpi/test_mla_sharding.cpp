@@ -105,11 +105,12 @@ MlaDecodeSetup setup_for(MlaSharding s, int groups = 0) {
 }
 
 parallel::TplaReparam reparam_for(int groups, TplaRotation rot, Fixture& f = fx()) {
-  // Calibration: the exact latents of the prompt and the absorbed queries of its tokens.
+  // Calibration: the exact latents of the prompt and the absorbed queries of all its tokens
+  // (every head: kPrompt * heads queries).
   std::vector<float> lat(f.ref.latent.begin(), f.ref.latent.begin() + kPrompt * f.cfg.kv_lora_rank);
-  auto q = parallel::mla_absorbed_queries(f.cfg, f.weights, f.x.data_as<float>(), 8);
+  auto q = parallel::mla_absorbed_queries(f.cfg, f.weights, f.x.data_as<float>(), kPrompt);
   return parallel::make_tpla_reparam(f.cfg.kv_lora_rank, groups, rot, 5, lat.data(), kPrompt,
-                                     q.data(), 8 * f.cfg.heads);
+                                     q.data(), kPrompt * f.cfg.heads);
 }
 
 TEST(MlaSharding, PrefillMatchesFp64Reference) {

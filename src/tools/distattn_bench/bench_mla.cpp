@@ -284,7 +284,7 @@ int run_decode(const DecodeArgs& a, comm::Communicator& world) {
 
 struct AccArgs {
   int64_t prompt = 4096, decode_len = 4096, heads = 16, latent = 512, rope = 64, page = 64;
-  int64_t eval_every = 512, calib_tokens = 2048, calib_queries = 32;
+  int64_t eval_every = 512, calib_tokens = 2048, calib_queries = 4096;
   std::vector<int64_t> groups = {2, 4, 8};
   double logit_std = 3.0;
   uint64_t seed = 1;
@@ -608,7 +608,11 @@ int mla_main(int argc, char** argv) {
       "accuracy: evaluate attention every N decode steps")(
       "logit-std", po::value(&ac.logit_std)->default_value(3.0),
       "accuracy: std of the latent logits (query scale)")(
-      "seed", po::value(&ac.seed)->default_value(1), "accuracy: data seed");
+      "seed", po::value(&ac.seed)->default_value(1), "accuracy: data seed")(
+      "calib-tokens", po::value(&ac.calib_tokens)->default_value(2048),
+      "accuracy: calibration latents (PCA and the mu fit)")(
+      "calib-queries", po::value(&ac.calib_queries)->default_value(4096),
+      "accuracy: calibration queries of the mu fit (each against every calibration latent)");
   po::variables_map vm;
   po::store(po::parse_command_line(argc, argv, desc), vm);
   po::notify(vm);
@@ -649,6 +653,8 @@ int mla_main(int argc, char** argv) {
   ac.json = json;
   DISTATTN_CHECK(ac.prompt >= 1 && ac.decode_len >= 1 && ac.eval_every >= 1,
                  "mla --accuracy: context, --decode-len and --eval-every must be >= 1");
+  DISTATTN_CHECK(ac.calib_tokens >= 2 && ac.calib_queries >= 1,
+                 "mla --accuracy: --calib-tokens must be >= 2 and --calib-queries >= 1");
   std::unique_ptr<comm::Communicator> world =
       comm::create_world(comm::Backend::kMpi, Device::cpu());
   return run_accuracy(ac, *world);
