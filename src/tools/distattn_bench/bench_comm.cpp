@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "distattn/comm/communicator.h"
+#include "distattn/config.h"
 #include "distattn/core/half.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/runtime.h"
@@ -489,6 +490,15 @@ int run_comm(int argc, char** argv) {
   DISTATTN_CHECK(check == 0 || check == 1, "-c must be 0 or 1 (got ", check, ")");
   DISTATTN_CHECK(root >= 0 && root < info.size, "-r ", root, " is not a rank (0..", info.size - 1,
                  ")");
+  if (backend == comm::Backend::kNccl) {
+    // In CLI words (not Backend::kMpi): what to type instead.
+    DISTATTN_CHECK_STATUS(DISTATTN_WITH_NCCL != 0, Status::kUnsupported,
+                          "--backend nccl: this build has no NCCL (configure with "
+                          "-DDISTATTN_CUDA=ON on a machine with NCCL); use --backend mpi");
+    DISTATTN_CHECK(dev.is_cuda(),
+                   "--backend nccl moves GPU memory only and needs --device cuda; use --backend "
+                   "mpi for --device cpu");
+  }
   if (dev.is_cuda()) {
     DISTATTN_CHECK_STATUS(cuda_device_count() > 0, Status::kUnsupported,
                           "--device cuda but no CUDA device is visible",
@@ -511,6 +521,16 @@ int run_comm(int argc, char** argv) {
   const size_t elt = dtype_size(dt);
   const DataGen gen = make_gen(dt, n);
   const std::vector<uint64_t> sizes = size_sweep(min_bytes, max_bytes, factor, step_bytes);
+  for (const OpSpec* s : ops) {
+    // A sweep whose sizes all hold less than one element per rank would print an empty
+    // table and exit 0: say what -e must be instead (same decision on every rank).
+    const uint64_t need = s->per_rank_blocks ? elt * static_cast<uint64_t>(n) : elt;
+    DISTATTN_CHECK(!sizes.empty() && sizes.back() >= need, s->name, ": no size in the sweep (-b ",
+                   format_size(min_bytes), " -e ", format_size(max_bytes), ") holds one ",
+                   dtype_name(dt), " element", s->per_rank_blocks ? " per rank" : "", " (", need,
+                   " bytes", s->per_rank_blocks ? " at " + std::to_string(n) + " ranks" : "",
+                   "); use -e ", need, " or more");
+  }
 
   Buffer send_buf(max_bytes, dev), recv_buf(max_bytes, dev);
   std::vector<unsigned char> host_send(std::max<uint64_t>(max_bytes, 64));

@@ -1,12 +1,16 @@
 #include "src/tools/distattn_bench/bench_common.h"
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iomanip>
+#include <limits>
 #include <sstream>
+#include <stdexcept>
 
 #include "distattn/config.h"
 
@@ -34,13 +38,24 @@ uint64_t parse_size(const std::string& text) {
   }
   size_t used = 0;
   unsigned long long v = 0;
-  try {
-    v = std::stoull(digits, &used);
-  } catch (const std::exception&) {
-    used = 0;
+  // Digits only: stoull would accept a sign ("-1" wraps to 2^64-1) and leading spaces.
+  const bool all_digits = !digits.empty() && std::all_of(digits.begin(), digits.end(), [](char c) {
+    return std::isdigit(static_cast<unsigned char>(c)) != 0;
+  });
+  bool out_of_range = false;
+  if (all_digits) {
+    try {
+      v = std::stoull(digits, &used);
+    } catch (const std::out_of_range&) {
+      out_of_range = true;
+    } catch (const std::exception&) {
+      used = 0;
+    }
   }
-  DISTATTN_CHECK(used == digits.size() && !digits.empty(), "bad size '", text,
+  DISTATTN_CHECK(out_of_range || (all_digits && used == digits.size()), "bad size '", text,
                  "' (use a number with an optional K, M or G suffix, e.g. 16M)");
+  DISTATTN_CHECK(!out_of_range && v <= std::numeric_limits<uint64_t>::max() / mult, "size '", text,
+                 "' does not fit in 64 bits of bytes; pass a smaller size");
   return static_cast<uint64_t>(v) * mult;
 }
 
