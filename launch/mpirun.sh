@@ -22,7 +22,8 @@ fi
 NP="${NP:-2}"
 MPIRUN="${MPIRUN:-mpirun}"
 read -r -a USER_ARGS <<<"${MPIRUN_ARGS:-}"
-cores="$(nproc 2>/dev/null || echo 1)"
+# getconf, not nproc: nproc honors OMP_NUM_THREADS, which callers set per rank.
+cores="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
 
 if ! command -v "$MPIRUN" >/dev/null 2>&1; then
   echo "[mpirun.sh] launcher '$MPIRUN' not found (install openmpi-bin or set MPIRUN)" >&2

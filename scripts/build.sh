@@ -13,7 +13,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${BUILD_DIR:-$REPO/build}"
 BUILD_TYPE="${BUILD_TYPE:-Release}"
 DISTATTN_CUDA="${DISTATTN_CUDA:-AUTO}"
-JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
+JOBS="${JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
 read -r -a EXTRA <<<"${CMAKE_ARGS:-}"
 
 GEN=()

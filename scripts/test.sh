@@ -16,7 +16,7 @@ if [ "${SKIP_SETUP:-0}" != 1 ]; then bash "$REPO/scripts/setup-deps.sh"; fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then bash "$REPO/scripts/build.sh"; fi
 built=$(date +%s)
 
-CTEST_JOBS="${CTEST_JOBS:-$(nproc 2>/dev/null || echo 2)}"
+CTEST_JOBS="${CTEST_JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
 echo "[test] ctest -j$CTEST_JOBS in $BUILD_DIR${*:+ (args: $*)}"
 rc=0
 (cd "$BUILD_DIR" && ctest --output-on-failure -j "$CTEST_JOBS" "$@") || rc=$?
