@@ -18,8 +18,8 @@ struct RuntimeInfo {
 };
 
 struct RuntimeOptions {
-  bool use_gpu = false;   // bind a GPU (cudaSetDevice(local_rank % count)) when one exists
-  bool verbose = false;   // print one placement line per rank (also: DISTATTN_VERBOSE=1)
+  bool use_gpu = false;  // bind a GPU (cudaSetDevice(local_rank % count)) when one exists
+  bool verbose = false;  // print one placement line per rank (also: DISTATTN_VERBOSE=1)
 };
 
 // Initializes MPI (MPI_THREAD_MULTIPLE when available, else FUNNELED) once. Safe to call

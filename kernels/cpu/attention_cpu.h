@@ -11,8 +11,7 @@ namespace distattn::kernels::cpu {
 // batch x heads x query blocks; AVX-512 when the CPU has it (chosen at run time),
 // portable otherwise.
 void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v,
-                   const TensorView& out, const TensorView& lse,
-                   const ops::AttentionOptions& opts);
+                   const TensorView& out, const TensorView& lse, const ops::AttentionOptions& opts);
 
 void flash_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                     const TensorView& out, const TensorView& dout, const TensorView& lse,
@@ -22,8 +21,8 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
 void merge(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,
            const TensorView& lse_b, const TensorView& out, const TensorView& lse);
 
-void decode(const TensorView& q, const TensorView& k, const TensorView& v,
-            const TensorView& out, const TensorView& lse, const ops::AttentionOptions& opts,
+void decode(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+            const TensorView& lse, const ops::AttentionOptions& opts,
             const ops::DecodeOptions& dopts);
 
 void decode_paged(const TensorView& q, const ops::PagedKV& cache, const TensorView& out,

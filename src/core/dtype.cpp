@@ -1,19 +1,26 @@
 #include "distattn/core/dtype.h"
 
-#include "distattn/core/error.h"
 #include "distattn/core/device.h"
+#include "distattn/core/error.h"
 
 namespace distattn {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kFloat32: return "fp32";
-    case DType::kFloat64: return "fp64";
-    case DType::kBFloat16: return "bf16";
-    case DType::kFloat16: return "fp16";
-    case DType::kInt32: return "int32";
-    case DType::kInt64: return "int64";
-    case DType::kUInt8: return "uint8";
+    case DType::kFloat32:
+      return "fp32";
+    case DType::kFloat64:
+      return "fp64";
+    case DType::kBFloat16:
+      return "bf16";
+    case DType::kFloat16:
+      return "fp16";
+    case DType::kInt32:
+      return "int32";
+    case DType::kInt64:
+      return "int64";
+    case DType::kUInt8:
+      return "uint8";
   }
   return "unknown";
 }

@@ -23,22 +23,36 @@ std::string format(Status status, int rank, const std::string& message, const ch
 
 const char* status_name(Status s) {
   switch (s) {
-    case Status::kSuccess: return "success";
-    case Status::kInvalidArgument: return "invalid argument";
-    case Status::kUnsupported: return "unsupported";
-    case Status::kTimeout: return "timeout";
-    case Status::kRemoteError: return "remote error";
-    case Status::kCudaError: return "CUDA error";
-    case Status::kNcclError: return "NCCL error";
-    case Status::kMpiError: return "MPI error";
-    case Status::kIoError: return "I/O error";
-    case Status::kInternal: return "internal error";
+    case Status::kSuccess:
+      return "success";
+    case Status::kInvalidArgument:
+      return "invalid argument";
+    case Status::kUnsupported:
+      return "unsupported";
+    case Status::kTimeout:
+      return "timeout";
+    case Status::kRemoteError:
+      return "remote error";
+    case Status::kCudaError:
+      return "CUDA error";
+    case Status::kNcclError:
+      return "NCCL error";
+    case Status::kMpiError:
+      return "MPI error";
+    case Status::kIoError:
+      return "I/O error";
+    case Status::kInternal:
+      return "internal error";
   }
   return "unknown";
 }
 
-void set_error_rank(int rank) { g_rank.store(rank); }
-int error_rank() { return g_rank.load(); }
+void set_error_rank(int rank) {
+  g_rank.store(rank);
+}
+int error_rank() {
+  return g_rank.load();
+}
 
 Error::Error(Status status, const std::string& message, const char* file, int line)
     : std::runtime_error(format(status, g_rank.load(), message, file, line)),

@@ -75,8 +75,7 @@ TensorView TensorView::slice(int dim, int64_t start, int64_t length) const {
                  start + length, ") out of range for dim ", dim, " of ", str());
   TensorView v = *this;
   v.shape[dim] = length;
-  v.data = static_cast<char*>(data) +
-           start * strides[dim] * static_cast<int64_t>(element_size());
+  v.data = static_cast<char*>(data) + start * strides[dim] * static_cast<int64_t>(element_size());
   return v;
 }
 
@@ -100,7 +99,9 @@ std::string TensorView::str() const {
   return std::string(dtype_name(dtype)) + shape_str() + " on " + device.str();
 }
 
-bool built_with_cuda() { return DISTATTN_WITH_CUDA != 0; }
+bool built_with_cuda() {
+  return DISTATTN_WITH_CUDA != 0;
+}
 
 int cuda_device_count() {
 #if DISTATTN_WITH_CUDA
@@ -116,11 +117,11 @@ int cuda_device_count() {
 }
 
 #if DISTATTN_WITH_CUDA
-#define CORE_CUDA_CHECK(expr)                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (expr);                                                               \
-    if (e_ != cudaSuccess)                                                                 \
-      DISTATTN_THROW(Status::kCudaError, #expr, " failed: ", cudaGetErrorString(e_));      \
+#define CORE_CUDA_CHECK(expr)                                                         \
+  do {                                                                                \
+    cudaError_t e_ = (expr);                                                          \
+    if (e_ != cudaSuccess)                                                            \
+      DISTATTN_THROW(Status::kCudaError, #expr, " failed: ", cudaGetErrorString(e_)); \
   } while (0)
 #endif
 
@@ -139,7 +140,8 @@ void* device_alloc(size_t bytes, Device device) {
   CORE_CUDA_CHECK(cudaMalloc(&p, bytes));
   return p;
 #else
-  DISTATTN_THROW(Status::kUnsupported, "CUDA memory requested but distattn was built without CUDA "
+  DISTATTN_THROW(Status::kUnsupported,
+                 "CUDA memory requested but distattn was built without CUDA "
                  "(rebuild with -DDISTATTN_CUDA=ON)");
 #endif
 }
@@ -218,7 +220,9 @@ MemoryCounter& counter(DeviceType t) {
 MemoryStats memory_stats(DeviceType type) {
   return {counter(type).current.load(), counter(type).peak.load()};
 }
-void reset_peak_memory(DeviceType type) { counter(type).peak.store(counter(type).current.load()); }
+void reset_peak_memory(DeviceType type) {
+  counter(type).peak.store(counter(type).current.load());
+}
 
 Tensor Tensor::empty(std::span<const int64_t> shape, DType dtype, Device device) {
   Tensor t;
@@ -243,29 +247,46 @@ Tensor Tensor::zeros(std::span<const int64_t> shape, DType dtype, Device device)
 namespace {
 double load_as_double(const void* p, DType t) {
   switch (t) {
-    case DType::kFloat32: return *static_cast<const float*>(p);
-    case DType::kFloat64: return *static_cast<const double*>(p);
-    case DType::kBFloat16: return bf16_t::to_float(*static_cast<const uint16_t*>(p));
-    case DType::kFloat16: return fp16_t::to_float(*static_cast<const uint16_t*>(p));
-    case DType::kInt32: return *static_cast<const int32_t*>(p);
-    case DType::kInt64: return static_cast<double>(*static_cast<const int64_t*>(p));
-    case DType::kUInt8: return *static_cast<const uint8_t*>(p);
+    case DType::kFloat32:
+      return *static_cast<const float*>(p);
+    case DType::kFloat64:
+      return *static_cast<const double*>(p);
+    case DType::kBFloat16:
+      return bf16_t::to_float(*static_cast<const uint16_t*>(p));
+    case DType::kFloat16:
+      return fp16_t::to_float(*static_cast<const uint16_t*>(p));
+    case DType::kInt32:
+      return *static_cast<const int32_t*>(p);
+    case DType::kInt64:
+      return static_cast<double>(*static_cast<const int64_t*>(p));
+    case DType::kUInt8:
+      return *static_cast<const uint8_t*>(p);
   }
   return 0;
 }
 void store_from_double(void* p, DType t, double v) {
   switch (t) {
-    case DType::kFloat32: *static_cast<float*>(p) = static_cast<float>(v); break;
-    case DType::kFloat64: *static_cast<double*>(p) = v; break;
+    case DType::kFloat32:
+      *static_cast<float*>(p) = static_cast<float>(v);
+      break;
+    case DType::kFloat64:
+      *static_cast<double*>(p) = v;
+      break;
     case DType::kBFloat16:
       *static_cast<uint16_t*>(p) = bf16_t::from_float(static_cast<float>(v));
       break;
     case DType::kFloat16:
       *static_cast<uint16_t*>(p) = fp16_t::from_float(static_cast<float>(v));
       break;
-    case DType::kInt32: *static_cast<int32_t*>(p) = static_cast<int32_t>(v); break;
-    case DType::kInt64: *static_cast<int64_t*>(p) = static_cast<int64_t>(v); break;
-    case DType::kUInt8: *static_cast<uint8_t*>(p) = static_cast<uint8_t>(v); break;
+    case DType::kInt32:
+      *static_cast<int32_t*>(p) = static_cast<int32_t>(v);
+      break;
+    case DType::kInt64:
+      *static_cast<int64_t*>(p) = static_cast<int64_t>(v);
+      break;
+    case DType::kUInt8:
+      *static_cast<uint8_t*>(p) = static_cast<uint8_t>(v);
+      break;
   }
 }
 }  // namespace
@@ -284,17 +305,23 @@ void convert_dtype_cpu(const TensorView& src, const TensorView& dst) {
     std::memmove(d, s, static_cast<size_t>(n) * se);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) store_from_double(d + i * de, dst.dtype, load_as_double(s + i * se, src.dtype));
+  for (int64_t i = 0; i < n; ++i)
+    store_from_double(d + i * de, dst.dtype, load_as_double(s + i * se, src.dtype));
 }
 
 Tensor to_device(const TensorView& src, Device device) {
-  Tensor out = Tensor::empty(std::span<const int64_t>(src.shape.data(), src.ndim), src.dtype, device);
+  Tensor out =
+      Tensor::empty(std::span<const int64_t>(src.shape.data(), src.ndim), src.dtype, device);
   if (src.is_contiguous()) {
     device_copy(out.data(), device, src.data, src.device, src.nbytes());
     return out;
   }
-  DISTATTN_CHECK(src.device.is_cpu(), "to_device: strided copies need a CPU source, got ", src.str());
-  Tensor host = device.is_cpu() ? out : Tensor::empty(std::span<const int64_t>(src.shape.data(), src.ndim), src.dtype);
+  DISTATTN_CHECK(src.device.is_cpu(), "to_device: strided copies need a CPU source, got ",
+                 src.str());
+  Tensor host =
+      device.is_cpu()
+          ? out
+          : Tensor::empty(std::span<const int64_t>(src.shape.data(), src.ndim), src.dtype);
   const size_t es = src.element_size();
   std::array<int64_t, kMaxDims> idx{};
   const int64_t n = src.numel();

@@ -52,18 +52,18 @@ std::string concat(const Args&... args) {
 }  // namespace distattn
 
 // DISTATTN_CHECK(cond, "what", value, "to change") — message parts are streamed.
-#define DISTATTN_CHECK(cond, ...)                                                     \
-  do {                                                                                \
-    if (!(cond))                                                                      \
-      throw ::distattn::Error(::distattn::Status::kInvalidArgument,                    \
+#define DISTATTN_CHECK(cond, ...)                                                           \
+  do {                                                                                      \
+    if (!(cond))                                                                            \
+      throw ::distattn::Error(::distattn::Status::kInvalidArgument,                         \
                               ::distattn::detail::concat(__VA_ARGS__), __FILE__, __LINE__); \
   } while (0)
 
-#define DISTATTN_CHECK_STATUS(cond, status, ...)                                            \
-  do {                                                                                      \
-    if (!(cond))                                                                            \
+#define DISTATTN_CHECK_STATUS(cond, status, ...)                                           \
+  do {                                                                                     \
+    if (!(cond))                                                                           \
       throw ::distattn::Error((status), ::distattn::detail::concat(__VA_ARGS__), __FILE__, \
-                              __LINE__);                                                    \
+                              __LINE__);                                                   \
   } while (0)
 
 #define DISTATTN_THROW(status, ...) \

@@ -36,9 +36,7 @@ struct TensorView {
              std::span<const int64_t> strides);
 
   int64_t size(int dim) const { return shape[static_cast<size_t>(dim < 0 ? dim + ndim : dim)]; }
-  int64_t stride(int dim) const {
-    return strides[static_cast<size_t>(dim < 0 ? dim + ndim : dim)];
-  }
+  int64_t stride(int dim) const { return strides[static_cast<size_t>(dim < 0 ? dim + ndim : dim)]; }
   int64_t numel() const;
   size_t element_size() const { return dtype_size(dtype); }
   size_t nbytes() const { return static_cast<size_t>(numel()) * element_size(); }

@@ -66,6 +66,6 @@ double now_seconds();  // steady clock
 
 #define DISTATTN_BENCH_CONCAT_(a, b) a##b
 #define DISTATTN_BENCH_CONCAT(a, b) DISTATTN_BENCH_CONCAT_(a, b)
-#define DISTATTN_BENCH_COMMAND(name, help, fn)                                     \
-  static ::distattn::bench::CommandRegistrar DISTATTN_BENCH_CONCAT(bench_reg_, \
-                                                                   __LINE__)(name, help, fn)
+#define DISTATTN_BENCH_COMMAND(name, help, fn)                                                 \
+  static ::distattn::bench::CommandRegistrar DISTATTN_BENCH_CONCAT(bench_reg_, __LINE__)(name, \
+                                                                                         help, fn)

@@ -11,7 +11,8 @@
 
 namespace {
 void usage() {
-  std::printf("usage: distattn-bench <command> [options]   (run under mpirun for several ranks)\n\n");
+  std::printf(
+      "usage: distattn-bench <command> [options]   (run under mpirun for several ranks)\n\n");
   for (const auto& [name, cmd] : distattn::bench::commands())
     std::printf("  %-8s %s\n", name.c_str(), cmd.help.c_str());
   std::printf("\n`distattn-bench <command> --help` lists a command's options.\n");
