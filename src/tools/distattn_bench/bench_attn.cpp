@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "distattn/comm/communicator.h"
+#include "distattn/config.h"
 #include "distattn/core/half.h"
 #include "distattn/core/npy.h"
 #include "distattn/core/tensor_view.h"
@@ -37,6 +38,9 @@
 #include "kernels/cpu/reference.h"
 #include "src/tools/distattn_bench/bench_common.h"
 
+#if DISTATTN_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 #if DISTATTN_BENCH_HAVE_BLAS
 #include <cblas.h>
 #endif
@@ -236,6 +240,42 @@ struct Problem {
     return e;
   }
 };
+
+// ---- timing ------------------------------------------------------------------------------
+
+// Mean seconds per run() over `iters` runs. CUDA kernels are asynchronous: on a CUDA device
+// the runs are timed with events on the default stream (where the ops queue with
+// opts.stream = null), after the device has drained the warm-up work.
+template <typename Run>
+double time_runs(const Device& dev, int iters, Run&& run) {
+#if DISTATTN_WITH_CUDA
+  if (dev.is_cuda()) {
+    auto check = [](cudaError_t rc, const char* what) {
+      if (rc != cudaSuccess)
+        DISTATTN_THROW(Status::kCudaError, "distattn-bench attn: ", what,
+                       " failed: ", cudaGetErrorString(rc));
+    };
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    cudaEvent_t start = nullptr, stop = nullptr;
+    check(cudaEventCreate(&start), "cudaEventCreate");
+    check(cudaEventCreate(&stop), "cudaEventCreate");
+    check(cudaEventRecord(start, nullptr), "cudaEventRecord");
+    for (int i = 0; i < iters; ++i) run();
+    check(cudaEventRecord(stop, nullptr), "cudaEventRecord");
+    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    (void)cudaEventDestroy(start);
+    (void)cudaEventDestroy(stop);
+    return static_cast<double>(ms) * 1e-3 / iters;
+  }
+#else
+  (void)dev;
+#endif
+  const double t0 = now_seconds();
+  for (int i = 0; i < iters; ++i) run();
+  return (now_seconds() - t0) / iters;
+}
 
 // ---- sgemm ceiling -----------------------------------------------------------------------
 
@@ -489,9 +529,7 @@ int attn_main(int argc, char** argv) {
     Problem p(a, s);
     for (int i = 0; i < a.warmup; ++i) p.run();
     world->barrier();
-    const double t0 = now_seconds();
-    for (int i = 0; i < a.iters; ++i) p.run();
-    const double mine = (now_seconds() - t0) / a.iters;
+    const double mine = time_runs(a.device, a.iters, [&] { p.run(); });
     const double t = max_over_ranks(*world, mine);
     const double flops = p.flops();
     JsonRow row;
