@@ -93,6 +93,23 @@ TensorView packed_or_copy(const TensorView& t, Tensor& holder) {
   return holder.view();
 }
 
+// The all-gather of this rank's K,V in flight: kg/vg [p, B, Sl, Hkv, D/Dv] fill as hk/hv
+// complete; kp_t/vp_t keep packed copies of strided inputs alive until then.
+struct KvGather {
+  Tensor kg, vg, kp_t, vp_t;
+  comm::Handle hk, hv;
+};
+
+void start_kv_gather(comm::Communicator& comm, const TensorView& k, const TensorView& v,
+                     Stream stream, KvGather& g) {
+  const int64_t p = comm.size();
+  const TensorView kp = packed_or_copy(k, g.kp_t), vp = packed_or_copy(v, g.vp_t);
+  g.kg = Tensor::empty({p, k.size(0), k.size(1), k.size(2), k.size(3)}, k.dtype, k.device);
+  g.vg = Tensor::empty({p, v.size(0), v.size(1), v.size(2), v.size(3)}, v.dtype, v.device);
+  g.hk = comm.iall_gather(kp.data, g.kg.data(), static_cast<size_t>(kp.numel()), k.dtype, stream);
+  g.hv = comm.iall_gather(vp.data, g.vg.data(), static_cast<size_t>(vp.numel()), v.dtype, stream);
+}
+
 }  // namespace
 
 void allgather_forward(comm::Communicator& comm, const TensorView& q, const TensorView& k,
@@ -111,17 +128,12 @@ void allgather_forward(comm::Communicator& comm, const TensorView& q, const Tens
     acc_t = Tensor::empty({b, sl, hq, dv}, DType::kFloat32, dev);
     acc = acc_t.view();
   }
-  Tensor kg, vg, kp_t, vp_t;
-  comm::Handle hk, hv;
-  if (p > 1) {
-    const TensorView kp = packed_or_copy(k, kp_t), vp = packed_or_copy(v, vp_t);
-    kg = Tensor::empty({p, b, sl, hkv, d}, k.dtype, dev);
-    vg = Tensor::empty({p, b, sl, hkv, dv}, v.dtype, dev);
-    hk =
-        comm.iall_gather(kp.data, kg.data(), static_cast<size_t>(kp.numel()), k.dtype, tr.stream());
-    hv =
-        comm.iall_gather(vp.data, vg.data(), static_cast<size_t>(vp.numel()), v.dtype, tr.stream());
-  }
+  KvGather gather;
+  Tensor& kg = gather.kg;
+  Tensor& vg = gather.vg;
+  comm::Handle& hk = gather.hk;
+  comm::Handle& hv = gather.hv;
+  if (p > 1) start_kv_gather(comm, k, v, tr.stream(), gather);
   for (const Block& bl : phase1(causal, sl))
     tr.forward(rows(q, bl.q_begin, bl.q_len), rows(k, bl.k_begin, bl.k_len),
                rows(v, bl.k_begin, bl.k_len), rows(acc, bl.q_begin, bl.q_len),
@@ -171,17 +183,12 @@ void allgather_backward(comm::Communicator& comm, const TensorView& q, const Ten
   Tensor dk_own = Tensor::zeros({b, sl, hkv, d}, DType::kFloat32, dev);
   Tensor dv_own = Tensor::zeros({b, sl, hkv, dv}, DType::kFloat32, dev);
 
-  Tensor kg, vg, kp_t, vp_t;
-  comm::Handle hk, hv;
-  if (p > 1) {
-    const TensorView kp = packed_or_copy(k, kp_t), vp = packed_or_copy(v, vp_t);
-    kg = Tensor::empty({p, b, sl, hkv, d}, k.dtype, dev);
-    vg = Tensor::empty({p, b, sl, hkv, dv}, v.dtype, dev);
-    hk =
-        comm.iall_gather(kp.data, kg.data(), static_cast<size_t>(kp.numel()), k.dtype, tr.stream());
-    hv =
-        comm.iall_gather(vp.data, vg.data(), static_cast<size_t>(vp.numel()), v.dtype, tr.stream());
-  }
+  KvGather gather;
+  Tensor& kg = gather.kg;
+  Tensor& vg = gather.vg;
+  comm::Handle& hk = gather.hk;
+  comm::Handle& hv = gather.hv;
+  if (p > 1) start_kv_gather(comm, k, v, tr.stream(), gather);
   for (const Block& bl : phase1(causal, sl))
     tr.backward(rows(q, bl.q_begin, bl.q_len), rows(k, bl.k_begin, bl.k_len),
                 rows(v, bl.k_begin, bl.k_len), rows(out, bl.q_begin, bl.q_len),

@@ -67,6 +67,32 @@ struct KV {
   TensorView k, v;
 };
 
+// This rank's K,V packed for sending (sends need packed buffers: strided inputs are copied)
+// plus the two receive buffers per tensor of the double-buffered ring; only for p > 1.
+struct RingKv {
+  Tensor own_k, own_v, bufs_k[2], bufs_v[2];
+  KV cur;
+
+  RingKv(const TensorView& k, const TensorView& v, int p) : cur{k, v} {
+    if (p <= 1) return;
+    const Device dev = k.device;
+    if (!k.is_contiguous()) {
+      own_k = to_device(k, dev);
+      cur.k = own_k.view();
+    }
+    if (!v.is_contiguous()) {
+      own_v = to_device(v, dev);
+      cur.v = own_v.view();
+    }
+    for (int i = 0; i < 2; ++i) {
+      bufs_k[i] = packed({k.size(0), k.size(1), k.size(2), k.size(3)}, k.dtype, dev);
+      bufs_v[i] = packed({v.size(0), v.size(1), v.size(2), v.size(3)}, v.dtype, dev);
+    }
+  }
+  // Receive buffers of `step` (alternating).
+  KV recv_buffers(int step) const { return {bufs_k[step % 2].view(), bufs_v[step % 2].view()}; }
+};
+
 std::vector<comm::P2POp> kv_exchange(const KV& send, const KV& recv, int next, int prev) {
   return {comm::P2POp::send(send.k.data, static_cast<size_t>(send.k.numel()), send.k.dtype, next),
           comm::P2POp::send(send.v.data, static_cast<size_t>(send.v.numel()), send.v.dtype, next),
@@ -85,7 +111,6 @@ void ring_forward(comm::Communicator& comm, bool zigzag, const TensorView& q, co
   const int prev = (r + p - 1) % p;
   const Device dev = q.device;
   const int64_t b = q.size(0), sl = q.size(1), hq = q.size(2), dv = v.size(3);
-  const int64_t hkv = k.size(2), d = k.size(3);
 
   // Accumulators: the caller's out when it is fp32, else an fp32 buffer converted at the end.
   Tensor out_acc_t;
@@ -94,22 +119,10 @@ void ring_forward(comm::Communicator& comm, bool zigzag, const TensorView& q, co
     out_acc_t = packed({b, sl, hq, dv}, DType::kFloat32, dev);
     out_acc = out_acc_t.view();
   }
-  Tensor own_k, own_v, bufs_k[2], bufs_v[2], part_out, part_lse;
-  KV cur{k, v};
+  RingKv ring_kv(k, v, p);
+  KV& cur = ring_kv.cur;
+  Tensor part_out, part_lse;
   if (p > 1) {
-    // Sends need packed buffers.
-    if (!k.is_contiguous()) {
-      own_k = to_device(k, dev);
-      cur.k = own_k.view();
-    }
-    if (!v.is_contiguous()) {
-      own_v = to_device(v, dev);
-      cur.v = own_v.view();
-    }
-    for (int i = 0; i < 2; ++i) {
-      bufs_k[i] = packed({b, sl, hkv, d}, k.dtype, dev);
-      bufs_v[i] = packed({b, sl, hkv, dv}, v.dtype, dev);
-    }
     part_out = packed({b, sl, hq, dv}, DType::kFloat32, dev);
     part_lse = packed({b, hq, sl}, DType::kFloat32, dev);
   }
@@ -120,7 +133,7 @@ void ring_forward(comm::Communicator& comm, bool zigzag, const TensorView& q, co
     comm::Handle h;
     KV nxt{};
     if (step + 1 < p) {
-      nxt = {bufs_k[step % 2].view(), bufs_v[step % 2].view()};
+      nxt = ring_kv.recv_buffers(step);
       const auto ops = kv_exchange(cur, nxt, next, prev);
       h = comm.igroup(ops, tr.stream());
     }
@@ -175,21 +188,9 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
     trav_k[i] = packed({b, sl, hkv, d}, DType::kFloat32, dev);
     trav_v[i] = packed({b, sl, hkv, dv}, DType::kFloat32, dev);
   }
-  Tensor own_k, own_v, bufs_k[2], bufs_v[2];
-  KV cur{k, v};
+  RingKv ring_kv(k, v, p);
+  KV& cur = ring_kv.cur;
   if (p > 1) {
-    if (!k.is_contiguous()) {
-      own_k = to_device(k, dev);
-      cur.k = own_k.view();
-    }
-    if (!v.is_contiguous()) {
-      own_v = to_device(v, dev);
-      cur.v = own_v.view();
-    }
-    for (int i = 0; i < 2; ++i) {
-      bufs_k[i] = packed({b, sl, hkv, d}, k.dtype, dev);
-      bufs_v[i] = packed({b, sl, hkv, dv}, v.dtype, dev);
-    }
     mine_k = packed({b, sl, hkv, d}, DType::kFloat32, dev);
     mine_v = packed({b, sl, hkv, dv}, DType::kFloat32, dev);
   }
@@ -201,7 +202,7 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
     comm::Handle h;
     KV nxt{};
     if (step + 1 < p) {
-      nxt = {bufs_k[step % 2].view(), bufs_v[step % 2].view()};
+      nxt = ring_kv.recv_buffers(step);
       const auto ops = kv_exchange(cur, nxt, next, prev);
       h = comm.igroup(ops, tr.stream());
     }
