@@ -672,6 +672,12 @@ int sp_main(int argc, char** argv) {
                 "exposed%", "peak_MB", "max_abs_err", "grad_err");
   }
   std::vector<JsonRow> rows;
+  // With -c, a row whose max error exceeds the dtype's limit (absolute: inputs lie in
+  // [-1, 1), so outputs do too) fails the run (exit 1), as `attn -c` does.
+  const double tolerance = dtype == DType::kBFloat16  ? 3e-2
+                           : dtype == DType::kFloat16 ? 1e-2
+                                                      : 1e-4;
+  bool all_ok = true;
   for (int64_t seq = minseq; seq <= maxseq; seq *= a.factor) {
     SpShape sh{a.batch, seq, a.heads, a.kv_heads, a.dim, 0};
     const Baseline base = baseline(sh, a, dtype, dev, *world);
@@ -691,6 +697,8 @@ int sp_main(int argc, char** argv) {
         continue;
       }
       const Result r = run_strategy(s, g, sh, a, dtype, dev, *world);
+      if (a.check && (!(r.err <= tolerance) || (a.backward && !(r.grad_err <= tolerance))))
+        all_ok = false;
       const double tflops = flops / p / r.time_s / 1e12;
       const double eff = std::isnan(t1) ? kNaN : t1 / (p * r.time_s);
       const double eff_cpu = std::isnan(base.cpu_s) ? kNaN : base.cpu_s / (p * r.cpu_s);
@@ -734,8 +742,11 @@ int sp_main(int argc, char** argv) {
     JsonRow header;
     header.set("ranks", p).set("device", a.device).set("dtype", dtype_name(dtype));
     write_json(a.json, "sp", header, rows);
+    if (a.check)
+      std::printf("# check vs fp64 reference (limit %.0e): %s\n", tolerance,
+                  all_ok ? "OK" : "FAILED");
   }
-  return 0;
+  return all_ok ? 0 : 1;
 }
 
 }  // namespace
