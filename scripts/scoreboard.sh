@@ -24,7 +24,7 @@ run() {  # run NAME CMD...   (prints the command, tees the table)
   echo "### $name took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/$name.log"
 }
 
-echo "# scoreboard $(date -u) on $(hostname): $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" |
+echo "# scoreboard $(date -u) on $(hostname): $(getconf _NPROCESSORS_ONLN) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" |
   tee "$OUT/machine.txt"
 lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-200 >>"$OUT/machine.txt"
 
