@@ -123,11 +123,7 @@ void allgather_forward(comm::Communicator& comm, const TensorView& q, const Tens
   tr.step();
 
   Tensor acc_t;
-  TensorView acc = out;
-  if (out.dtype != DType::kFloat32) {
-    acc_t = Tensor::empty({b, sl, hq, dv}, DType::kFloat32, dev);
-    acc = acc_t.view();
-  }
+  const TensorView acc = fp32_accumulator(out, acc_t);
   KvGather gather;
   Tensor& kg = gather.kg;
   Tensor& vg = gather.vg;
@@ -174,11 +170,7 @@ void allgather_backward(comm::Communicator& comm, const TensorView& q, const Ten
   tr.step();
 
   Tensor dq_t;
-  TensorView dq_acc = dq;
-  if (dq.dtype != DType::kFloat32) {
-    dq_t = Tensor::empty({b, sl, hq, d}, DType::kFloat32, dev);
-    dq_acc = dq_t.view();
-  }
+  const TensorView dq_acc = fp32_accumulator(dq, dq_t);
   zero(dq_acc);
   Tensor dk_own = Tensor::zeros({b, sl, hkv, d}, DType::kFloat32, dev);
   Tensor dv_own = Tensor::zeros({b, sl, hkv, dv}, DType::kFloat32, dev);

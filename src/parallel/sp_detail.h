@@ -18,6 +18,9 @@ void copy_view(const TensorView& dst, const TensorView& src);
 // dst += src; dst fp32 or fp64, src any float dtype; shapes equal.
 void add_view(const TensorView& dst, const TensorView& src);
 void zero(const TensorView& t);  // any strides
+// Where fp32 partials accumulate: `t` itself when it is fp32, else a packed fp32 scratch of
+// t's shape owned by `holder` (the caller converts it into t at the end).
+TensorView fp32_accumulator(const TensorView& t, Tensor& holder);
 Tensor empty_like_shape(std::initializer_list<int64_t> shape, DType dtype, Device device);
 
 // ---- GQA head mapping ----

@@ -114,11 +114,7 @@ void ring_forward(comm::Communicator& comm, bool zigzag, const TensorView& q, co
 
   // Accumulators: the caller's out when it is fp32, else an fp32 buffer converted at the end.
   Tensor out_acc_t;
-  TensorView out_acc = out;
-  if (out.dtype != DType::kFloat32) {
-    out_acc_t = packed({b, sl, hq, dv}, DType::kFloat32, dev);
-    out_acc = out_acc_t.view();
-  }
+  const TensorView out_acc = fp32_accumulator(out, out_acc_t);
   RingKv ring_kv(k, v, p);
   KV& cur = ring_kv.cur;
   Tensor part_out, part_lse;
@@ -171,15 +167,11 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
   const int next = (r + 1) % p;
   const int prev = (r + p - 1) % p;
   const Device dev = q.device;
-  const int64_t b = q.size(0), sl = q.size(1), hq = q.size(2), d = q.size(3);
+  const int64_t b = q.size(0), sl = q.size(1), d = q.size(3);
   const int64_t hkv = k.size(2), dv = v.size(3);
 
   Tensor dq_acc_t;
-  TensorView dq_acc = dq;
-  if (dq.dtype != DType::kFloat32) {
-    dq_acc_t = packed({b, sl, hq, d}, DType::kFloat32, dev);
-    dq_acc = dq_acc_t.view();
-  }
+  const TensorView dq_acc = fp32_accumulator(dq, dq_acc_t);
   zero(dq_acc);
 
   // dK,dV accumulators that travel with the blocks (fp32), and this rank's contribution.

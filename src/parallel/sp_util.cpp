@@ -184,6 +184,13 @@ void add_view(const TensorView& dst, const TensorView& src) {
   }
 }
 
+TensorView fp32_accumulator(const TensorView& t, Tensor& holder) {
+  if (t.dtype == DType::kFloat32) return t;
+  holder =
+      Tensor::empty(std::span<const int64_t>(t.shape.data(), t.ndim), DType::kFloat32, t.device);
+  return holder.view();
+}
+
 void zero(const TensorView& t) {
   if (t.numel() == 0) return;
   if (t.is_contiguous()) {
