@@ -8,6 +8,7 @@
 #include "distattn/core/error.h"
 #include "distattn/core/half.h"
 #include "distattn/core/npy.h"
+#include "distattn/core/stream.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/ops/attention.h"
 #include "distattn/ops/mla.h"
