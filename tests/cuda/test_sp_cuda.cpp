@@ -1,0 +1,470 @@
+// Every sequence- and head-parallel strategy with the local shards on this rank's GPU, against
+// the single-rank fp64 reference on the full sequence: forward out/lse and backward dq/dk/dv,
+// causal and not, GQA/MQA, fp32 and bf16, head dims 64 and 128 (the tensor-core kernels' dims),
+// at whatever rank count mpirun gives (ctest: 1, 2, 4; all ranks share one GPU when the machine
+// has one). The communicator is comm::create_world(kMpi, device): the MPI backend stages device
+// memory through the host (NCCL refuses two ranks of one communicator on one GPU). Work is
+// enqueued on a user-created non-blocking stream (SpOptions::stream); outputs start as NaN
+// poison and are read back only after synchronizing that stream, so a result written on
+// another stream, or not written at all, fails.
+//
+// The test body is device-generic. The suite runs twice: OnCpu (CPU shards, CPU MPI world)
+// everywhere, so CPU-only CI proves the test logic itself (layouts, rebuild, references,
+// tolerances, ledger formulas), and OnCuda, which skips on every rank alike without a GPU.
+// Same method as tests/mpi/test_sp_attention.cpp: every rank builds the full inputs
+// deterministically, takes its shard (on the host, then copied to the device), runs the
+// strategy, puts its local results back into full-size fp64 tensors with
+// unshard_into(accumulate=true), and an all-reduce sum over the ranks rebuilds the full results.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/test_data.h"
+#include "distattn/comm/communicator.h"
+#include "distattn/comm/mesh.h"
+#include "distattn/config.h"
+#include "distattn/parallel/sequence_parallel.h"
+#include "distattn/runtime.h"
+#include "kernels/cpu/reference.h"
+#include "tests/cuda/cuda_test_util.h"
+#include "tests/cuda/sp_device_util.h"
+
+namespace distattn::parallel {
+namespace {
+
+using testing::compare;
+using testing::fill_test_data;
+using testing::poisoned;
+using testing::sp_device::all_ranks;
+using testing::sp_device::device_world;
+using testing::sp_device::DeviceWorld;
+using testing::sp_device::gpu_usable;
+using testing::sp_device::host_world;
+using testing::sp_device::UserStream;
+
+// Hybrid: Ulysses 2 x ring P/2 when P is even, else Ulysses 1 x ring P (as the CPU test).
+int hybrid_ulysses(int p) {
+  return p % 2 == 0 ? 2 : 1;
+}
+
+// The communicators of a strategy over one device's world (a mesh for hybrid).
+struct Group {
+  std::unique_ptr<comm::DeviceMesh> mesh;
+  SpGroup group;
+  SpLayout layout;
+  int rank = 0;
+  std::vector<comm::Communicator*> comms;  // whose ledgers count
+};
+
+Group make_group(Strategy s, DeviceWorld& w) {
+  Group g;
+  const int p = w.comm->size();
+  if (s == Strategy::kHybrid) {
+    const int u = hybrid_ulysses(p);
+    g.mesh = std::make_unique<comm::DeviceMesh>(
+        w.comm, comm::DeviceMesh::Axes{{"ring", p / u}, {"ulysses", u}});
+    g.group = SpGroup::from_mesh(*g.mesh);
+    g.comms = {g.group.seq, g.group.ulysses};
+  } else {
+    g.group = SpGroup::flat(*w.comm);
+    g.comms = {w.comm.get()};
+  }
+  g.layout = g.group.layout(s);
+  g.rank = g.group.layout_rank(s);
+  return g;
+}
+
+// Smallest multiple of 2P at or above `base`: every layout (zigzag, all-gather, hybrid need
+// S % 2P == 0) accepts it at any rank count.
+int64_t seq_for(int64_t base, int p) {
+  const int64_t m = 2 * static_cast<int64_t>(p);
+  return (base + m - 1) / m * m;
+}
+
+struct Case {
+  bool causal = false;
+  DType dtype = DType::kFloat32;
+  int64_t batch = 2, hq = 8, hkv = 2, d = 64;
+  // Global sequence before rounding up to a multiple of 2P: a few hundred tokens on the GPU
+  // (several kernel tiles per rank), the CPU test's 48 on CPU ranks (seconds at np 4 on 2
+  // cores).
+  int64_t seq_cuda = 256, seq_cpu = 48;
+  bool backward = true;
+};
+
+struct RunInfo {
+  Strategy strategy;
+  Device device;
+  int ranks;
+  int64_t seq;
+};
+
+std::string describe(const Case& c, const RunInfo& r) {
+  return std::string(strategy_name(r.strategy)) + (c.causal ? " causal " : " full ") +
+         dtype_name(c.dtype) + " B=" + std::to_string(c.batch) + " S=" + std::to_string(r.seq) +
+         " Hq=" + std::to_string(c.hq) + " Hkv=" + std::to_string(c.hkv) +
+         " D=" + std::to_string(c.d) + " P=" + std::to_string(r.ranks) + " on " + r.device.str();
+}
+
+// Full-size host inputs and their fp64 references, built once per (case, seq) and shared by
+// every strategy (the reference does not depend on the strategy; at S = 256 it is the
+// slowest part of a GPU run).
+struct Problem {
+  Tensor q, k, v, dout;  // host, storage dtype
+  kernels::cpu::ReferenceForward fwd;
+  kernels::cpu::ReferenceBackward bwd;
+  bool has_bwd = false;
+};
+
+const Problem& problem_for(const Case& c, int64_t seq) {
+  static std::map<std::string, std::unique_ptr<Problem>> cache;
+  const std::string key = std::to_string(c.causal) + dtype_name(c.dtype) + "b" +
+                          std::to_string(c.batch) + "s" + std::to_string(seq) + "h" +
+                          std::to_string(c.hq) + "k" + std::to_string(c.hkv) + "d" +
+                          std::to_string(c.d);
+  auto& slot = cache[key];
+  if (!slot) {
+    slot = std::make_unique<Problem>();
+    Problem& pr = *slot;
+    pr.q = Tensor::empty({c.batch, seq, c.hq, c.d}, c.dtype);
+    pr.k = Tensor::empty({c.batch, seq, c.hkv, c.d}, c.dtype);
+    pr.v = Tensor::empty({c.batch, seq, c.hkv, c.d}, c.dtype);
+    pr.dout = Tensor::empty({c.batch, seq, c.hq, c.d}, c.dtype);
+    fill_test_data(pr.q.view(), 7, 1);
+    fill_test_data(pr.k.view(), 7, 2);
+    fill_test_data(pr.v.view(), 7, 3);
+    fill_test_data(pr.dout.view(), 7, 4);
+    ops::AttentionOptions ro;
+    ro.causal = c.causal;
+    pr.fwd = kernels::cpu::reference_attention_forward(pr.q.view(), pr.k.view(), pr.v.view(), ro);
+  }
+  if (c.backward && !slot->has_bwd) {
+    ops::AttentionOptions ro;
+    ro.causal = c.causal;
+    slot->bwd = kernels::cpu::reference_attention_backward(slot->q.view(), slot->k.view(),
+                                                           slot->v.view(), slot->dout.view(), ro);
+    slot->has_bwd = true;
+  }
+  return *slot;
+}
+
+// Every rank's accumulate-unshard of `local` (any device; read after the stream sync), summed
+// over the ranks on the host world.
+std::vector<double> rebuild(const Group& g, const SpShape& sh, ShardRole role,
+                            const TensorView& local, std::initializer_list<int64_t> full_shape) {
+  Tensor full = Tensor::zeros(full_shape, DType::kFloat64);
+  Tensor host = to_device(local, Device::cpu());
+  Tensor local64 =
+      Tensor::empty(std::span<const int64_t>(local.shape.data(), local.ndim), DType::kFloat64);
+  convert_dtype_cpu(host.view(), local64.view());
+  unshard_into(g.layout, sh, g.rank, role, local64.view(), full.view(), /*accumulate=*/true);
+  host_world().all_reduce(full.data(), full.data(), static_cast<size_t>(full.numel()),
+                          DType::kFloat64, comm::ReduceOp::kSum);
+  return std::vector<double>(full.data_as<double>(), full.data_as<double>() + full.numel());
+}
+
+// Relative tolerance (max error / max |ref|), as the CPU strategy test and the kernels' own
+// tests: fp32 1e-5 for out/lse, 2e-5 for gradients; bf16 2e-2 (storage rounding dominates).
+void expect_close(const char* what, const std::string& desc, DType dtype,
+                  const std::vector<double>& got, const Tensor& ref, bool gradient = false) {
+  const std::vector<double> r(ref.data_as<double>(), ref.data_as<double>() + ref.numel());
+  const auto st = compare(got, r);
+  const double tol = dtype == DType::kFloat32 ? (gradient ? 2e-5 : 1e-5) : 2e-2;
+  EXPECT_EQ(st.non_finite, 0) << what << " has non-finite values (NaN poison left?): " << desc;
+  EXPECT_LE(st.rel(), tol) << what << " max_abs_err " << st.max_abs_err << " max_ref " << st.max_ref
+                           << ": " << desc;
+}
+
+void run_case(Strategy strategy, DeviceWorld& w, const Case& c) {
+  Group g = make_group(strategy, w);
+  const int p = g.layout.ranks;
+  const int64_t seq = seq_for(w.device.is_cuda() ? c.seq_cuda : c.seq_cpu, p);
+  const RunInfo run{strategy, w.device, p, seq};
+  const std::string desc = describe(c, run);
+  SCOPED_TRACE(desc);
+  SpShape sh;
+  sh.batch = c.batch;
+  sh.seq = seq;
+  sh.heads_q = c.hq;
+  sh.heads_kv = c.hkv;
+  sh.head_dim = c.d;
+  check_layout(g.layout, sh);
+  const Problem& pr = problem_for(c, seq);
+  const int64_t b = c.batch, dd = c.d;
+  const Device dev = w.device;
+
+  auto local = [&](ShardRole role, const Tensor& full) {
+    return to_device(shard(g.layout, sh, g.rank, role, full.view()).view(), dev);
+  };
+  const Tensor ql = local(ShardRole::kQuery, pr.q);
+  const Tensor kl = local(ShardRole::kKeyValue, pr.k);
+  const Tensor vl = local(ShardRole::kKeyValue, pr.v);
+  const Tensor dol = local(ShardRole::kQuery, pr.dout);
+  ASSERT_EQ(ql.device(), dev);
+  const int64_t sl = ql.view().size(1), hl = ql.view().size(2), hkl = kl.view().size(2);
+  ASSERT_EQ(sl, local_seq_len(g.layout, seq));
+
+  const Tensor out = poisoned({b, sl, hl, dd}, c.dtype, dev);
+  const Tensor lse = poisoned({b, hl, sl}, DType::kFloat32, dev);
+  UserStream stream(dev);
+  SpOptions opts;
+  opts.causal = c.causal;
+  opts.heads_q = c.hq;
+  opts.heads_kv = c.hkv;
+  opts.stream = stream.get();
+  sp_attention_forward(strategy, g.group, ql.view(), kl.view(), vl.view(), out.view(), lse.view(),
+                       opts);
+  stream.synchronize();
+  expect_close("out", desc, c.dtype, rebuild(g, sh, ShardRole::kQuery, out, {b, seq, c.hq, dd}),
+               pr.fwd.out);
+  expect_close("lse", desc, c.dtype, rebuild(g, sh, ShardRole::kLse, lse, {b, c.hq, seq}),
+               pr.fwd.lse);
+  if (!c.backward) return;
+
+  const Tensor dq = poisoned({b, sl, hl, dd}, c.dtype, dev);
+  const Tensor dk = poisoned({b, sl, hkl, dd}, c.dtype, dev);
+  const Tensor dv = poisoned({b, sl, hkl, dd}, c.dtype, dev);
+  sp_attention_backward(strategy, g.group, ql.view(), kl.view(), vl.view(), out.view(), dol.view(),
+                        lse.view(), dq.view(), dk.view(), dv.view(), opts);
+  stream.synchronize();
+  expect_close("dq", desc, c.dtype, rebuild(g, sh, ShardRole::kQuery, dq, {b, seq, c.hq, dd}),
+               pr.bwd.dq, true);
+  expect_close("dk", desc, c.dtype, rebuild(g, sh, ShardRole::kKeyValue, dk, {b, seq, c.hkv, dd}),
+               pr.bwd.dk, true);
+  expect_close("dv", desc, c.dtype, rebuild(g, sh, ShardRole::kKeyValue, dv, {b, seq, c.hkv, dd}),
+               pr.bwd.dv, true);
+}
+
+using Param = std::tuple<DeviceType, Strategy>;
+
+class SpOnDevice : public ::testing::TestWithParam<Param> {
+ protected:
+  void SetUp() override {
+    // gpu_usable() is one all-ranks decision (computed once, collectively), so every rank
+    // skips alike and none waits in a collective another rank skipped.
+    if (std::get<0>(GetParam()) == DeviceType::kCUDA && !gpu_usable())
+      GTEST_SKIP() << "skipped: no GPU (or a build without CUDA)";
+  }
+  Strategy strategy() const { return std::get<1>(GetParam()); }
+  DeviceWorld& world() { return device_world(std::get<0>(GetParam())); }
+  void run(const Case& c) { run_case(strategy(), world(), c); }
+};
+
+TEST_P(SpOnDevice, NonCausalGqaFp32HeadDim64MatchesReference) {
+  run({.causal = false});
+}
+
+TEST_P(SpOnDevice, CausalGqaFp32HeadDim64MatchesReference) {
+  run({.causal = true});
+}
+
+TEST_P(SpOnDevice, CausalMqaFp32HeadDim128MatchesReference) {
+  run({.causal = true, .batch = 1, .hq = 4, .hkv = 1, .d = 128});
+}
+
+// bf16 at D = 64 and 128: the tensor-core (mma) forward and backward kernels on the GPU.
+TEST_P(SpOnDevice, NonCausalGqaBf16HeadDim64MatchesReference) {
+  run({.causal = false, .dtype = DType::kBFloat16, .batch = 1});
+}
+
+TEST_P(SpOnDevice, CausalGqaBf16HeadDim128MatchesReference) {
+  run({.causal = true, .dtype = DType::kBFloat16, .batch = 1, .d = 128});
+}
+
+TEST_P(SpOnDevice, CausalMhaBf16HeadDim64LongerSequenceForwardMatchesReference) {
+  run({.causal = true,
+       .dtype = DType::kBFloat16,
+       .batch = 1,
+       .hq = 4,
+       .hkv = 4,
+       .seq_cuda = 512,
+       .seq_cpu = 96,
+       .backward = false});
+}
+
+// ---- stats and communication volume -----------------------------------------------------
+
+struct Volume {
+  uint64_t fwd = 0, bwd = 0;
+};
+
+// Bytes each strategy's algorithm must send from this rank, written from the algorithm's
+// definition (elt = bytes of the storage dtype; fp32 for cross-rank partials/gradients). The
+// same formula as tests/mpi/test_sp_attention.cpp (copied: staging device memory through the
+// host must not change what the ledger counts).
+Volume expected_volume(Strategy s, const Group& g, int64_t b, int64_t seq, int64_t hq, int64_t hkv,
+                       int64_t d, size_t elt) {
+  const int p = g.layout.ranks;
+  const int64_t sl = seq / p;
+  const uint64_t kv_block = static_cast<uint64_t>(2 * b * sl * hkv * d);  // K and V elements
+  Volume v;
+  auto ulysses = [&](int u, int me, int64_t tokens_per_rank) {
+    Volume x;
+    const int64_t g_ = hq / hkv;
+    auto qh = [&](int j) { return split_heads(hq, u, j).size(); };
+    auto kh = [&](int j) {
+      const HeadRange h = split_heads(hq, u, j);
+      return (h.end - 1) / g_ + 1 - h.begin / g_;
+    };
+    for (int j = 0; j < u; ++j) {
+      if (j == me) continue;
+      const uint64_t qkv = static_cast<uint64_t>(b * tokens_per_rank * (qh(j) + 2 * kh(j)) * d);
+      const uint64_t back = static_cast<uint64_t>(b * tokens_per_rank * qh(me) * d);
+      const uint64_t lse_back = static_cast<uint64_t>(b * tokens_per_rank * qh(me));
+      x.fwd += qkv * elt + back * elt + lse_back * 4;
+      // q,k,v + out + dout + lse forward; dq, dk, dv back in fp32.
+      const uint64_t o = static_cast<uint64_t>(b * tokens_per_rank * qh(j) * d);
+      const uint64_t l = static_cast<uint64_t>(b * tokens_per_rank * qh(j));
+      const uint64_t grads = static_cast<uint64_t>(b * tokens_per_rank * (qh(me) + 2 * kh(me)) * d);
+      x.bwd += qkv * elt + 2 * o * elt + l * 4 + grads * 4;
+    }
+    return x;
+  };
+  switch (s) {
+    case Strategy::kHeads:
+      break;
+    case Strategy::kRing:
+    case Strategy::kZigzag:
+      v.fwd = (p - 1) * kv_block * elt;
+      v.bwd = p > 1 ? (p - 1) * kv_block * elt + p * kv_block * 4 : 0;
+      break;
+    case Strategy::kAllGather:
+      v.fwd = (p - 1) * kv_block * elt;
+      v.bwd = (p - 1) * kv_block * elt + (p - 1) * kv_block * 4;
+      break;
+    case Strategy::kUlysses:
+      v = ulysses(p, g.rank, sl);
+      break;
+    case Strategy::kHybrid: {
+      const int u = g.layout.ulysses, r = p / u;
+      v = ulysses(u, g.rank % u, sl);
+      // Ring over R ranks with this rank's heads and the ring rank's u*sl tokens.
+      const HeadRange h = split_heads(hq, u, g.rank % u);
+      const int64_t g_ = hq / hkv;
+      const int64_t khe = (h.end - 1) / g_ + 1 - h.begin / g_;
+      const uint64_t blk = static_cast<uint64_t>(2 * b * u * sl * khe * d);
+      v.fwd += (r - 1) * blk * elt;
+      v.bwd += r > 1 ? (r - 1) * blk * elt + r * blk * 4 : 0;
+      break;
+    }
+  }
+  return v;
+}
+
+uint64_t ledger_bytes_sent(const Group& g) {
+  uint64_t n = 0;
+  for (auto* c : g.comms) n += c->ledger().total().bytes_sent;
+  return n;
+}
+void reset_ledgers(const Group& g) {
+  for (auto* c : g.comms) c->ledger().reset();
+}
+
+// SpStats filled on device ranks (non-zero times, ring steps, the visible query-key pairs of
+// rank_forward_flops), and the ledger's bytes equal to the CPU formula, forward and backward,
+// fp32 and bf16. Results are checked too: the figures must come from a correct run.
+TEST_P(SpOnDevice, StatsAndLedgerBytesMatchTheCpuFormulas) {
+  const Strategy s = strategy();
+  DeviceWorld& w = world();
+  const Device dev = w.device;
+  const int64_t b = 1, hq = 8, hkv = 2, d = 64;
+  for (DType dt : {DType::kFloat32, DType::kBFloat16}) {
+    Group g = make_group(s, w);
+    const int p = g.layout.ranks;
+    const int64_t seq = seq_for(dev.is_cuda() ? 256 : 48, p);
+    const Case c{.causal = true, .dtype = dt, .batch = b, .hq = hq, .hkv = hkv, .d = d};
+    const std::string desc = describe(c, RunInfo{s, dev, p, seq});
+    SCOPED_TRACE(desc);
+    SpShape sh{b, seq, hq, hkv, d, 0};
+    const Problem& pr = problem_for(c, seq);
+    auto local = [&](ShardRole role, const Tensor& full) {
+      return to_device(shard(g.layout, sh, g.rank, role, full.view()).view(), dev);
+    };
+    const Tensor ql = local(ShardRole::kQuery, pr.q), kl = local(ShardRole::kKeyValue, pr.k),
+                 vl = local(ShardRole::kKeyValue, pr.v), dol = local(ShardRole::kQuery, pr.dout);
+    const int64_t sl = ql.view().size(1), hl = ql.view().size(2), hkl = kl.view().size(2);
+    const Tensor out = poisoned({b, sl, hl, d}, dt, dev);
+    const Tensor lse = poisoned({b, hl, sl}, DType::kFloat32, dev);
+    const Tensor dq = poisoned({b, sl, hl, d}, dt, dev);
+    const Tensor dk = poisoned({b, sl, hkl, d}, dt, dev);
+    const Tensor dv = poisoned({b, sl, hkl, d}, dt, dev);
+    UserStream stream(dev);
+    SpStats st;
+    st.total_s = st.compute_s = st.exposed_comm_s = st.visible_pairs = -1;  // must be overwritten
+    st.steps = -1;
+    SpOptions o;
+    o.causal = true;
+    o.heads_q = hq;
+    o.heads_kv = hkv;
+    o.stream = stream.get();
+    o.stats = &st;
+    const Volume want = expected_volume(s, g, b, seq, hq, hkv, d, dtype_size(dt));
+
+    reset_ledgers(g);
+    sp_attention_forward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(), lse.view(), o);
+    stream.synchronize();
+    EXPECT_EQ(ledger_bytes_sent(g), want.fwd) << "forward";
+    EXPECT_GT(st.total_s, 0.0);
+    EXPECT_GT(st.compute_s, 0.0);
+    EXPECT_GE(st.exposed_comm_s, 0.0);
+    EXPECT_LE(st.compute_s, st.total_s);
+    EXPECT_LE(st.exposed_comm_s, st.total_s);
+    if (s == Strategy::kRing || s == Strategy::kZigzag)
+      EXPECT_EQ(st.steps, p) << "one ring step per rank";
+    else
+      EXPECT_GE(st.steps, 1);
+    EXPECT_DOUBLE_EQ(st.visible_pairs, rank_forward_flops(g.layout, sh, g.rank, true) / (4.0 * d));
+    expect_close("out", desc, dt, rebuild(g, sh, ShardRole::kQuery, out, {b, seq, hq, d}),
+                 pr.fwd.out);
+
+    st = SpStats{};
+    reset_ledgers(g);
+    sp_attention_backward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(), dol.view(),
+                          lse.view(), dq.view(), dk.view(), dv.view(), o);
+    stream.synchronize();
+    EXPECT_EQ(ledger_bytes_sent(g), want.bwd) << "backward";
+    EXPECT_GT(st.total_s, 0.0);
+    EXPECT_GT(st.compute_s, 0.0);
+    EXPECT_LE(st.compute_s, st.total_s);
+    expect_close("dv", desc, dt, rebuild(g, sh, ShardRole::kKeyValue, dv, {b, seq, hkv, d}),
+                 pr.bwd.dv, true);
+    if (s == Strategy::kRing && p > 1) {
+      // The headline formula of the issue: (P-1)*2*B*(S/P)*Hkv*D*elt.
+      EXPECT_EQ(want.fwd,
+                static_cast<uint64_t>((p - 1) * 2 * b * (seq / p) * hkv * d) * dtype_size(dt));
+    }
+  }
+}
+
+std::string param_name(const ::testing::TestParamInfo<Param>& i) {
+  return std::string(std::get<0>(i.param) == DeviceType::kCUDA ? "cuda_" : "cpu_") +
+         strategy_name(std::get<1>(i.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(OnCpu, SpOnDevice,
+                         ::testing::Combine(::testing::Values(DeviceType::kCPU),
+                                            ::testing::ValuesIn(all_strategies().begin(),
+                                                                all_strategies().end())),
+                         param_name);
+INSTANTIATE_TEST_SUITE_P(OnCuda, SpOnDevice,
+                         ::testing::Combine(::testing::Values(DeviceType::kCUDA),
+                                            ::testing::ValuesIn(all_strategies().begin(),
+                                                                all_strategies().end())),
+                         param_name);
+
+// The skip decision itself: one value on every rank (a rank that skipped while another ran
+// would leave the other waiting in a collective until the watchdog fires).
+TEST(SpOnDeviceSkip, GpuDecisionIsTheSameOnEveryRank) {
+  const bool mine = gpu_usable();
+  EXPECT_EQ(all_ranks(mine), mine);
+  EXPECT_EQ(all_ranks(!mine), !mine);
+}
+
+}  // namespace
+}  // namespace distattn::parallel
