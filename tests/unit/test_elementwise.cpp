@@ -304,7 +304,7 @@ TEST(TensorCopy, ParallelPathsMatchNaiveLoop) {
   const int saved = omp_get_max_threads();
   omp_set_num_threads(3);
   for (const std::vector<int64_t>& shape :
-       {std::vector<int64_t>{300, 2, 130}, std::vector<int64_t>{2, 70001}}) {
+       {std::vector<int64_t>{600, 2, 130}, std::vector<int64_t>{2, 70001}}) {
     for (DType st : {DType::kFloat32, DType::kBFloat16}) {
       Strided dst = make(shape, DType::kFloat32, Kind::kSliced, 1);
       Strided src = make(shape, st, Kind::kPermuted, 2);
