@@ -283,16 +283,23 @@ void Handle::end_range() noexcept {
   nvtx_range_ = 0;
 }
 
-void Handle::complete() {
+void Handle::complete(const Stream* on) {
   end_range();
   std::unique_ptr<PendingOp> op = std::move(op_);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   comm_->ledger_[kind_].seconds += secs;
-  op->finish();
+  if (on != nullptr)
+    op->finish_on(*on);
+  else
+    op->finish();
 }
 
 bool Handle::test() {
+  return poll(nullptr);
+}
+
+bool Handle::poll(const Stream* on) {
   if (!op_) return true;
   if (comm_->aborted()) {
     // The backend may still own the buffers of this op: keep its state alive forever.
@@ -311,11 +318,35 @@ bool Handle::test() {
     end_range();
     throw;
   }
-  if (done) complete();
+  if (done) complete(on);
   return done;
 }
 
 void Handle::wait() {
+  wait_until_complete(nullptr);
+}
+
+void Handle::wait_on(Stream stream) {
+  if (!op_) return;
+  // On an aborted communicator, wait_until_complete() throws kRemoteError as test() does.
+  if (!comm_->aborted()) {
+    bool enqueued = false;
+    try {
+      enqueued = op_->enqueue_wait(stream);
+    } catch (...) {
+      // As a failed test(): the backend may still own the buffers of this op.
+      comm_->abort();
+      (void)op_.release();
+      end_range();
+      throw;
+    }
+    // Device-side wait: the op stays pending on the host (wait()/test()/~Handle complete it).
+    if (enqueued) return;
+  }
+  wait_until_complete(&stream);
+}
+
+void Handle::wait_until_complete(const Stream* on) {
   if (!op_) return;
   const auto timeout = comm_->timeout();
   // Measured from here, not from the post: an op posted before a long compute phase may
@@ -325,7 +356,7 @@ void Handle::wait() {
   // that oversubscribed ranks leave the core to the peer they are waiting for.
   int polls = 0;
   auto sleep = std::chrono::microseconds(20);
-  while (!test()) {
+  while (!poll(on)) {
     if (std::chrono::steady_clock::now() >= deadline) {
       comm_->abort();
       (void)op_.release();

@@ -59,11 +59,22 @@ struct MpiRegistry {
 
 #if DISTATTN_WITH_CUDA
 // Pinned host buffers for staging device memory, reused across ops of one communicator.
+// Buffers whose contents are still being copied to the device asynchronously (results of
+// Handle::wait_on) are parked with an event recorded after those copies and come back to
+// the free list once the event completed: checked at every acquire(), drained (the host
+// waits) by drain() and the destructor.
 struct PinnedPool : std::enable_shared_from_this<PinnedPool> {
+  struct Deferred {
+    cudaEvent_t done = nullptr;
+    std::vector<std::shared_ptr<void>> buffers;
+  };
+
   std::mutex mu;
   std::multimap<size_t, void*> free_list;
+  std::vector<Deferred> deferred;
 
   std::shared_ptr<void> acquire(size_t bytes) {
+    reclaim(false);
     void* p = nullptr;
     size_t cap = bytes;
     {
@@ -77,6 +88,7 @@ struct PinnedPool : std::enable_shared_from_this<PinnedPool> {
     }
     if (p == nullptr) {
       const cudaError_t e = cudaMallocHost(&p, bytes);
+      if (e != cudaSuccess) (void)cudaGetLastError();
       DISTATTN_CHECK_STATUS(e == cudaSuccess, Status::kCudaError, "cudaMallocHost(", bytes,
                             ") for MPI staging failed: ", cudaGetErrorString(e));
     }
@@ -86,7 +98,43 @@ struct PinnedPool : std::enable_shared_from_this<PinnedPool> {
       self->free_list.emplace(cap, q);
     });
   }
+
+  // Keeps `buffers` out of the free list until `done` (owned from here on) has completed.
+  void defer(cudaEvent_t done, std::vector<std::shared_ptr<void>> buffers) {
+    std::lock_guard<std::mutex> lock(mu);
+    deferred.push_back({done, std::move(buffers)});
+  }
+
+  // Returns the parked buffers whose event completed (all of them, waiting on the host,
+  // when `wait`). Never throws: a failed event query means the device is unusable, and the
+  // buffers are then only released at drain.
+  void reclaim(bool wait) noexcept {
+    std::vector<Deferred> ready;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (deferred.empty()) return;
+      for (auto it = deferred.begin(); it != deferred.end();) {
+        const cudaError_t e = wait ? cudaEventSynchronize(it->done) : cudaEventQuery(it->done);
+        if (e != cudaSuccess && e != cudaErrorNotReady) (void)cudaGetLastError();
+        if (e == cudaSuccess || (wait && e != cudaErrorNotReady)) {
+          ready.push_back(std::move(*it));
+          it = deferred.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    // Outside the lock: releasing a buffer takes `mu` (its deleter refills the free list).
+    for (Deferred& d : ready) (void)cudaEventDestroy(d.done);
+  }
+
+  // The host waits for every parked copy; their buffers return to the free list. The
+  // communicator calls it on destruction: parked buffers hold the pool alive (their
+  // deleters keep a reference), so the pool's own destructor could not run before.
+  void drain() noexcept { reclaim(true); }
+
   ~PinnedPool() {
+    drain();
     for (auto& [cap, p] : free_list) cudaFreeHost(p);
   }
 };
@@ -97,8 +145,12 @@ struct PinnedPool {};
 // Backend state of one posted op: its requests and the buffers MPI reads/writes.
 class MpiOpState final : public PendingOp {
  public:
-  MpiOpState(std::shared_ptr<MpiRegistry> registry, std::string context)
-      : registry_(std::move(registry)), context_(std::move(context)) {
+  MpiOpState(std::shared_ptr<MpiRegistry> registry, std::shared_ptr<PinnedPool> pool, Stream stream,
+             std::string context)
+      : registry_(std::move(registry)),
+        pool_(std::move(pool)),
+        stream_(stream),
+        context_(std::move(context)) {
     std::lock_guard<std::mutex> lock(registry_->mu);
     registry_->ops.push_back(this);
   }
@@ -131,14 +183,61 @@ class MpiOpState final : public PendingOp {
     return done;
   }
 
+  // Blocking semantics: after it returns the host sees the results in device memory too.
+  // The copies run on the op's stream (never the legacy default stream, which would wait
+  // for every blocking stream's compute), then the host waits for that stream.
   void finish() override {
     for (auto& f : post) f();
-    for (auto& f : copy_back) f();
+#if DISTATTN_WITH_CUDA
+    if (copy_back.empty()) return;
+    const cudaStream_t s = static_cast<cudaStream_t>(stream_);
+    enqueue_copy_back(s);
+    const cudaError_t e = cudaStreamSynchronize(s);
+    if (e != cudaSuccess) (void)cudaGetLastError();
+    DISTATTN_CHECK_STATUS(
+        e == cudaSuccess, Status::kCudaError, context_,
+        ": waiting for the copy of MPI results to the device failed: ", cudaGetErrorString(e));
+#endif
   }
 
+  // Stream-ordered: the copies are enqueued on `s` and the host does not wait; the staging
+  // buffers are parked in the pool until an event recorded after the copies completed.
+  void finish_on(Stream s) override {
+    for (auto& f : post) f();
+#if DISTATTN_WITH_CUDA
+    if (copy_back.empty()) return;
+    const cudaStream_t cs = static_cast<cudaStream_t>(s);
+    enqueue_copy_back(cs);
+    cudaEvent_t done = nullptr;
+    cudaError_t e = cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
+    if (e == cudaSuccess) {
+      e = cudaEventRecord(done, cs);
+      if (e != cudaSuccess) (void)cudaEventDestroy(done);
+    }
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      // No event to park the buffers on: they may only be reused once the copies ran.
+      settle(cs);
+      DISTATTN_THROW(Status::kCudaError, context_,
+                     ": recording the completion of the copy of MPI results to the device "
+                     "failed: ",
+                     cudaGetErrorString(e));
+    }
+    pool_->defer(done, std::move(pinned));
+    pinned.clear();
+#endif
+  }
+
+  // A staged result: `host` (pinned, in `pinned`) is copied to `device` after completion.
+  struct CopyBack {
+    const void* host;
+    void* device;
+    size_t bytes;
+  };
+
   std::vector<MPI_Request> reqs;
-  std::vector<std::function<void()>> post;       // host-side work after completion
-  std::vector<std::function<void()>> copy_back;  // staged results to device, last
+  std::vector<std::function<void()>> post;  // host-side work after completion
+  std::vector<CopyBack> copy_back;          // staged results to device, after `post`
   std::vector<std::unique_ptr<char[]>> scratch;
   std::vector<std::shared_ptr<void>> pinned;
 
@@ -151,7 +250,29 @@ class MpiOpState final : public PendingOp {
     v.erase(std::remove(v.begin(), v.end(), this), v.end());
   }
 
+#if DISTATTN_WITH_CUDA
+  void enqueue_copy_back(cudaStream_t s) {
+    for (const CopyBack& c : copy_back) {
+      const cudaError_t e = cudaMemcpyAsync(c.device, c.host, c.bytes, cudaMemcpyHostToDevice, s);
+      if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        // Copies already enqueued still read the staging buffers, which return to the pool
+        // when this state dies: let them finish first.
+        settle(s);
+        DISTATTN_THROW(Status::kCudaError, context_,
+                       ": copying an MPI result to the device failed: cudaMemcpyAsync: ",
+                       cudaGetErrorString(e));
+      }
+    }
+  }
+  static void settle(cudaStream_t s) noexcept {
+    if (cudaStreamSynchronize(s) != cudaSuccess) (void)cudaGetLastError();
+  }
+#endif
+
   std::shared_ptr<MpiRegistry> registry_;
+  std::shared_ptr<PinnedPool> pool_;
+  Stream stream_;  // the op's stream: device inputs were staged on it
   std::string context_;
   bool registered_ = true;
   bool done_ = false;
@@ -331,10 +452,18 @@ class MpiOpBuilder {
         op_(op),
         stream_(stream),
         uncaught_(std::uncaught_exceptions()),
-        state_(std::make_unique<MpiOpState>(comm.registry_, context(comm, op))) {}
+        state_(std::make_unique<MpiOpState>(comm.registry_, comm.pinned_, stream,
+                                            context(comm, op))) {}
 
   ~MpiOpBuilder() {
     for (MPI_Datatype& t : types_) MPI_Type_free(&t);
+#if DISTATTN_WITH_CUDA
+    // Failed while posting with staging copies in flight: they write pinned buffers that
+    // return to the pool with the state, so let them land first.
+    if (staged_ && !synced_ && std::uncaught_exceptions() > uncaught_ &&
+        cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)) != cudaSuccess)
+      (void)cudaGetLastError();
+#endif
     if (state_ && std::uncaught_exceptions() > uncaught_ && !state_->reqs.empty()) {
       // Some requests were posted before the failure: MPI may still use their buffers,
       // and the ranks no longer agree on the op sequence. Abandon both.
@@ -343,12 +472,23 @@ class MpiOpBuilder {
     }
   }
 
-  std::string ctx() const { return context(comm_, op_); }
-  MpiOpState& st() { return *state_; }
-  MPI_Comm mpi() const { return comm_.comm_; }
-  std::unique_ptr<PendingOp> done() { return std::move(state_); }
+  std::string ctx() const {
+    return context(comm_, op_);
+  }
+  MpiOpState& st() {
+    return *state_;
+  }
+  MPI_Comm mpi() const {
+    return comm_.comm_;
+  }
+  std::unique_ptr<PendingOp> done() {
+    return std::move(state_);
+  }
 
+  // Called for every MPI post (as its request argument, so before MPI sees any buffer):
+  // staged inputs must have landed on the host.
   MPI_Request* req() {
+    host_ready();
     state_->reqs.push_back(MPI_REQUEST_NULL);
     return &state_->reqs.back();
   }
@@ -357,14 +497,30 @@ class MpiOpBuilder {
     state_->scratch.push_back(std::make_unique_for_overwrite<char[]>(std::max<size_t>(bytes, 1)));
     return state_->scratch.back().get();
   }
-  float* scratch_floats(size_t n) { return static_cast<float*>(scratch(n * sizeof(float))); }
+  float* scratch_floats(size_t n) {
+    return static_cast<float*>(scratch(n * sizeof(float)));
+  }
 
-  // Host address MPI may read for an input buffer (device data is staged).
+  // The host waits (once per op) for the op's stream: the producers of device inputs run on
+  // it, and the staging copies were enqueued behind them. Every host read of a staged
+  // buffer outside MPI (widening, local copies) must call it first; req() does for MPI.
+  void host_ready() {
+#if DISTATTN_WITH_CUDA
+    if (staged_ && !synced_) {
+      cuda_check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)),
+                 "cudaStreamSynchronize");
+      synced_ = true;
+    }
+#endif
+  }
+
+  // Host address MPI may read for an input buffer (device data is staged: the copy is
+  // enqueued on the op's stream and lands by host_ready()).
   const void* in(const void* p, size_t bytes) {
 #if DISTATTN_WITH_CUDA
     if (bytes > 0 && is_device(p)) {
       void* h = pinned(bytes);
-      cuda_check(cudaMemcpy(h, p, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
+      stage_in(h, p, bytes);
       return h;
     }
 #endif
@@ -426,13 +582,8 @@ class MpiOpBuilder {
 #if DISTATTN_WITH_CUDA
     if (bytes > 0 && is_device(p)) {
       void* h = pinned(bytes);
-      if (read_first) cuda_check(cudaMemcpy(h, p, bytes, cudaMemcpyDeviceToHost), "D2H");
-      state_->copy_back.push_back([h, p, bytes] {
-        const cudaError_t e = cudaMemcpy(p, h, bytes, cudaMemcpyHostToDevice);
-        DISTATTN_CHECK_STATUS(
-            e == cudaSuccess, Status::kCudaError,
-            "copying an MPI result to the device failed: ", cudaGetErrorString(e));
-      });
+      if (read_first) stage_in(h, p, bytes);
+      state_->copy_back.push_back({h, p, bytes});
       return h;
     }
 #endif
@@ -441,25 +592,32 @@ class MpiOpBuilder {
   }
 
 #if DISTATTN_WITH_CUDA
+  // A device buffer makes the op wait for its stream before MPI is posted (host_ready):
+  // for inputs, their producers; for outputs, earlier readers of the old contents.
   bool is_device(const void* p) {
     if (p == nullptr || pointer_device_type(p) != DeviceType::kCUDA) return false;
-    if (!synced_) {
-      // Producers of the data run on `stream`; MPI reads host copies, so wait for them.
-      cuda_check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)),
-                 "cudaStreamSynchronize");
-      synced_ = true;
-    }
+    staged_ = true;
     return true;
+  }
+  // Device -> pinned host on the op's stream: stream-ordered after the data's producers, and
+  // never on the legacy default stream (which would also wait for every blocking stream's
+  // compute and so kill overlap).
+  void stage_in(void* h, const void* p, size_t bytes) {
+    cuda_check(
+        cudaMemcpyAsync(h, p, bytes, cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream_)),
+        "cudaMemcpyAsync D2H");
   }
   void* pinned(size_t bytes) {
     state_->pinned.push_back(comm_.pinned_->acquire(bytes));
     return state_->pinned.back().get();
   }
   void cuda_check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) (void)cudaGetLastError();
     DISTATTN_CHECK_STATUS(e == cudaSuccess, Status::kCudaError, ctx(), ": ", what,
                           " while staging device memory: ", cudaGetErrorString(e));
   }
-  bool synced_ = false;
+  bool staged_ = false;  // some buffer of this op is device memory
+  bool synced_ = false;  // the host waited for the op's stream
 #endif
 
   MpiCommunicator& comm_;
@@ -484,6 +642,11 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, size_t max_count)
 }
 
 MpiCommunicator::~MpiCommunicator() {
+#if DISTATTN_WITH_CUDA
+  // Staging buffers parked behind asynchronous copies (wait_on) keep the pool alive; wait
+  // for those copies so the pool can be freed with the communicator.
+  if (pinned_) pinned_->drain();
+#endif
   int finalized = 0;
   MPI_Finalized(&finalized);
   // Freeing is legal with abandoned requests pending: MPI frees it once they complete.
@@ -574,6 +737,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_reduce(const void* send, v
   if (is_half(dtype)) {
     // Accumulate in fp32 and round once: pairwise bf16 rounding loses ~log2(n) bits.
     float* acc = b.scratch_floats(count);
+    b.host_ready();
     widen(hs, acc, count, dtype);
     b.st().post.push_back([acc, hr, count, dtype] { narrow(acc, hr, count, dtype); });
     target = acc;
@@ -621,6 +785,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter(const void* sen
   size_t tsize = elt;
   if (is_half(dtype)) {
     float* acc = b.scratch_floats(recv_count * n);
+    b.host_ready();
     widen(hs, acc, recv_count * n, dtype);
     float* racc = b.scratch_floats(recv_count);
     b.st().post.push_back([racc, hr, recv_count, dtype] { narrow(racc, hr, recv_count, dtype); });
@@ -665,6 +830,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_to_all(const void* send, v
   if (in_place) {
     // Nonblocking in-place alltoall is not supported by every MPI: send from a copy.
     void* tmp = b.scratch(total);
+    b.host_ready();
     std::memcpy(tmp, hr, total);
     hs = tmp;
   } else {
@@ -750,6 +916,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_broadcast(const void* send, vo
       std::memcpy(hr, hs, bytes);
       return b.done();
     }
+    b.host_ready();
     if (hr != hs) std::memmove(hr, hs, bytes);
   } else {
     hr = b.out(recv, bytes);

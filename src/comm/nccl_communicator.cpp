@@ -117,8 +117,9 @@ std::string nccl_error_text(ncclComm_t comm, ncclResult_t rc) {
 
 class NcclPendingOp final : public PendingOp {
  public:
-  NcclPendingOp(NcclCommunicator* comm, cudaEvent_t event, std::string what)
-      : comm_(comm), event_(event), what_(std::move(what)) {}
+  NcclPendingOp(NcclCommunicator* comm, cudaEvent_t event, cudaStream_t stream, int device,
+                std::string what)
+      : comm_(comm), event_(event), stream_(stream), device_(device), what_(std::move(what)) {}
   ~NcclPendingOp() override {
     if (event_ != nullptr) (void)cudaEventDestroy(event_);
   }
@@ -135,9 +136,29 @@ class NcclPendingOp final : public PendingOp {
                    ": waiting for the NCCL kernel failed: ", cudaGetErrorString(e));
   }
 
+  // `s` waits on the device for the op's completion event; the host does not wait, and the
+  // op stays pending until test() sees the event (under the watchdog).
+  bool enqueue_wait(Stream s) override {
+    comm_->check_async(what_);  // an op that already failed must not be waited on silently
+    const cudaStream_t waiter = cuda_stream(s);
+    if (waiter == stream_) return true;  // stream order already puts later work after it
+    DeviceGuard guard(device_);
+    const cudaError_t e = cudaStreamWaitEvent(waiter, event_, 0);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      DISTATTN_THROW(Status::kCudaError, what_, " on rank ", comm_->rank(),
+                     ": making the consumer stream wait for the NCCL op failed: "
+                     "cudaStreamWaitEvent: ",
+                     cudaGetErrorString(e));
+    }
+    return true;
+  }
+
  private:
   NcclCommunicator* comm_;
   cudaEvent_t event_;
+  cudaStream_t stream_;  // the stream the op was enqueued on
+  int device_;
   std::string what_;
 };
 
@@ -286,7 +307,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::finish_enqueue(const char* what, cu
     DISTATTN_THROW(Status::kCudaError, what, " on rank ", rank_,
                    ": cudaEventRecord failed: ", cudaGetErrorString(e));
   }
-  return std::make_unique<NcclPendingOp>(this, ev, what);
+  return std::make_unique<NcclPendingOp>(this, ev, stream, device_.index, what);
 }
 
 std::unique_ptr<PendingOp> NcclCommunicator::start_all_reduce(const void* send, void* recv,

@@ -430,6 +430,91 @@ TEST(Collectives, NonBlockingOpsCompleteThroughTestAndProgress) {
   done.wait();
 }
 
+// Handle::wait_on on host memory is wait(): the results are there when it returns (bf16 too,
+// whose narrowing runs at completion), the handle is complete, the op is in the ledger once
+// and its time is added once, and wait()/test()/wait_on()/destruction afterwards change
+// nothing.
+TEST(Collectives, WaitOnHostMemoryCompletesLikeWait) {
+  std::unique_ptr<Communicator> c = world().split(0, world().rank());
+  ASSERT_NE(c, nullptr);
+  const int n = c->size(), me = c->rank();
+  const int right = (me + 1) % n, left = (me + n - 1) % n;
+  constexpr size_t kCount = 3000;
+  std::vector<uint16_t> a(kCount), sum(kCount, 0);
+  for (size_t i = 0; i < kCount; ++i)
+    a[i] = bf16_t::from_float(static_cast<float>(value(DType::kBFloat16, me, i, 901)));
+  std::vector<int32_t> own(kCount), gathered(kCount * n, -1), from_left(kCount, -1);
+  for (size_t i = 0; i < kCount; ++i) own[i] = me * 100000 + static_cast<int32_t>(i);
+  const P2POp ring[] = {P2POp::send(own.data(), kCount, DType::kInt32, right),
+                        P2POp::recv(from_left.data(), kCount, DType::kInt32, left)};
+  {
+    Handle hr = c->iall_reduce(a.data(), sum.data(), kCount, DType::kBFloat16, ReduceOp::kSum);
+    Handle hg = c->iall_gather(own.data(), gathered.data(), kCount, DType::kInt32);
+    Handle hp = c->igroup(ring);
+    hr.wait_on(nullptr);
+    hg.wait_on(nullptr);
+    hp.wait_on(nullptr);
+    EXPECT_FALSE(hr.valid());
+    EXPECT_FALSE(hg.valid());
+    EXPECT_FALSE(hp.valid());
+    for (size_t i = 0; i < kCount; ++i) {
+      const double ref = reduce_ref(ReduceOp::kSum, DType::kBFloat16, n, i, 901);
+      const double got = bf16_t::to_float(sum[i]);
+      ASSERT_TRUE(std::isfinite(got)) << "i=" << i;
+      ASSERT_LE(std::fabs(got - ref), tolerance(DType::kBFloat16, ReduceOp::kSum, ref, n))
+          << "i=" << i << " got " << got << " want " << ref;
+    }
+    for (int r = 0; r < n; ++r)
+      for (size_t i = 0; i < kCount; ++i)
+        ASSERT_EQ(gathered[r * kCount + i], r * 100000 + static_cast<int32_t>(i))
+            << "block " << r << " i=" << i;
+    for (size_t i = 0; i < kCount; ++i)
+      ASSERT_EQ(from_left[i], left * 100000 + static_cast<int32_t>(i)) << "i=" << i;
+
+    const Ledger& l = c->ledger();
+    const double t_reduce = l[OpKind::kAllReduce].seconds;
+    EXPECT_GT(t_reduce, 0.0);
+    EXPECT_GT(l[OpKind::kAllGather].seconds, 0.0);
+    EXPECT_GT(l[OpKind::kSendRecv].seconds, 0.0);
+    // Everything after completion is a no-op, the ledger included.
+    hr.wait();
+    hr.wait_on(nullptr);
+    EXPECT_TRUE(hr.test());
+    hg.wait_on(nullptr);
+    EXPECT_EQ(l[OpKind::kAllReduce].calls, 1u);
+    EXPECT_EQ(l[OpKind::kAllGather].calls, 1u);
+    EXPECT_EQ(l[OpKind::kSendRecv].calls, 1u);
+    EXPECT_EQ(l.total().calls, 3u);
+    EXPECT_EQ(l[OpKind::kAllReduce].seconds, t_reduce);
+  }  // handles destroyed after wait_on: nothing left to wait for
+
+  // A default (empty) handle accepts wait_on too.
+  Handle empty;
+  empty.wait_on(nullptr);
+  EXPECT_FALSE(empty.valid());
+  EXPECT_EQ(c->ledger().total().calls, 3u);
+}
+
+// wait_on on an aborted communicator throws kRemoteError, as wait() does (one rank per
+// communicator, so the abort strands no peer).
+TEST(Collectives, WaitOnAfterAbortThrowsRemoteError) {
+  std::unique_ptr<Communicator> solo = world().split(world().rank(), 0);
+  ASSERT_NE(solo, nullptr);
+  ASSERT_EQ(solo->size(), 1);
+  std::vector<float> x(16, 2.0f), y(16, 0.0f);
+  Handle h = solo->iall_reduce(x.data(), y.data(), 16, DType::kFloat32, ReduceOp::kSum);
+  solo->abort();
+  try {
+    h.wait_on(nullptr);
+    ADD_FAILURE() << "wait_on on an aborted communicator did not throw";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::kRemoteError) << e.what();
+    EXPECT_NE(std::string(e.what()).find("aborted"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(h.valid());
+  h.wait_on(nullptr);  // nothing left: a no-op
+}
+
 // A tiny DISTATTN_MPI_MAX_COUNT forces every long-message path (chunked reductions,
 // derived datatypes, point-to-point all_to_all_v) at small sizes.
 TEST(Collectives, LongMessagePathsMatchUnderTinyMaxCount) {

@@ -70,6 +70,13 @@ class PendingOp {
   virtual bool test() = 0;
   // Called once after test() returned true (e.g. copy staged results back, convert bf16).
   virtual void finish() {}
+  // Stream-ordered completion (Handle::wait_on). Return true when the backend made `s` wait
+  // for this op on the device without the host (the op then stays pending on the host);
+  // false to have the host wait and then call finish_on(s).
+  virtual bool enqueue_wait(Stream s) { return false; }
+  // Like finish(), but results staged for device memory may be copied back asynchronously
+  // on `s` (work enqueued on `s` afterwards sees them).
+  virtual void finish_on(Stream s) { finish(); }
 };
 
 class Communicator;
@@ -95,10 +102,24 @@ class Handle {
   void wait();
   // True once complete (the result is then usable). Never blocks.
   bool test();
+  // Stream-ordered completion: after it returns, work enqueued on `stream` sees the op's
+  // results; the host may not yet (synchronize `stream` first).
+  //   NCCL: `stream` waits on the op's completion event without blocking the host; the
+  //     handle stays valid (pending on the host) until wait()/test()/destruction completes
+  //     it with the watchdog, so keep it and wait() it later (e.g. at the end of a call).
+  //   MPI: the host waits for the transfer (with the watchdog), then results staged for
+  //     device memory are copied back on `stream` asynchronously; the handle is complete.
+  //   Host memory: the same as wait().
+  // Calling it twice, or wait() after it, is allowed. Ledger time and the NVTX range end
+  // when the op completes on the host, as for wait().
+  void wait_on(Stream stream);
   bool valid() const { return op_ != nullptr; }
 
  private:
-  void complete();
+  // `on`: the stream of wait_on (finish_on), or nullptr for finish().
+  void complete(const Stream* on);
+  bool poll(const Stream* on);
+  void wait_until_complete(const Stream* on);
   void end_range() noexcept;
   Communicator* comm_ = nullptr;
   std::unique_ptr<PendingOp> op_;
