@@ -10,6 +10,7 @@
 #include <string>
 
 #include "distattn/config.h"
+#include "distattn/ops/elementwise.h"
 #include "kernels/cpu/attention_cpu.h"
 #if DISTATTN_WITH_CUDA
 #include "kernels/cuda/attention_cuda.h"
@@ -191,26 +192,24 @@ void zero_cpu(const TensorView& t) {
       }
 }
 
-// The same two fills for any device: CUDA tensors are staged through a packed host copy
-// (these are degenerate calls, so a synchronous copy is fine).
-void fill_fully_masked(const char* op, const TensorView& out, const TensorView& lse) {
+// The same two fills for any device: on CUDA they are enqueued on the op's stream (any
+// strides), so a degenerate call never synchronizes the host either.
+void fill_fully_masked(const char* op, const TensorView& out, const TensorView& lse,
+                       Stream stream) {
   if (out.device.is_cpu()) return fill_fully_masked_cpu(out, lse);
-  DISTATTN_CHECK_STATUS(out.is_contiguous() && lse.is_contiguous(), Status::kUnsupported, op,
-                        ": with no keys (seq_k = 0) CUDA out and lse must be packed tensors");
-  device_memset_zero(out.data, out.device, out.nbytes());
-  Tensor host =
-      Tensor::empty(std::span<const int64_t>(lse.shape.data(), lse.ndim), DType::kFloat32);
-  std::fill_n(host.data_as<float>(), host.numel(), -std::numeric_limits<float>::infinity());
-  device_copy(lse.data, lse.device, host.data(), Device::cpu(), host.nbytes());
+#if !DISTATTN_WITH_CUDA
+  cuda_unsupported(op);
+#endif
+  tensor_zero(out, stream);
+  tensor_fill(lse, -std::numeric_limits<double>::infinity(), stream);
 }
 
-void zero(const char* op, const char* name, const TensorView& t) {
+void zero(const char* op, const TensorView& t, Stream stream) {
   if (t.device.is_cpu()) return zero_cpu(t);
-  DISTATTN_CHECK_STATUS(t.is_contiguous(), Status::kUnsupported, op,
-                        ": with no (query, key) "
-                        "pair CUDA ",
-                        name, " must be a packed tensor to be zeroed");
-  device_memset_zero(t.data, t.device, t.nbytes());
+#if !DISTATTN_WITH_CUDA
+  cuda_unsupported(op);
+#endif
+  tensor_zero(t, stream);
 }
 
 // Host copy of a small int32 tensor (page table, sequence lengths) on any device.
@@ -229,7 +228,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   check_out_lse(op, d, q, out, lse);
   check_options(op, opts, d.D);
   if (d.B == 0 || d.Sq == 0 || d.Hq == 0) return;
-  if (d.Sk == 0) return fill_fully_masked(op, out, lse);
+  if (d.Sk == 0) return fill_fully_masked(op, out, lse, opts.stream);
   if (q.device.is_cuda()) {
 #if DISTATTN_WITH_CUDA
     return kernels::cuda::flash_forward(q, k, v, out, lse, opts);
@@ -269,9 +268,9 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   if (d.Sq == 0 || d.Sk == 0 || d.Hq == 0) {
     // No (query, key) pair: every gradient contribution is zero.
     if (!bopts.accumulate) {
-      zero(op, "dq", dq);
-      zero(op, "dk", dk);
-      zero(op, "dv", dv);
+      zero(op, dq, opts.stream);
+      zero(op, dk, opts.stream);
+      zero(op, dv, opts.stream);
     }
     return;
   }
@@ -338,7 +337,7 @@ void attention_decode(const TensorView& q, const TensorView& k, const TensorView
   DISTATTN_CHECK(dopts.num_splits >= 0, op, ": num_splits must be >= 0 (0 = choose), got ",
                  dopts.num_splits);
   if (d.B == 0 || d.Sq == 0 || d.Hq == 0) return;
-  if (d.Sk == 0) return fill_fully_masked(op, out, lse);
+  if (d.Sk == 0) return fill_fully_masked(op, out, lse, opts.stream);
   if (q.device.is_cuda()) {
 #if DISTATTN_WITH_CUDA
     return kernels::cuda::decode(q, k, v, out, lse, opts, dopts);
