@@ -18,7 +18,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -96,6 +98,9 @@ struct Case {
   // cores).
   int64_t seq_cuda = 256, seq_cpu = 48;
   bool backward = true;
+  // q, k, v as head slices of one fused [B, Sl, Hq + 2*Hkv, D] device buffer and out a head
+  // slice of a wider buffer: strided views, as trainers pass them.
+  bool fused = false;
 };
 
 struct RunInfo {
@@ -169,6 +174,33 @@ std::vector<double> rebuild(const Group& g, const SpShape& sh, ShardRole role,
   return std::vector<double>(full.data_as<double>(), full.data_as<double>() + full.numel());
 }
 
+// dst <- src for 4-D host views of equal shape (any strides, last dim contiguous).
+void copy4d(const TensorView& dst, const TensorView& src) {
+  const size_t row = static_cast<size_t>(src.size(3)) * src.element_size();
+  for (int64_t b = 0; b < src.size(0); ++b)
+    for (int64_t i = 0; i < src.size(1); ++i)
+      for (int64_t h = 0; h < src.size(2); ++h) {
+        const int64_t at[4] = {b, i, h, 0};
+        std::memcpy(dst.element_ptr(at), src.element_ptr(at), row);
+      }
+}
+
+// A host copy of `storage` (packed, any device) and the view `v` into it re-aimed at the copy:
+// to_device gathers strided views only from the host.
+struct HostView {
+  Tensor storage;
+  TensorView view;
+};
+HostView host_view(const Tensor& storage, const TensorView& v) {
+  HostView h;
+  h.storage = to_device(storage.view(), Device::cpu());
+  const auto offset = static_cast<const char*>(v.data) - static_cast<const char*>(storage.data());
+  h.view = v;
+  h.view.data = static_cast<char*>(h.storage.data()) + offset;
+  h.view.device = Device::cpu();
+  return h;
+}
+
 // Relative tolerance (max error / max |ref|), as the CPU strategy test and the kernels' own
 // tests: fp32 1e-5 for out/lse, 2e-5 for gradients; bf16 2e-2 (storage rounding dominates).
 void expect_close(const char* what, const std::string& desc, DType dtype,
@@ -210,7 +242,20 @@ void run_case(Strategy strategy, DeviceWorld& w, const Case& c) {
   const int64_t sl = ql.view().size(1), hl = ql.view().size(2), hkl = kl.view().size(2);
   ASSERT_EQ(sl, local_seq_len(g.layout, seq));
 
-  const Tensor out = poisoned({b, sl, hl, dd}, c.dtype, dev);
+  TensorView qv = ql.view(), kv = kl.view(), vv = vl.view();
+  Tensor qkv;
+  if (c.fused) {
+    Tensor fused = Tensor::empty({b, sl, hl + 2 * hkl, dd}, c.dtype);
+    copy4d(fused.view().slice(2, 0, hl), to_device(ql.view(), Device::cpu()).view());
+    copy4d(fused.view().slice(2, hl, hkl), to_device(kl.view(), Device::cpu()).view());
+    copy4d(fused.view().slice(2, hl + hkl, hkl), to_device(vl.view(), Device::cpu()).view());
+    qkv = to_device(fused.view(), dev);
+    qv = qkv.view().slice(2, 0, hl);
+    kv = qkv.view().slice(2, hl, hkl);
+    vv = qkv.view().slice(2, hl + hkl, hkl);
+  }
+  const Tensor out_buf = poisoned({b, sl, c.fused ? 2 * hl : hl, dd}, c.dtype, dev);
+  const TensorView out = out_buf.view().slice(2, 0, hl);
   const Tensor lse = poisoned({b, hl, sl}, DType::kFloat32, dev);
   UserStream stream(dev);
   SpOptions opts;
@@ -218,11 +263,17 @@ void run_case(Strategy strategy, DeviceWorld& w, const Case& c) {
   opts.heads_q = c.hq;
   opts.heads_kv = c.hkv;
   opts.stream = stream.get();
-  sp_attention_forward(strategy, g.group, ql.view(), kl.view(), vl.view(), out.view(), lse.view(),
-                       opts);
+  sp_attention_forward(strategy, g.group, qv, kv, vv, out, lse.view(), opts);
   stream.synchronize();
-  expect_close("out", desc, c.dtype, rebuild(g, sh, ShardRole::kQuery, out, {b, seq, c.hq, dd}),
-               pr.fwd.out);
+  const HostView out_host = host_view(out_buf, out);
+  expect_close("out", desc, c.dtype,
+               rebuild(g, sh, ShardRole::kQuery, out_host.view, {b, seq, c.hq, dd}), pr.fwd.out);
+  if (c.fused) {  // the other heads of the wider output buffer are untouched (still NaN)
+    const HostView rest = host_view(out_buf, out_buf.view().slice(2, hl, hl));
+    const std::vector<double> v = testing::to_double_vector(rest.view);
+    EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](double x) { return std::isnan(x); }))
+        << "out wrote outside its head slice: " << desc;
+  }
   expect_close("lse", desc, c.dtype, rebuild(g, sh, ShardRole::kLse, lse, {b, c.hq, seq}),
                pr.fwd.lse);
   if (!c.backward) return;
@@ -230,8 +281,8 @@ void run_case(Strategy strategy, DeviceWorld& w, const Case& c) {
   const Tensor dq = poisoned({b, sl, hl, dd}, c.dtype, dev);
   const Tensor dk = poisoned({b, sl, hkl, dd}, c.dtype, dev);
   const Tensor dv = poisoned({b, sl, hkl, dd}, c.dtype, dev);
-  sp_attention_backward(strategy, g.group, ql.view(), kl.view(), vl.view(), out.view(), dol.view(),
-                        lse.view(), dq.view(), dk.view(), dv.view(), opts);
+  sp_attention_backward(strategy, g.group, qv, kv, vv, out, dol.view(), lse.view(), dq.view(),
+                        dk.view(), dv.view(), opts);
   stream.synchronize();
   expect_close("dq", desc, c.dtype, rebuild(g, sh, ShardRole::kQuery, dq, {b, seq, c.hq, dd}),
                pr.bwd.dq, true);
@@ -275,6 +326,16 @@ TEST_P(SpOnDevice, NonCausalGqaBf16HeadDim64MatchesReference) {
 
 TEST_P(SpOnDevice, CausalGqaBf16HeadDim128MatchesReference) {
   run({.causal = true, .dtype = DType::kBFloat16, .batch = 1, .d = 128});
+}
+
+TEST_P(SpOnDevice, CausalFusedQkvStridedViewsBf16HeadDim128MatchReference) {
+  run({.causal = true,
+       .dtype = DType::kBFloat16,
+       .batch = 1,
+       .hq = 4,
+       .hkv = 2,
+       .d = 128,
+       .fused = true});
 }
 
 TEST_P(SpOnDevice, CausalMhaBf16HeadDim64LongerSequenceForwardMatchesReference) {
