@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "distattn/ops/attention.h"
+#include "distattn/ops/elementwise.h"
 #include "distattn/ops/mla.h"
 #include "distattn/parallel/mla.h"
 #include "src/parallel/mla_internal.h"
@@ -46,8 +47,11 @@ void decode_cp_attention(comm::Communicator& cp, const TensorView& q_lat, const 
     TensorView pl(part + n_out, DType::kFloat32, dev, {b, h, 1});
     ops::attention_merge(acc_o, acc_l, po, pl, acc_o, acc_l, opts.stream);
   }
-  device_copy(out.data, dev, acc, dev, static_cast<size_t>(n_out) * 4);
-  device_copy(lse.data, dev, acc + n_out, dev, static_cast<size_t>(b * h) * 4);
+  // Stream-ordered after the merges (a plain device_copy would run on the legacy default
+  // stream, which a non-blocking opts.stream is not ordered with).
+  ops::tensor_copy(out, TensorView(acc, DType::kFloat32, dev, {b, h, dl}), opts.stream);
+  ops::tensor_copy(lse, TensorView(acc + n_out, DType::kFloat32, dev, {b, h}), opts.stream);
+  // `gathered` is released here; on CUDA its cudaFree waits for the copies above.
 }
 
 struct MlaDecoder::Impl {

@@ -68,28 +68,30 @@ TensorView lrows(const TensorView& t, int64_t b, int64_t n) {
 }
 
 // Gathered [P, B, 2c, H, D] (rank order) -> [B, 2Pc, H, D] (global order).
-void to_global(const TensorView& gathered, const TensorView& global, int p, int64_t c) {
+void to_global(const TensorView& gathered, const TensorView& global, int p, int64_t c,
+               Stream stream) {
   for (int j = 0; j < p; ++j) {
     const TensorView slot = gathered.slice(0, j, 1).reshape(
         {gathered.size(1), gathered.size(2), gathered.size(3), gathered.size(4)});
-    copy_view(rows(global, j * c, c), rows(slot, 0, c));
-    copy_view(rows(global, (2 * p - 1 - j) * c, c), rows(slot, c, c));
+    copy_view(rows(global, j * c, c), rows(slot, 0, c), stream);
+    copy_view(rows(global, (2 * p - 1 - j) * c, c), rows(slot, c, c), stream);
   }
 }
 
 // Global [B, 2Pc, H, D] -> rank order [P, B, 2c, H, D].
-void to_rank_order(const TensorView& global, const TensorView& ranked, int p, int64_t c) {
+void to_rank_order(const TensorView& global, const TensorView& ranked, int p, int64_t c,
+                   Stream stream) {
   for (int j = 0; j < p; ++j) {
     const TensorView slot = ranked.slice(0, j, 1).reshape(
         {ranked.size(1), ranked.size(2), ranked.size(3), ranked.size(4)});
-    copy_view(rows(slot, 0, c), rows(global, j * c, c));
-    copy_view(rows(slot, c, c), rows(global, (2 * p - 1 - j) * c, c));
+    copy_view(rows(slot, 0, c), rows(global, j * c, c), stream);
+    copy_view(rows(slot, c, c), rows(global, (2 * p - 1 - j) * c, c), stream);
   }
 }
 
-TensorView packed_or_copy(const TensorView& t, Tensor& holder) {
+TensorView packed_or_copy(const TensorView& t, Tensor& holder, Stream stream) {
   if (t.is_contiguous()) return t;
-  holder = to_device(t, t.device);
+  holder = packed_copy(t, stream);
   return holder.view();
 }
 
@@ -101,13 +103,18 @@ struct KvGather {
 };
 
 void start_kv_gather(comm::Communicator& comm, const TensorView& k, const TensorView& v,
-                     Stream stream, KvGather& g) {
+                     Tracker& tr, KvGather& g) {
   const int64_t p = comm.size();
-  const TensorView kp = packed_or_copy(k, g.kp_t), vp = packed_or_copy(v, g.vp_t);
+  const TensorView kp = packed_or_copy(k, g.kp_t, tr.stream());
+  const TensorView vp = packed_or_copy(v, g.vp_t, tr.stream());
   g.kg = Tensor::empty({p, k.size(0), k.size(1), k.size(2), k.size(3)}, k.dtype, k.device);
   g.vg = Tensor::empty({p, v.size(0), v.size(1), v.size(2), v.size(3)}, v.dtype, v.device);
-  g.hk = comm.iall_gather(kp.data, g.kg.data(), static_cast<size_t>(kp.numel()), k.dtype, stream);
-  g.hv = comm.iall_gather(vp.data, g.vg.data(), static_cast<size_t>(vp.numel()), v.dtype, stream);
+  // The caller's k, v (and the packing copies) are written on the compute stream.
+  tr.comm_after_compute();
+  g.hk = comm.iall_gather(kp.data, g.kg.data(), static_cast<size_t>(kp.numel()), k.dtype,
+                          tr.comm_stream());
+  g.hv = comm.iall_gather(vp.data, g.vg.data(), static_cast<size_t>(vp.numel()), v.dtype,
+                          tr.comm_stream());
 }
 
 }  // namespace
@@ -129,7 +136,7 @@ void allgather_forward(comm::Communicator& comm, const TensorView& q, const Tens
   Tensor& vg = gather.vg;
   comm::Handle& hk = gather.hk;
   comm::Handle& hv = gather.hv;
-  if (p > 1) start_kv_gather(comm, k, v, tr.stream(), gather);
+  if (p > 1) start_kv_gather(comm, k, v, tr, gather);
   for (const Block& bl : phase1(causal, sl))
     tr.forward(rows(q, bl.q_begin, bl.q_len), rows(k, bl.k_begin, bl.k_len),
                rows(v, bl.k_begin, bl.k_len), rows(acc, bl.q_begin, bl.q_len),
@@ -139,8 +146,8 @@ void allgather_forward(comm::Communicator& comm, const TensorView& q, const Tens
     tr.wait(hv);
     Tensor kf = Tensor::empty({b, s, hkv, d}, k.dtype, dev);
     Tensor vf = Tensor::empty({b, s, hkv, dv}, v.dtype, dev);
-    to_global(kg.view(), kf.view(), p, c);
-    to_global(vg.view(), vf.view(), p, c);
+    to_global(kg.view(), kf.view(), p, c, tr.stream());
+    to_global(vg.view(), vf.view(), p, c, tr.stream());
     kg = Tensor();
     vg = Tensor();
     Tensor po = Tensor::empty({b, sl, hq, dv}, DType::kFloat32, dev);
@@ -155,7 +162,7 @@ void allgather_forward(comm::Communicator& comm, const TensorView& q, const Tens
       }
     }
   }
-  if (acc_t.defined()) copy_view(out, acc);
+  if (acc_t.defined()) copy_view(out, acc, tr.stream());
 }
 
 void allgather_backward(comm::Communicator& comm, const TensorView& q, const TensorView& k,
@@ -171,16 +178,16 @@ void allgather_backward(comm::Communicator& comm, const TensorView& q, const Ten
 
   Tensor dq_t;
   const TensorView dq_acc = fp32_accumulator(dq, dq_t);
-  zero(dq_acc);
-  Tensor dk_own = Tensor::zeros({b, sl, hkv, d}, DType::kFloat32, dev);
-  Tensor dv_own = Tensor::zeros({b, sl, hkv, dv}, DType::kFloat32, dev);
+  zero(dq_acc, tr.stream());
+  Tensor dk_own = zeros_on({b, sl, hkv, d}, DType::kFloat32, dev, tr.stream());
+  Tensor dv_own = zeros_on({b, sl, hkv, dv}, DType::kFloat32, dev, tr.stream());
 
   KvGather gather;
   Tensor& kg = gather.kg;
   Tensor& vg = gather.vg;
   comm::Handle& hk = gather.hk;
   comm::Handle& hv = gather.hv;
-  if (p > 1) start_kv_gather(comm, k, v, tr.stream(), gather);
+  if (p > 1) start_kv_gather(comm, k, v, tr, gather);
   for (const Block& bl : phase1(causal, sl))
     tr.backward(rows(q, bl.q_begin, bl.q_len), rows(k, bl.k_begin, bl.k_len),
                 rows(v, bl.k_begin, bl.k_len), rows(out, bl.q_begin, bl.q_len),
@@ -189,21 +196,21 @@ void allgather_backward(comm::Communicator& comm, const TensorView& q, const Ten
                 rows(dv_own.view(), bl.k_begin, bl.k_len), bl.q_off, bl.k_off, bl.causal,
                 /*accumulate=*/true, segs);
   if (p == 1) {
-    copy_view(dk, dk_own.view());
-    copy_view(dv_out, dv_own.view());
-    if (dq_t.defined()) copy_view(dq, dq_acc);
+    copy_view(dk, dk_own.view(), tr.stream());
+    copy_view(dv_out, dv_own.view(), tr.stream());
+    if (dq_t.defined()) copy_view(dq, dq_acc, tr.stream());
     return;
   }
   tr.wait(hk);
   tr.wait(hv);
   Tensor kf = Tensor::empty({b, s, hkv, d}, k.dtype, dev);
   Tensor vf = Tensor::empty({b, s, hkv, dv}, v.dtype, dev);
-  to_global(kg.view(), kf.view(), p, c);
-  to_global(vg.view(), vf.view(), p, c);
+  to_global(kg.view(), kf.view(), p, c, tr.stream());
+  to_global(vg.view(), vf.view(), p, c, tr.stream());
   kg = Tensor();
   vg = Tensor();
-  Tensor dkf = Tensor::zeros({b, s, hkv, d}, DType::kFloat32, dev);
-  Tensor dvf = Tensor::zeros({b, s, hkv, dv}, DType::kFloat32, dev);
+  Tensor dkf = zeros_on({b, s, hkv, d}, DType::kFloat32, dev, tr.stream());
+  Tensor dvf = zeros_on({b, s, hkv, dv}, DType::kFloat32, dev, tr.stream());
   for (const QBlock& qb : phase2(causal, p, r, c)) {
     for (const Range& kr : qb.keys) {
       tr.backward(rows(q, qb.q_begin, qb.q_len), rows(kf.view(), kr.begin, kr.len),
@@ -216,28 +223,31 @@ void allgather_backward(comm::Communicator& comm, const TensorView& q, const Ten
   kf = Tensor();
   vf = Tensor();
   // Own contribution into its global place, then reduce-scatter in rank (zigzag) order.
-  add_view(rows(dkf.view(), r * c, c), rows(dk_own.view(), 0, c));
-  add_view(rows(dkf.view(), (2 * p - 1 - r) * c, c), rows(dk_own.view(), c, c));
-  add_view(rows(dvf.view(), r * c, c), rows(dv_own.view(), 0, c));
-  add_view(rows(dvf.view(), (2 * p - 1 - r) * c, c), rows(dv_own.view(), c, c));
+  const Stream cs = tr.stream();
+  add_view(rows(dkf.view(), r * c, c), rows(dk_own.view(), 0, c), cs);
+  add_view(rows(dkf.view(), (2 * p - 1 - r) * c, c), rows(dk_own.view(), c, c), cs);
+  add_view(rows(dvf.view(), r * c, c), rows(dv_own.view(), 0, c), cs);
+  add_view(rows(dvf.view(), (2 * p - 1 - r) * c, c), rows(dv_own.view(), c, c), cs);
   Tensor rk = Tensor::empty({p, b, sl, hkv, d}, DType::kFloat32, dev);
   Tensor rv = Tensor::empty({p, b, sl, hkv, dv}, DType::kFloat32, dev);
-  to_rank_order(dkf.view(), rk.view(), p, c);
-  to_rank_order(dvf.view(), rv.view(), p, c);
+  to_rank_order(dkf.view(), rk.view(), p, c, cs);
+  to_rank_order(dvf.view(), rv.view(), p, c, cs);
   dkf = Tensor();
   dvf = Tensor();
-  // dk_own/dv_own are free now: receive the reduced blocks into them.
+  // dk_own/dv_own are free now (the adds above, on the compute stream, were their last
+  // readers): receive the reduced blocks into them. rk/rv were filled on the compute stream.
+  tr.comm_after_compute();
   comm::Handle rsk =
       comm.ireduce_scatter(rk.data(), dk_own.data(), static_cast<size_t>(b * sl * hkv * d),
-                           DType::kFloat32, comm::ReduceOp::kSum, tr.stream());
+                           DType::kFloat32, comm::ReduceOp::kSum, tr.comm_stream());
   comm::Handle rsv =
       comm.ireduce_scatter(rv.data(), dv_own.data(), static_cast<size_t>(b * sl * hkv * dv),
-                           DType::kFloat32, comm::ReduceOp::kSum, tr.stream());
+                           DType::kFloat32, comm::ReduceOp::kSum, tr.comm_stream());
   tr.wait(rsk);
   tr.wait(rsv);
-  copy_view(dk, dk_own.view());
-  copy_view(dv_out, dv_own.view());
-  if (dq_t.defined()) copy_view(dq, dq_acc);
+  copy_view(dk, dk_own.view(), cs);
+  copy_view(dv_out, dv_own.view(), cs);
+  if (dq_t.defined()) copy_view(dq, dq_acc, cs);
 }
 
 }  // namespace distattn::parallel::detail

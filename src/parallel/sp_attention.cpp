@@ -150,7 +150,7 @@ void sp_attention_forward(Strategy s, const SpGroup& g, const TensorView& q, con
                           const SpOptions& opts) {
   const Dims d = validate_common("sp_attention_forward", s, g, q, k, v, out, lse, opts);
   // The ring axis (g.seq) carries the transfers that overlap compute.
-  detail::Tracker tr(opts, g.seq);
+  detail::Tracker tr(opts, g.seq, q.device);
   switch (s) {
     case Strategy::kHeads:
       tr.step();
@@ -193,7 +193,7 @@ void sp_attention_backward(Strategy s, const SpGroup& g, const TensorView& q, co
   check_result_dtype(op, "dq", dq, q.dtype);
   check_result_dtype(op, "dk", dk, q.dtype);
   check_result_dtype(op, "dv", dv, q.dtype);
-  detail::Tracker tr(opts, g.seq);
+  detail::Tracker tr(opts, g.seq, q.device);
   switch (s) {
     case Strategy::kHeads:
       tr.step();

@@ -1,23 +1,47 @@
 #pragma once
 // Internals shared by the sequence-parallel strategies (src/parallel/sp_*.cpp). Device-
-// neutral: only ops::*, Communicator and core tensor helpers; never mpi.h/nccl.h/CUDA.
+// neutral: only ops::*, Communicator and core tensor/stream helpers; never mpi.h/nccl.h/CUDA.
+//
+// Streams (CUDA devices). A call has two streams: the COMPUTE stream (the caller's
+// SpOptions::stream: kernels, copies, merges, zero fills) and the Tracker's COMM stream (every
+// collective and send/recv). They are ordered only through events, never by host waits:
+//   - before posting an op:  tr.comm_after_compute()  (comm waits for all compute so far:
+//     the op's send buffers are written, and its receive buffers are no longer read by
+//     earlier kernels), then post on tr.comm_stream();
+//   - before using results:  tr.wait(h)  (compute waits for the op's completion event);
+//   - at the end of a call:  tr.finish()  (the caller's stream waits for the comm stream, so
+//     the caller may overwrite its inputs; then the host waits each op: the watchdog).
+// Every temporary is allocated and filled on the compute stream (helpers below take it),
+// and every handle is waited (tr.wait) before the buffers it touches are released.
+// Releasing a device Tensor calls cudaFree, which waits for the device to go idle, so a
+// temporary may be released while kernels that read it are still queued.
+// On the CPU both streams are nullptr, comm_after_compute is a no-op and wait() is
+// Handle::wait(): the behaviour of the CPU path is unchanged.
 #include <chrono>
 #include <cstdint>
 #include <vector>
 
 #include "distattn/comm/communicator.h"
+#include "distattn/core/stream.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/ops/attention.h"
 #include "distattn/parallel/sequence_parallel.h"
 
 namespace distattn::parallel::detail {
 
-// ---- tensor helpers (any strides, any device; CPU loops, other devices row by row) ----
+// ---- tensor helpers (any strides, one device; ops::tensor_* enqueued on `stream`) ----
+// `stream` is the compute stream (ignored on the CPU, where the work runs now).
 // dst <- src elementwise; shapes equal; dtypes may differ (float types: converted).
-void copy_view(const TensorView& dst, const TensorView& src);
+void copy_view(const TensorView& dst, const TensorView& src, Stream stream);
 // dst += src; dst fp32 or fp64, src any float dtype; shapes equal.
-void add_view(const TensorView& dst, const TensorView& src);
-void zero(const TensorView& t);  // any strides
+void add_view(const TensorView& dst, const TensorView& src, Stream stream);
+void zero(const TensorView& t, Stream stream);  // any strides
+// A packed copy of `t` on t's device (filled on `stream`), e.g. a send buffer of a strided
+// input.
+Tensor packed_copy(const TensorView& t, Stream stream);
+// A packed zero tensor on `device`, zeroed on `stream` (Tensor::zeros would memset on the
+// legacy default stream, which a non-blocking compute stream is not ordered with).
+Tensor zeros_on(std::initializer_list<int64_t> shape, DType dtype, Device device, Stream stream);
 // Where fp32 partials accumulate: `t` itself when it is fp32, else a packed fp32 scratch of
 // t's shape owned by `holder` (the caller converts it into t at the end).
 TensorView fp32_accumulator(const TensorView& t, Tensor& holder);
@@ -41,11 +65,16 @@ std::vector<HeadSegment> uniform_segments(int64_t hq, int64_t hkv);
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0);
 
-// Per-call bookkeeping: compute time, exposed communication time, visible pairs.
+// Per-call bookkeeping: compute time, exposed communication time, visible pairs; and, on
+// CUDA devices, the call's communication stream and the handles still pending on the host.
 class Tracker {
  public:
-  explicit Tracker(const SpOptions& opts, comm::Communicator* progress_comm);
+  // `device`: the device of the call's tensors (a comm stream is created for CUDA).
+  Tracker(const SpOptions& opts, comm::Communicator* progress_comm, Device device);
+  // Pending handles are destroyed (waited, errors swallowed) before the comm stream.
   ~Tracker() = default;
+  Tracker(const Tracker&) = delete;
+  Tracker& operator=(const Tracker&) = delete;
 
   // Local attention over segments (one kernel call when the mapping is uniform).
   void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -58,7 +87,19 @@ class Tracker {
                 const std::vector<HeadSegment>& segs);
   void merge(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,
              const TensorView& lse_b);
-  // Waits, counting the blocked time as exposed communication.
+  // The stream every communication op of the call is posted on: a dedicated stream on CUDA
+  // devices (so transfers run beside the kernels), the caller's stream on the CPU.
+  Stream comm_stream() const { return device_.is_cuda() ? comm_stream_.get() : opts_.stream; }
+  // The comm stream waits (on the device) for everything enqueued on the compute stream so
+  // far. Call right before posting an op. No-op on the CPU.
+  // MPI backend with device memory: the backend synchronizes the comm stream before staging
+  // its send buffers, so this makes the HOST wait for the compute enqueued so far (ranks
+  // sharing one GPU serialize on it anyway); NCCL: no host wait.
+  void comm_after_compute();
+  // Makes the op's results visible to the compute stream. CPU: Handle::wait(). CUDA:
+  // Handle::wait_on(compute stream) (NCCL: device-side; MPI: host waits for the transfer,
+  // then the staged copy back is enqueued on the compute stream); the handle is kept and
+  // waited on the host in finish(). Host time blocked here counts as exposed communication.
   void wait(comm::Handle& h);
   void wait_all(std::vector<comm::Handle>& hs);
   // Runs a blocking collective, counting it as exposed.
@@ -69,18 +110,22 @@ class Tracker {
     exposed_s_ += seconds_since(t0);
   }
   void step() { ++steps_; }
-  // Writes stats (when requested).
+  // End of a call. CUDA: the compute (caller's) stream waits for the comm stream, then the
+  // host waits every pending handle (watchdog; on NCCL this returns once the transfers are
+  // done, while later kernels may still run). Then writes stats (when requested).
   void finish();
 
   ops::AttentionOptions attn_options(int64_t q_offset, int64_t k_offset, bool causal) const;
-  // The caller's stream: communication is enqueued on it too, so on CUDA devices a transfer
-  // is ordered after the kernel that produced its buffer (a separate communication stream
-  // for GPU overlap belongs with the CUDA backend).
+  // The compute stream: the caller's SpOptions::stream. Kernels and tensor helpers go here.
   Stream stream() const { return opts_.stream; }
+  Device device() const { return device_; }
 
  private:
   const SpOptions& opts_;
   comm::Communicator* progress_comm_;
+  Device device_;
+  OwnedStream comm_stream_;            // CUDA only (get() nullptr on the CPU)
+  std::vector<comm::Handle> pending_;  // CUDA: waited on the device, not yet on the host
   Clock::time_point start_;
   double compute_s_ = 0;
   double exposed_s_ = 0;

@@ -231,9 +231,12 @@ Tensor shard(const SpLayout& l, const SpShape& sh, int rank, ShardRole role,
   const TensorView src = head_slice(full, role, h);
   int64_t at = 0;
   for (const Range& r : seq_ranges(l, sh.seq, rank)) {
-    detail::copy_view(seq_slice(out.view(), role, at, r.len), seq_slice(src, role, r.begin, r.len));
+    detail::copy_view(seq_slice(out.view(), role, at, r.len), seq_slice(src, role, r.begin, r.len),
+                      nullptr);
     at += r.len;
   }
+  // No stream argument: the shard is ready when this returns, as on the CPU.
+  stream_synchronize(full.device, nullptr);
   return out;
 }
 
@@ -251,17 +254,29 @@ void unshard_into(const SpLayout& l, const SpShape& sh, int rank, ShardRole role
                  "unshard_into: local shard ", local.str(), " does not match rank ", rank,
                  "'s shard of ", full.str(), " (", sl, " rows, ", h.size(), " heads)");
   const TensorView dst = head_slice(full, role, h);
+  // A shard on another device (e.g. a GPU result into a host tensor) is first copied to
+  // full's device; then copies and adds run there.
+  Tensor staged;
+  TensorView src = local;
+  if (local.device != full.device) {
+    staged = Tensor::empty(std::span<const int64_t>(local.shape.data(), local.ndim), local.dtype,
+                           full.device);
+    detail::copy_view(staged.view(), local, nullptr);
+    src = staged.view();
+  }
   int64_t at = 0;
   for (const Range& r : seq_ranges(l, sh.seq, rank)) {
     const TensorView d = seq_slice(dst, role, r.begin, r.len);
-    const TensorView s = seq_slice(local, role, at, r.len);
+    const TensorView s = seq_slice(src, role, at, r.len);
     if (accumulate) {
-      detail::add_view(d, s);
+      detail::add_view(d, s, nullptr);
     } else {
-      detail::copy_view(d, s);
+      detail::copy_view(d, s, nullptr);
     }
     at += r.len;
   }
+  // No stream argument: `full` is updated when this returns, as on the CPU.
+  stream_synchronize(full.device, nullptr);
 }
 
 double rank_forward_flops(const SpLayout& l, const SpShape& sh, int rank, bool causal) {

@@ -73,15 +73,16 @@ struct RingKv {
   Tensor own_k, own_v, bufs_k[2], bufs_v[2];
   KV cur;
 
-  RingKv(const TensorView& k, const TensorView& v, int p) : cur{k, v} {
+  // Packing copies are enqueued on `stream` (the compute stream).
+  RingKv(const TensorView& k, const TensorView& v, int p, Stream stream) : cur{k, v} {
     if (p <= 1) return;
     const Device dev = k.device;
     if (!k.is_contiguous()) {
-      own_k = to_device(k, dev);
+      own_k = packed_copy(k, stream);
       cur.k = own_k.view();
     }
     if (!v.is_contiguous()) {
-      own_v = to_device(v, dev);
+      own_v = packed_copy(v, stream);
       cur.v = own_v.view();
     }
     for (int i = 0; i < 2; ++i) {
@@ -115,7 +116,7 @@ void ring_forward(comm::Communicator& comm, bool zigzag, const TensorView& q, co
   // Accumulators: the caller's out when it is fp32, else an fp32 buffer converted at the end.
   Tensor out_acc_t;
   const TensorView out_acc = fp32_accumulator(out, out_acc_t);
-  RingKv ring_kv(k, v, p);
+  RingKv ring_kv(k, v, p, tr.stream());
   KV& cur = ring_kv.cur;
   Tensor part_out, part_lse;
   if (p > 1) {
@@ -129,9 +130,12 @@ void ring_forward(comm::Communicator& comm, bool zigzag, const TensorView& q, co
     comm::Handle h;
     KV nxt{};
     if (step + 1 < p) {
+      // nxt was last read by step-1's kernels and cur written by step-1's transfer (same
+      // comm stream): comm_after_compute covers the first, stream order the second.
       nxt = ring_kv.recv_buffers(step);
       const auto ops = kv_exchange(cur, nxt, next, prev);
-      h = comm.igroup(ops, tr.stream());
+      tr.comm_after_compute();
+      h = comm.igroup(ops, tr.comm_stream());
     }
     for (const Block& blk : step_blocks(zigzag, causal, r, src, step, sl)) {
       const TensorView qb = rows(q, blk.q_begin, blk.q_len);
@@ -154,7 +158,7 @@ void ring_forward(comm::Communicator& comm, bool zigzag, const TensorView& q, co
       cur = nxt;
     }
   }
-  if (out_acc_t.defined()) copy_view(out, out_acc);
+  if (out_acc_t.defined()) copy_view(out, out_acc, tr.stream());
 }
 
 void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, const TensorView& k,
@@ -172,7 +176,7 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
 
   Tensor dq_acc_t;
   const TensorView dq_acc = fp32_accumulator(dq, dq_acc_t);
-  zero(dq_acc);
+  zero(dq_acc, tr.stream());
 
   // dK,dV accumulators that travel with the blocks (fp32), and this rank's contribution.
   Tensor trav_k[2], trav_v[2], mine_k, mine_v;
@@ -180,7 +184,7 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
     trav_k[i] = packed({b, sl, hkv, d}, DType::kFloat32, dev);
     trav_v[i] = packed({b, sl, hkv, dv}, DType::kFloat32, dev);
   }
-  RingKv ring_kv(k, v, p);
+  RingKv ring_kv(k, v, p, tr.stream());
   KV& cur = ring_kv.cur;
   if (p > 1) {
     mine_k = packed({b, sl, hkv, d}, DType::kFloat32, dev);
@@ -196,14 +200,15 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
     if (step + 1 < p) {
       nxt = ring_kv.recv_buffers(step);
       const auto ops = kv_exchange(cur, nxt, next, prev);
-      h = comm.igroup(ops, tr.stream());
+      tr.comm_after_compute();
+      h = comm.igroup(ops, tr.comm_stream());
     }
     // Step 0 computes straight into the accumulator that starts travelling; later steps into
     // `mine`, added once the travelling accumulator has arrived.
     const TensorView gk = step == 0 ? trav_k[0].view() : mine_k.view();
     const TensorView gv = step == 0 ? trav_v[0].view() : mine_v.view();
-    zero(gk);
-    zero(gv);
+    zero(gk, tr.stream());
+    zero(gv, tr.stream());
     const auto blocks = step_blocks(zigzag, causal, r, src, step, sl);
     for (const Block& blk : blocks) {
       tr.backward(rows(q, blk.q_begin, blk.q_len), rows(cur.k, blk.k_begin, blk.k_len),
@@ -218,8 +223,8 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
       if (step > 0) {
         tr.wait(dkv_handle);  // trav[cur_slot] now holds the arriving accumulator
         if (!blocks.empty()) {
-          add_view(trav_k[cur_slot].view(), gk);
-          add_view(trav_v[cur_slot].view(), gv);
+          add_view(trav_k[cur_slot].view(), gk, tr.stream());
+          add_view(trav_v[cur_slot].view(), gv, tr.stream());
         }
       }
       const int other = 1 - cur_slot;
@@ -232,7 +237,10 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
                             DType::kFloat32, prev),
           comm::P2POp::recv(trav_v[other].data(), static_cast<size_t>(trav_v[other].numel()),
                             DType::kFloat32, prev)};
-      dkv_handle = comm.igroup(ops, tr.stream());
+      // trav[cur_slot] was written by this step's kernels and add (compute stream);
+      // trav[other] was last sent by the previous accumulator op, earlier on the comm stream.
+      tr.comm_after_compute();
+      dkv_handle = comm.igroup(ops, tr.comm_stream());
     }
     if (step + 1 < p) {
       tr.wait(h);
@@ -242,9 +250,9 @@ void ring_backward(comm::Communicator& comm, bool zigzag, const TensorView& q, c
   // The own block's accumulator: home after the last hop (or computed here when P == 1).
   const int home = p > 1 ? p % 2 : 0;
   tr.wait(dkv_handle);
-  copy_view(dk, trav_k[home].view());
-  copy_view(dv_out, trav_v[home].view());
-  if (dq_acc_t.defined()) copy_view(dq, dq_acc);
+  copy_view(dk, trav_k[home].view(), tr.stream());
+  copy_view(dv_out, trav_v[home].view(), tr.stream());
+  if (dq_acc_t.defined()) copy_view(dq, dq_acc, tr.stream());
 }
 
 }  // namespace distattn::parallel::detail

@@ -90,73 +90,75 @@ Exchange make_exchange(const Plan& p, DType dtype, Device dev,
   return e;
 }
 
-comm::Handle start(comm::Communicator& uc, Exchange& e, Stream stream) {
+// Posts the exchange on the comm stream. The caller calls tr.comm_after_compute() first
+// (the send buffer is packed on the compute stream).
+comm::Handle start(comm::Communicator& uc, Exchange& e, Tracker& tr) {
   return uc.iall_to_all_v(e.send.data(), e.sc, e.sd, e.recv.data(), e.rc, e.rd, e.send.dtype(),
-                          stream);
+                          tr.comm_stream());
 }
 
 // A local BSHD tensor (tokens: my sl rows) -> send parts of heads `hr(j)` for every peer.
 // Returns each peer's offset after the part.
 void pack_seq_sharded(const Plan& p, const TensorView& local, const std::vector<HeadRange>& hr,
-                      Exchange& e, std::vector<size_t>& at) {
+                      Exchange& e, std::vector<size_t>& at, Stream stream) {
   const int64_t dim = local.size(3);
   for (int j = 0; j < p.u_deg; ++j) {
     const TensorView dst = view_at(e.send, at[j], {p.b, p.sl, hr[j].size(), dim});
-    copy_view(dst, local.slice(2, hr[j].begin, hr[j].size()));
+    copy_view(dst, local.slice(2, hr[j].begin, hr[j].size()), stream);
     at[j] += static_cast<size_t>(dst.numel());
   }
 }
 
 // Received parts (peer j's tokens x my heads) -> gathered [B, sg, h, dim].
 void unpack_to_gathered(const Plan& p, const Exchange& e, std::vector<size_t>& at, int64_t heads,
-                        const TensorView& gathered) {
+                        const TensorView& gathered, Stream stream) {
   const int64_t dim = gathered.size(3);
   for (int j = 0; j < p.u_deg; ++j) {
     const TensorView src = view_at(e.recv, at[j], {p.b, p.sl, heads, dim});
     for (int q = 0; q < p.pieces; ++q)
-      copy_view(p.peer_piece(gathered, 1, j, q), src.slice(1, q * p.pl, p.pl));
+      copy_view(p.peer_piece(gathered, 1, j, q), src.slice(1, q * p.pl, p.pl), stream);
     at[j] += static_cast<size_t>(src.numel());
   }
 }
 
 // lse [B, H, sl] local -> send parts [B, h_j, sl].
 void pack_lse_seq_sharded(const Plan& p, const TensorView& lse, Exchange& e,
-                          std::vector<size_t>& at) {
+                          std::vector<size_t>& at, Stream stream) {
   for (int j = 0; j < p.u_deg; ++j) {
     const TensorView dst = view_at(e.send, at[j], {p.b, p.qh[j].size(), p.sl});
-    copy_view(dst, lse.slice(1, p.qh[j].begin, p.qh[j].size()));
+    copy_view(dst, lse.slice(1, p.qh[j].begin, p.qh[j].size()), stream);
     at[j] += static_cast<size_t>(dst.numel());
   }
 }
 void unpack_lse_to_gathered(const Plan& p, const Exchange& e, std::vector<size_t>& at,
-                            const TensorView& lse_g) {
+                            const TensorView& lse_g, Stream stream) {
   const int64_t h = p.qh[p.me].size();
   for (int j = 0; j < p.u_deg; ++j) {
     const TensorView src = view_at(e.recv, at[j], {p.b, h, p.sl});
     for (int q = 0; q < p.pieces; ++q)
-      copy_view(p.peer_piece(lse_g, 2, j, q), src.slice(2, q * p.pl, p.pl));
+      copy_view(p.peer_piece(lse_g, 2, j, q), src.slice(2, q * p.pl, p.pl), stream);
     at[j] += static_cast<size_t>(src.numel());
   }
 }
 
 // Gathered [B, sg, h, dim] -> send parts (peer j's tokens, my heads).
-void pack_gathered(const Plan& p, const TensorView& gathered, Exchange& e,
-                   std::vector<size_t>& at) {
+void pack_gathered(const Plan& p, const TensorView& gathered, Exchange& e, std::vector<size_t>& at,
+                   Stream stream) {
   const int64_t h = gathered.size(2), dim = gathered.size(3);
   for (int j = 0; j < p.u_deg; ++j) {
     const TensorView dst = view_at(e.send, at[j], {p.b, p.sl, h, dim});
     for (int q = 0; q < p.pieces; ++q)
-      copy_view(dst.slice(1, q * p.pl, p.pl), p.peer_piece(gathered, 1, j, q));
+      copy_view(dst.slice(1, q * p.pl, p.pl), p.peer_piece(gathered, 1, j, q), stream);
     at[j] += static_cast<size_t>(dst.numel());
   }
 }
-void pack_lse_gathered(const Plan& p, const TensorView& lse_g, Exchange& e,
-                       std::vector<size_t>& at) {
+void pack_lse_gathered(const Plan& p, const TensorView& lse_g, Exchange& e, std::vector<size_t>& at,
+                       Stream stream) {
   const int64_t h = lse_g.size(1);
   for (int j = 0; j < p.u_deg; ++j) {
     const TensorView dst = view_at(e.send, at[j], {p.b, h, p.sl});
     for (int q = 0; q < p.pieces; ++q)
-      copy_view(dst.slice(2, q * p.pl, p.pl), p.peer_piece(lse_g, 2, j, q));
+      copy_view(dst.slice(2, q * p.pl, p.pl), p.peer_piece(lse_g, 2, j, q), stream);
     at[j] += static_cast<size_t>(dst.numel());
   }
 }
@@ -182,7 +184,8 @@ void ulysses_forward(comm::Communicator& uc, comm::Communicator* ring, const Ten
                      const TensorView& lse, bool causal, Tracker& tr) {
   const Plan p = make_plan(uc, ring != nullptr, q, k, v);
   const Device dev = q.device;
-  if (p.u_deg == 1) {  // nothing to exchange
+  const Stream cs = tr.stream();  // compute stream: packing, unpacking, kernels
+  if (p.u_deg == 1) {             // nothing to exchange
     const auto segs = uniform_segments(p.hq, p.hkv);
     if (ring != nullptr) {
       ring_forward(*ring, /*zigzag=*/true, q, k, v, out, lse, causal, segs, tr);
@@ -199,20 +202,21 @@ void ulysses_forward(comm::Communicator& uc, comm::Communicator* ring, const Ten
                     parts(p, true, {{false, p.d}, {true, p.d}, {true, p.dv}}));
   {
     std::vector<size_t> at = x.sd;
-    pack_seq_sharded(p, q, p.qh, x, at);
-    pack_seq_sharded(p, k, p.kh, x, at);
-    pack_seq_sharded(p, v, p.kh, x, at);
+    pack_seq_sharded(p, q, p.qh, x, at, cs);
+    pack_seq_sharded(p, k, p.kh, x, at, cs);
+    pack_seq_sharded(p, v, p.kh, x, at, cs);
   }
-  comm::Handle h = start(uc, x, tr.stream());
+  tr.comm_after_compute();
+  comm::Handle h = start(uc, x, tr);
   tr.wait(h);
   Tensor qg = Tensor::empty({p.b, p.sg, mq.size(), p.d}, q.dtype, dev);
   Tensor kg = Tensor::empty({p.b, p.sg, mk.size(), p.d}, k.dtype, dev);
   Tensor vg = Tensor::empty({p.b, p.sg, mk.size(), p.dv}, v.dtype, dev);
   {
     std::vector<size_t> at = x.rd;
-    unpack_to_gathered(p, x, at, mq.size(), qg.view());
-    unpack_to_gathered(p, x, at, mk.size(), kg.view());
-    unpack_to_gathered(p, x, at, mk.size(), vg.view());
+    unpack_to_gathered(p, x, at, mq.size(), qg.view(), cs);
+    unpack_to_gathered(p, x, at, mk.size(), kg.view(), cs);
+    unpack_to_gathered(p, x, at, mk.size(), vg.view(), cs);
   }
   x = Exchange();
   const auto segs = head_segments(mq.begin, mq.end, mk.begin, p.group);
@@ -237,20 +241,21 @@ void ulysses_forward(comm::Communicator& uc, comm::Communicator* ring, const Ten
   Exchange xl = make_exchange(p, DType::kFloat32, dev, ls, lr);
   {
     std::vector<size_t> at = xo.sd;
-    pack_gathered(p, og.view(), xo, at);
+    pack_gathered(p, og.view(), xo, at, cs);
     std::vector<size_t> al = xl.sd;
-    pack_lse_gathered(p, lg.view(), xl, al);
+    pack_lse_gathered(p, lg.view(), xl, al, cs);
   }
-  comm::Handle ho = start(uc, xo, tr.stream());
-  comm::Handle hl = start(uc, xl, tr.stream());
+  tr.comm_after_compute();
+  comm::Handle ho = start(uc, xo, tr);
+  comm::Handle hl = start(uc, xl, tr);
   tr.wait(ho);
   tr.wait(hl);
   for (int j = 0; j < p.u_deg; ++j) {
     const HeadRange hj = p.qh[j];
     copy_view(out.slice(2, hj.begin, hj.size()),
-              view_at(xo.recv, xo.rd[j], {p.b, p.sl, hj.size(), p.dv}));
-    copy_view(lse.slice(1, hj.begin, hj.size()),
-              view_at(xl.recv, xl.rd[j], {p.b, hj.size(), p.sl}));
+              view_at(xo.recv, xo.rd[j], {p.b, p.sl, hj.size(), p.dv}), cs);
+    copy_view(lse.slice(1, hj.begin, hj.size()), view_at(xl.recv, xl.rd[j], {p.b, hj.size(), p.sl}),
+              cs);
   }
 }
 
@@ -260,6 +265,7 @@ void ulysses_backward(comm::Communicator& uc, comm::Communicator* ring, const Te
                       const TensorView& dk, const TensorView& dv, bool causal, Tracker& tr) {
   const Plan p = make_plan(uc, ring != nullptr, q, k, v);
   const Device dev = q.device;
+  const Stream cs = tr.stream();  // compute stream: packing, unpacking, kernels
   if (p.u_deg == 1) {
     const auto segs = uniform_segments(p.hq, p.hkv);
     if (ring != nullptr) {
@@ -286,19 +292,20 @@ void ulysses_backward(comm::Communicator& uc, comm::Communicator* ring, const Te
   Exchange xl = make_exchange(p, DType::kFloat32, dev, ls, lr);
   {
     std::vector<size_t> at = x.sd;
-    pack_seq_sharded(p, q, p.qh, x, at);
-    pack_seq_sharded(p, k, p.kh, x, at);
-    pack_seq_sharded(p, v, p.kh, x, at);
+    pack_seq_sharded(p, q, p.qh, x, at, cs);
+    pack_seq_sharded(p, k, p.kh, x, at, cs);
+    pack_seq_sharded(p, v, p.kh, x, at, cs);
     std::vector<size_t> ao = xo.sd, ad = xd.sd, al = xl.sd;
-    pack_seq_sharded(p, out, p.qh, xo, ao);
-    pack_seq_sharded(p, dout, p.qh, xd, ad);
-    pack_lse_seq_sharded(p, lse, xl, al);
+    pack_seq_sharded(p, out, p.qh, xo, ao, cs);
+    pack_seq_sharded(p, dout, p.qh, xd, ad, cs);
+    pack_lse_seq_sharded(p, lse, xl, al, cs);
   }
   std::vector<comm::Handle> hs;
-  hs.push_back(start(uc, x, tr.stream()));
-  hs.push_back(start(uc, xo, tr.stream()));
-  hs.push_back(start(uc, xd, tr.stream()));
-  hs.push_back(start(uc, xl, tr.stream()));
+  tr.comm_after_compute();
+  hs.push_back(start(uc, x, tr));
+  hs.push_back(start(uc, xo, tr));
+  hs.push_back(start(uc, xd, tr));
+  hs.push_back(start(uc, xl, tr));
   tr.wait_all(hs);
   Tensor qg = Tensor::empty({p.b, p.sg, mq.size(), p.d}, q.dtype, dev);
   Tensor kg = Tensor::empty({p.b, p.sg, mk.size(), p.d}, k.dtype, dev);
@@ -308,12 +315,12 @@ void ulysses_backward(comm::Communicator& uc, comm::Communicator* ring, const Te
   Tensor lg = Tensor::empty({p.b, mq.size(), p.sg}, DType::kFloat32, dev);
   {
     std::vector<size_t> at = x.rd, ao = xo.rd, ad = xd.rd, al = xl.rd;
-    unpack_to_gathered(p, x, at, mq.size(), qg.view());
-    unpack_to_gathered(p, x, at, mk.size(), kg.view());
-    unpack_to_gathered(p, x, at, mk.size(), vg.view());
-    unpack_to_gathered(p, xo, ao, mq.size(), og.view());
-    unpack_to_gathered(p, xd, ad, mq.size(), dg.view());
-    unpack_lse_to_gathered(p, xl, al, lg.view());
+    unpack_to_gathered(p, x, at, mq.size(), qg.view(), cs);
+    unpack_to_gathered(p, x, at, mk.size(), kg.view(), cs);
+    unpack_to_gathered(p, x, at, mk.size(), vg.view(), cs);
+    unpack_to_gathered(p, xo, ao, mq.size(), og.view(), cs);
+    unpack_to_gathered(p, xd, ad, mq.size(), dg.view(), cs);
+    unpack_lse_to_gathered(p, xl, al, lg.view(), cs);
   }
   x = xo = xd = xl = Exchange();
   const auto segs = head_segments(mq.begin, mq.end, mk.begin, p.group);
@@ -335,15 +342,16 @@ void ulysses_backward(comm::Communicator& uc, comm::Communicator* ring, const Te
                               parts(p, false, {{false, p.d}, {true, p.d}, {true, p.dv}}));
   {
     std::vector<size_t> at = xg.sd;
-    pack_gathered(p, dqg.view(), xg, at);
-    pack_gathered(p, dkg.view(), xg, at);
-    pack_gathered(p, dvg.view(), xg, at);
+    pack_gathered(p, dqg.view(), xg, at, cs);
+    pack_gathered(p, dkg.view(), xg, at, cs);
+    pack_gathered(p, dvg.view(), xg, at, cs);
   }
   dqg = dkg = dvg = Tensor();
-  comm::Handle hg = start(uc, xg, tr.stream());
+  tr.comm_after_compute();
+  comm::Handle hg = start(uc, xg, tr);
   tr.wait(hg);
-  Tensor dk_acc = Tensor::zeros({p.b, p.sl, p.hkv, p.d}, DType::kFloat32, dev);
-  Tensor dv_acc = Tensor::zeros({p.b, p.sl, p.hkv, p.dv}, DType::kFloat32, dev);
+  Tensor dk_acc = zeros_on({p.b, p.sl, p.hkv, p.d}, DType::kFloat32, dev, cs);
+  Tensor dv_acc = zeros_on({p.b, p.sl, p.hkv, p.dv}, DType::kFloat32, dev, cs);
   for (int j = 0; j < p.u_deg; ++j) {
     const HeadRange hq = p.qh[j], hk = p.kh[j];
     size_t at = xg.rd[j];
@@ -352,12 +360,12 @@ void ulysses_backward(comm::Communicator& uc, comm::Communicator* ring, const Te
     const TensorView gk = view_at(xg.recv, at, {p.b, p.sl, hk.size(), p.d});
     at += static_cast<size_t>(gk.numel());
     const TensorView gv = view_at(xg.recv, at, {p.b, p.sl, hk.size(), p.dv});
-    copy_view(dq.slice(2, hq.begin, hq.size()), gq);
-    add_view(dk_acc.view().slice(2, hk.begin, hk.size()), gk);
-    add_view(dv_acc.view().slice(2, hk.begin, hk.size()), gv);
+    copy_view(dq.slice(2, hq.begin, hq.size()), gq, cs);
+    add_view(dk_acc.view().slice(2, hk.begin, hk.size()), gk, cs);
+    add_view(dv_acc.view().slice(2, hk.begin, hk.size()), gv, cs);
   }
-  copy_view(dk, dk_acc.view());
-  copy_view(dv, dv_acc.view());
+  copy_view(dk, dk_acc.view(), cs);
+  copy_view(dv, dv_acc.view(), cs);
 }
 
 }  // namespace distattn::parallel::detail

@@ -47,6 +47,31 @@
 //   sp_attention_forward(Strategy::kZigzag, group, q, k, v, out, lse, o);
 //   sp_attention_backward(Strategy::kZigzag, group, q, k, v, out, dout, lse, dq, dk, dv, o);
 //
+// GPU ranks (tensors on a CUDA device; the communicator must accept device memory).
+// Kernels, copies and merges run on SpOptions::stream (the COMPUTE stream; nullptr = legacy
+// default stream). Each call creates a non-blocking COMM stream and posts every collective
+// and send/recv on it; the two streams are ordered by events only:
+//   - before an op is posted the comm stream waits for the compute enqueued so far (its send
+//     buffers are written; its receive buffers are no longer read by earlier kernels);
+//   - before its result is used the compute stream waits for the op (Handle::wait_on);
+//   - at the end of the call the compute stream waits for the comm stream, and the host
+//     waits each op once (the watchdog still bounds every op).
+// So the ring's exchange for step i+1 runs beside step i's kernels, and work the caller
+// enqueues on its stream after the call is ordered after the call's results and after the
+// last transfer reading its k, v. When the call returns the GPU may still be computing:
+// synchronize the stream before reading results on the host.
+//   NCCL (one rank per GPU): no host waits between steps; the host blocks only at the end,
+//     until the call's last transfers are done.
+//   MPI backend with device memory (several ranks sharing one GPU, or no NCCL): the backend
+//     stages device buffers through pinned host memory, so posting an op synchronizes the
+//     comm stream (the host waits for the compute enqueued before it) and waiting copies the
+//     received data back on the compute stream. The transfer itself still overlaps the next
+//     step's kernels; ranks sharing a GPU time-slice its compute anyway.
+// SpStats on CUDA: compute_s is host time to ENQUEUE the kernels, exposed_comm_s the time
+// the host was blocked on communication (MPI staging waits; ~0 on NCCL, whose waits happen
+// on the device). Time calls with the stream synchronized, as distattn-bench sp does.
+// Device temporaries are allocated per call (cudaMalloc) and released at its end.
+//
 // Tensors (BSHD, last dim contiguous, as distattn/ops/attention.h):
 //   q, out, dout, dq  [B, Sl, Hl, D/Dv]     k, v, dk, dv  [B, Sl, Hkvl, D/Dv]
 //   lse               fp32 [B, Hl, Sl]      (natural log, global over all keys)
@@ -168,6 +193,7 @@ struct SpStats {
 struct SpOptions {
   std::optional<float> softmax_scale;  // unset: 1/sqrt(D)
   bool causal = false;
+  // CUDA: the compute stream (see "GPU ranks" above); the call's results are ordered on it.
   Stream stream = nullptr;
   // Pass Communicator::progress to the CPU kernels so host-memory (MPI) transfers advance
   // while they compute. Turn off only to measure what overlap is worth.

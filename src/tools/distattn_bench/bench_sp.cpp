@@ -12,7 +12,8 @@
 //                 steadier than wall clock when other processes share the cores.
 //   comm_MB       bytes this rank sent per call (ledger; max over ranks)
 //   exposed_ms    time blocked waiting on communication (not hidden behind compute; max over
-//                 ranks of the mean)
+//                 ranks of the mean). --device cuda: host-blocked time only (MPI staging
+//                 waits); NCCL waits happen on the device and do not show here.
 //   peak_MB       peak bytes of distattn tensors allocated during the call (max over ranks)
 //   max_abs_err   with -c: max |out - fp64 reference| over sampled query rows of every rank
 //   grad_err      with -c --backward: max |dq, dk, dv - fp64 reference| (dq on the sampled
@@ -40,6 +41,7 @@
 #include "distattn/comm/communicator.h"
 #include "distattn/comm/mesh.h"
 #include "distattn/core/npy.h"
+#include "distattn/core/stream.h"
 #include "distattn/ops/attention.h"
 #include "distattn/parallel/sequence_parallel.h"
 #include "distattn/runtime.h"
@@ -310,6 +312,9 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   Result r;
   for (int it = 0; it < a.warmup + a.iters; ++it) {
     const bool timed = it >= a.warmup;
+    // CUDA: kernels are asynchronous. Start every rank on an idle stream and stop the
+    // clock after the call's GPU work (the stream is ordered after all of its transfers).
+    stream_synchronize(dev, o.stream);
     world.barrier();
     reset_ledgers(g);
     const int64_t before = memory_stats(dev.type).current_bytes;
@@ -323,6 +328,7 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
       parallel::sp_attention_backward(s, g.group, q.view(), k.view(), v.view(), out.view(),
                                       dout.view(), lse.view(), dq.view(), dk.view(), dv.view(), o);
     }
+    stream_synchronize(dev, o.stream);
     const double t = now_seconds() - t0, ct = cpu_seconds() - c0;
     if (!timed) continue;
     r.time_s += t;
@@ -377,12 +383,14 @@ Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
   double total = 0, cpu = 0;
   const int warmup = std::max(a.warmup, 1);
   for (int it = 0; it < warmup + iters; ++it) {
+    stream_synchronize(dev, o.stream);  // CUDA: asynchronous kernels, as in run_strategy
     world.barrier();
     const double t0 = now_seconds(), c0 = cpu_seconds();
     ops::attention_forward(q.view(), k.view(), v.view(), out.view(), lse.view(), o);
     if (a.backward)
       ops::attention_backward(q.view(), k.view(), v.view(), out.view(), dout.view(), lse.view(),
                               dq.view(), dk.view(), dv.view(), o);
+    stream_synchronize(dev, o.stream);
     if (it < warmup) continue;
     total += now_seconds() - t0;
     cpu += cpu_seconds() - c0;
