@@ -61,30 +61,32 @@ case "$EXCLUDE" in /*) ;; *) EXCLUDE="$REPO/$EXCLUDE" ;; esac
 mkdir -p "$(dirname "$EXCLUDE")"
 grep -qxF '/.gpu-debs/' "$EXCLUDE" 2>/dev/null || echo '/.gpu-debs/' >>"$EXCLUDE"
 
-# File name apt would give a package's candidate version: name_version_arch.deb with ':'
-# of an epoch written %3a.
-deb_name() {
-  local pkg=$1 ver arch
-  ver=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
-  if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then
-    echo "[gpu-deps] package $pkg has no candidate version: run apt-get update" >&2
-    return 1
-  fi
-  arch=$(apt-cache show "$pkg=$ver" | awk '/^Architecture:/ {print $2; exit}')
-  echo "${pkg}_${ver//:/%3a}_${arch}.deb"
+# File names apt gives the candidate versions: name_version_arch.deb, an epoch's ':' as %3a.
+# One apt-cache call for all packages (each call loads the whole cache).
+deb_names() {
+  apt-cache show --no-all-versions "$@" | awk '
+    /^Package:/ {p = $2} /^Version:/ {v = $2} /^Architecture:/ {a = $2}
+    /^$/ && p != "" {gsub(":", "%3a", v); print p "_" v "_" a ".deb"; p = ""}
+    END {if (p != "") {gsub(":", "%3a", v); print p "_" v "_" a ".deb"}}'
 }
 
-if ! apt-cache policy openmpi-bin | grep -q 'Candidate: [0-9]'; then
+policy=$(apt-cache policy openmpi-bin 2>/dev/null || true)
+if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
   echo "[gpu-deps] apt-get update"
   apt-get update -qq
 fi
 
+mapfile -t NAMES < <(deb_names "${ALL[@]}")
+if [ "${#NAMES[@]}" -ne "${#ALL[@]}" ]; then
+  echo "[gpu-deps] apt-cache found ${#NAMES[@]} of ${#ALL[@]} packages: run apt-get update" >&2
+  exit 1
+fi
+
 wanted=()
 fetch=()
-for p in "${ALL[@]}"; do
-  f=$(deb_name "$p")
+for f in "${NAMES[@]}"; do
   wanted+=("$f")
-  [ -s "$DEST/$f" ] || fetch+=("$p")
+  [ -s "$DEST/$f" ] || fetch+=("${f%%_*}")
 done
 if [ "${#fetch[@]}" -gt 0 ]; then
   echo "[gpu-deps] downloading ${#fetch[@]} packages: ${fetch[*]}"
@@ -110,7 +112,7 @@ done
 printf '%s\n' "${FALLBACK_PACKAGES[@]}" >"$DEST/fallback-packages.txt"
 {
   echo "# written by scripts/gpu-deps.sh on $(date -u +%Y-%m-%dT%H:%MZ) from ${PRETTY_NAME:-?}"
-  for p in "${ALL[@]}"; do echo "$(deb_name "$p")"; done
+  printf '%s\n' "${wanted[@]}"
 } >"$DEST/MANIFEST.txt"
 
 NCCL_H=""
