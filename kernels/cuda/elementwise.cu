@@ -25,6 +25,8 @@ namespace distattn::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// Device-to-device 2-D copies and 2-D memsets only for rows of at least this many bytes.
+constexpr int64_t kMinPitchedRowBytes = 512;
 
 // Coalesced shape of one or two tensors (b = a for one); nd >= 1.
 struct Layout {
@@ -69,9 +71,11 @@ bool is_packed(const Layout& l) {
 }
 
 // Two dims, contiguous rows, pitches the 2-D copy/memset engines accept (>= the row width,
-// below the devices' 2^31-byte pitch limit).
-bool is_pitched(const Layout& l, size_t ea, size_t eb) {
+// below the devices' 2^31-byte pitch limit). min_width: narrower rows go to the kernel, which
+// handles many short rows better than per-row 2-D transfers.
+bool is_pitched(const Layout& l, size_t ea, size_t eb, int64_t min_width = 0) {
   if (l.nd != 2 || l.sa[1] != 1 || l.sb[1] != 1) return false;
+  if (l.shape[1] * static_cast<int64_t>(ea) < min_width) return false;
   const int64_t wa = l.shape[1] * static_cast<int64_t>(ea);
   const int64_t wb = l.shape[1] * static_cast<int64_t>(eb);
   const int64_t pa = l.sa[0] * static_cast<int64_t>(ea);
@@ -238,7 +242,7 @@ void fill_bits(const TensorView& t, uint64_t bits, cudaStream_t s) {
     DISTATTN_CUDA_CHECK(cudaMemsetAsync(t.data, 0, static_cast<size_t>(l.numel) * es, s));
     return;
   }
-  if (bits == 0 && is_pitched(l, es, es)) {
+  if (bits == 0 && is_pitched(l, es, es, kMinPitchedRowBytes)) {
     DISTATTN_CUDA_CHECK(cudaMemset2DAsync(t.data, static_cast<size_t>(l.sa[0]) * es, 0,
                                           static_cast<size_t>(l.shape[1]) * es,
                                           static_cast<size_t>(l.shape[0]), s));
@@ -302,7 +306,7 @@ void tensor_copy(const TensorView& dst, const TensorView& src, Stream stream) {
                                           cudaMemcpyDeviceToDevice, s));
       return;
     }
-    if (is_pitched(l, es, es)) {
+    if (is_pitched(l, es, es, kMinPitchedRowBytes)) {
       DISTATTN_CUDA_CHECK(
           cudaMemcpy2DAsync(dst.data, static_cast<size_t>(l.sa[0]) * es, src.data,
                             static_cast<size_t>(l.sb[0]) * es, static_cast<size_t>(l.shape[1]) * es,

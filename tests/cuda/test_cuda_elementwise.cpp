@@ -126,8 +126,9 @@ class TestStream {
   cudaStream_t s_ = nullptr;
 };
 
+// Sliced {40, 300}: rows of >= 512 bytes take the 2-D copy / memset path.
 const std::vector<std::vector<int64_t>> kShapes = {
-    {7}, {3, 5}, {2, 1, 33}, {2, 3, 4, 5}, {1, 1, 1, 1}, {4, 1, 3, 17}, {3, 129, 2, 64}};
+    {7}, {3, 5}, {2, 1, 33}, {2, 3, 4, 5}, {1, 1, 1, 1}, {4, 1, 3, 17}, {3, 129, 2, 64}, {40, 300}};
 
 std::string label(const std::vector<int64_t>& shape, DType d, DType s, Kind kd, Kind ks) {
   std::string o = "shape [";
