@@ -304,6 +304,25 @@ TEST_P(MlaShardingOnDevice, DecodeCpMergedResultMatchesAttentionOverTheWholeCach
   }
 }
 
+// decode-CP with device queries but host pages is rejected on every rank before the all-gather
+// (a GPU-only check: on CPU ranks there is no second device).
+TEST(MlaShardingOnCudaErrors, DecodeCpWithPagesOnAnotherDeviceIsRejectedBeforeTheAllGather) {
+  if (!gpu_usable()) GTEST_SKIP() << "skipped: no GPU (or a build without CUDA)";
+  DeviceWorld& dw = device_world(DeviceType::kCUDA);
+  comm::Communicator& w = *dw.comm;
+  const MlaCache full = make_cache(100, 128, DType::kFloat32, 61);
+  const MlaCache local = reshard_to_decode_cp(full, w.rank(), w.size(), 128);
+  const Tensor q_lat = to_device(host_input({1, kHeads, kLatent}, 61, 1).view(), dw.device);
+  const Tensor q_pe = to_device(host_input({1, kHeads, kRope}, 61, 2).view(), dw.device);
+  const Tensor out = Tensor::zeros({1, kHeads, kLatent}, DType::kFloat32, dw.device);
+  const Tensor lse = Tensor::zeros({1, kHeads}, DType::kFloat32, dw.device);
+  ops::MlaDecodeOptions o;
+  o.softmax_scale = kScale;
+  const uint64_t calls0 = w.ledger()[comm::OpKind::kAllGather].calls;
+  EXPECT_THROW(decode_cp_attention(w, q_lat, q_pe, local.view(), out, lse, o), Error);
+  EXPECT_EQ(w.ledger()[comm::OpKind::kAllGather].calls, calls0);
+}
+
 std::string param_name(const ::testing::TestParamInfo<Param>& i) {
   return std::string(std::get<0>(i.param) == DeviceType::kCUDA ? "cuda_" : "cpu_") +
          dtype_name(std::get<1>(i.param)) + "_cache";

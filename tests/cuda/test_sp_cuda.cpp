@@ -519,6 +519,28 @@ INSTANTIATE_TEST_SUITE_P(OnCuda, SpOnDevice,
                                                                 all_strategies().end())),
                          param_name);
 
+// Tensors of one call on different devices are rejected on every rank before any collective
+// (a GPU-only check: on CPU ranks there is no second device).
+TEST(SpOnCudaErrors, MixedDeviceTensorsAreRejectedBeforeAnyCollective) {
+  if (!gpu_usable()) GTEST_SKIP() << "skipped: no GPU (or a build without CUDA)";
+  DeviceWorld& w = device_world(DeviceType::kCUDA);
+  const Device dev = w.device;
+  const int64_t sl = 8;
+  const Tensor q = Tensor::zeros({1, sl, 4, 64}, DType::kFloat32, dev);
+  const Tensor k = Tensor::zeros({1, sl, 2, 64}, DType::kFloat32, dev);
+  const Tensor k_host = Tensor::zeros({1, sl, 2, 64}, DType::kFloat32);
+  const Tensor out = Tensor::zeros({1, sl, 4, 64}, DType::kFloat32, dev);
+  const Tensor out_host = Tensor::zeros({1, sl, 4, 64}, DType::kFloat32);
+  const Tensor lse = Tensor::zeros({1, 4, sl}, DType::kFloat32, dev);
+  w.comm->ledger().reset();
+  const SpGroup g = SpGroup::flat(*w.comm);
+  EXPECT_THROW(sp_attention_forward(Strategy::kRing, g, q, k_host, k_host, out, lse), Error);
+  EXPECT_THROW(sp_attention_forward(Strategy::kZigzag, g, q, k, k, out_host, lse), Error);
+  EXPECT_THROW(sp_attention_backward(Strategy::kRing, g, q, k, k, out, out, lse, out_host, k, k),
+               Error);
+  EXPECT_EQ(w.comm->ledger().total().calls, 0u);
+}
+
 // The skip decision itself: one value on every rank (a rank that skipped while another ran
 // would leave the other waiting in a collective until the watchdog fires).
 TEST(SpOnDeviceSkip, GpuDecisionIsTheSameOnEveryRank) {
