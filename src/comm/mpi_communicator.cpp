@@ -184,8 +184,8 @@ class MpiOpState final : public PendingOp {
   }
 
   // Blocking semantics: after it returns the host sees the results in device memory too.
-  // The copies run on the op's stream (never the legacy default stream, which would wait
-  // for every blocking stream's compute), then the host waits for that stream.
+  // The copies run on the op's stream (not a plain cudaMemcpy, whose legacy default stream
+  // would also wait for every blocking stream's compute), then the host waits for it.
   void finish() override {
     for (auto& f : post) f();
 #if DISTATTN_WITH_CUDA

@@ -9,15 +9,21 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <vector>
 
 #include "common/test_data.h"
 #include "distattn/comm/communicator.h"
+#include "distattn/config.h"
 #include "distattn/core/half.h"
+#include "distattn/core/stream.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/runtime.h"
+#if DISTATTN_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace distattn::testing::device_comm {
 
@@ -201,6 +207,93 @@ inline void check_nonblocking(Communicator& c, DType dt, Device dev) {
     want[i] = m;
   }
   expect_equal(to_double_vector(recv.view()), want, "iall_reduce");
+}
+
+// `bytes` from src to dst (both on `dev`), ordered on stream `s`; a plain copy on the CPU.
+inline void copy_on_stream(void* dst, const void* src, size_t bytes, Device dev, Stream s) {
+  if (dev.is_cpu()) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+#if DISTATTN_WITH_CUDA
+  const cudaError_t e =
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(s));
+  if (e != cudaSuccess)
+    DISTATTN_THROW(Status::kCudaError, "cudaMemcpyAsync D2D: ", cudaGetErrorString(e));
+#else
+  DISTATTN_THROW(Status::kUnsupported, "device copy in a build without CUDA");
+#endif
+}
+
+// Stream-ordered completion (Handle::wait_on): the inputs are written on a `producer` stream,
+// sendrecv (ring), all_gather and all_reduce are posted on it, completed with
+// wait_on(consumer) on another non-blocking stream, and the results are read by copies
+// enqueued on `consumer` only (then the host waits for `consumer`). A backend that returned
+// before its results were ordered before later work on `consumer` leaves sentinels (99) in
+// the snapshots. On the CPU the streams are null and the same body checks the host path.
+inline void check_wait_on(Communicator& c, DType dt, Device dev) {
+  const int n = c.size(), r = c.rank();
+  const int next = (r + 1) % n, prev = (r - 1 + n) % n;
+  const size_t count = 2049;
+  const size_t bytes = count * dtype_size(dt);
+  OwnedStream producer(dev), consumer(dev);
+  const Tensor src_ring = to_gpu(rank_values(r, count, 101), dt, dev);
+  const Tensor src_reduce = to_gpu(rank_values(r, count, 102), dt, dev);
+  Tensor to_next = sentinel_gpu(count, dt, dev);
+  Tensor reduce_in = sentinel_gpu(count, dt, dev);
+  Tensor from_prev = sentinel_gpu(count, dt, dev);
+  Tensor gathered = sentinel_gpu(count * n, dt, dev);
+  Tensor reduced = sentinel_gpu(count, dt, dev);
+  Tensor snap_ring = sentinel_gpu(count, dt, dev);
+  Tensor snap_gathered = sentinel_gpu(count * n, dt, dev);
+  Tensor snap_reduced = sentinel_gpu(count, dt, dev);
+  // The fills above are legacy-stream copies from pageable memory, which may still be in
+  // flight when cudaMemcpy returns and which non-blocking streams do not wait for.
+  stream_synchronize(dev, nullptr);
+  // The ops' inputs exist only in `producer`'s stream order.
+  copy_on_stream(to_next.data(), src_ring.data(), bytes, dev, producer.get());
+  copy_on_stream(reduce_in.data(), src_reduce.data(), bytes, dev, producer.get());
+  const comm::P2POp ring[] = {comm::P2POp::recv(from_prev.data(), count, dt, prev),
+                              comm::P2POp::send(to_next.data(), count, dt, next)};
+  comm::Handle hp = c.igroup(ring, producer.get());
+  comm::Handle hg = c.iall_gather(to_next.data(), gathered.data(), count, dt, producer.get());
+  comm::Handle hr =
+      c.iall_reduce(reduce_in.data(), reduced.data(), count, dt, ReduceOp::kSum, producer.get());
+  hp.wait_on(consumer.get());
+  hg.wait_on(consumer.get());
+  hr.wait_on(consumer.get());
+  hr.wait_on(consumer.get());  // twice is allowed
+  if (c.backend() == comm::Backend::kMpi) {
+    // The MPI backend completes the op on the host; only the copies back are asynchronous.
+    EXPECT_FALSE(hp.valid());
+    EXPECT_FALSE(hg.valid());
+    EXPECT_FALSE(hr.valid());
+  }
+  copy_on_stream(snap_ring.data(), from_prev.data(), bytes, dev, consumer.get());
+  copy_on_stream(snap_gathered.data(), gathered.data(), bytes * n, dev, consumer.get());
+  copy_on_stream(snap_reduced.data(), reduced.data(), bytes, dev, consumer.get());
+  stream_synchronize(dev, consumer.get());
+
+  expect_equal(to_double_vector(snap_ring.view()), rank_values(prev, count, 101),
+               "wait_on: recv from prev");
+  std::vector<double> want_gathered, want_reduced(count, 0.0);
+  for (int q = 0; q < n; ++q) {
+    const auto v = rank_values(q, count, 101);
+    want_gathered.insert(want_gathered.end(), v.begin(), v.end());
+    for (size_t i = 0; i < count; ++i) want_reduced[i] += value(q, i, 102);
+  }
+  expect_equal(to_double_vector(snap_gathered.view()), want_gathered, "wait_on: all_gather");
+  expect_equal(to_double_vector(snap_reduced.view()), want_reduced, "wait_on: all_reduce");
+  // NCCL handles stay pending on the host until waited (with the watchdog); wait() after
+  // wait_on is allowed everywhere.
+  hp.wait();
+  hg.wait();
+  hr.wait();
+  EXPECT_FALSE(hp.valid());
+  EXPECT_FALSE(hg.valid());
+  EXPECT_FALSE(hr.valid());
+  // The producer stream must still be usable (nothing was left waiting on it).
+  stream_synchronize(dev, producer.get());
 }
 
 // Even and odd ranks form two groups; sums inside each group are exact.

@@ -61,6 +61,9 @@ TEST_P(MpiDeviceBuffers, GroupedSendRecvRingBothWays) {
 TEST_P(MpiDeviceBuffers, NonBlockingAllReduceCompletes) {
   check_nonblocking(c(), GetParam(), dev());
 }
+TEST_P(MpiDeviceBuffers, WaitOnOrdersResultsBeforeLaterWorkOnAnotherStream) {
+  check_wait_on(c(), GetParam(), dev());
+}
 TEST_P(MpiDeviceBuffers, SplitByParityReducesWithinGroups) {
   check_split(c(), GetParam(), dev());
 }
@@ -100,6 +103,7 @@ TEST_P(MpiHostBuffersControl, EveryOpMatchesHost) {
   check_broadcast(c(), GetParam(), cpu);
   check_group_send_recv(c(), GetParam(), cpu);
   check_nonblocking(c(), GetParam(), cpu);
+  check_wait_on(c(), GetParam(), cpu);
   check_split(c(), GetParam(), cpu);
 }
 

@@ -68,6 +68,9 @@ TEST_P(NcclCollectives, GroupedSendRecvRingBothWays) {
 TEST_P(NcclCollectives, NonBlockingAllReduceCompletes) {
   check_nonblocking(c(), GetParam(), dev());
 }
+TEST_P(NcclCollectives, WaitOnOrdersResultsBeforeLaterWorkOnAnotherStream) {
+  check_wait_on(c(), GetParam(), dev());
+}
 TEST_P(NcclCollectives, SplitByParityReducesWithinGroups) {
   check_split(c(), GetParam(), dev());
 }

@@ -15,8 +15,10 @@
 // Blocking ops are `iop(...)` followed by `wait()`.
 // Streams: the NCCL backend enqueues on `stream` (a cudaStream_t; nullptr = legacy default
 // stream) and a blocking op returns once the work is enqueued AND complete on the stream;
-// the MPI backend ignores streams for host memory and synchronizes `stream` before staging
-// device memory.
+// the MPI backend ignores streams for host memory; device memory is staged by copies
+// enqueued on `stream` (after the data's producers), the host waits for `stream` once
+// before MPI is posted, and results are copied back on `stream` (wait()) or on the stream
+// given to Handle::wait_on; only a null `stream` puts them on the legacy default stream.
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
