@@ -90,7 +90,7 @@ for f in "${NAMES[@]}"; do
 done
 if [ "${#fetch[@]}" -gt 0 ]; then
   echo "[gpu-deps] downloading ${#fetch[@]} packages: ${fetch[*]}"
-  (cd "$DEST" && apt-get download -q "${fetch[@]}")
+  (cd "$DEST" && apt-get download -q -o APT::Sandbox::User=root "${fetch[@]}")
 else
   echo "[gpu-deps] all ${#ALL[@]} packages already in $DEST"
 fi
