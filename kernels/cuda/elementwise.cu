@@ -4,7 +4,8 @@
 // tensors are contiguous across them), so a packed tensor is one dim and a BSHD slice is a
 // few. Same-dtype copies and zero fills of one dim (packed) or two dims with contiguous rows
 // go to the copy/memset engines (cudaMemcpyAsync, cudaMemcpy2DAsync, cudaMemsetAsync,
-// cudaMemset2DAsync). Everything else runs one grid-stride kernel per op: thread i unravels
+// cudaMemset2DAsync). Everything else runs a grid-stride kernel (copy: raw moves when the
+// dtypes match, else converting; add; fill by element size): thread i unravels
 // linear index i over the coalesced shape and reads/writes at its strides (elements, 64-bit
 // offsets). Indices are 32-bit when numel < 2^31 (integer division is the kernel's main cost)
 // and 64-bit otherwise, so tensors of more than 2^31 elements work.
@@ -160,6 +161,19 @@ __global__ void __launch_bounds__(kThreads) add_kernel(const Layout l, D* dst, c
   }
 }
 
+// Same-dtype strided copy: raw element moves (bit exact, NaN payloads included).
+template <typename T, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    move_kernel(const Layout l, T* __restrict__ dst, const T* __restrict__ src) {
+  const Idx n = static_cast<Idx>(l.numel);
+  const Idx step = static_cast<Idx>(gridDim.x) * kThreads;
+  for (Idx i = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += step) {
+    int64_t od, os;
+    unravel(l, i, od, os);
+    dst[od] = src[os];
+  }
+}
+
 // Bit-pattern fill by element size (zero and tensor_fill of any float dtype).
 template <typename T, typename Idx>
 __global__ void __launch_bounds__(kThreads)
@@ -221,6 +235,19 @@ void launch_add(const Layout& l, void* dst, const void* src, cudaStream_t s) {
         <<<grid, kThreads, 0, s>>>(l, static_cast<D*>(dst), static_cast<const S*>(src));
   }
   DISTATTN_CUDA_CHECK_LAUNCH("add_kernel");
+}
+
+template <typename T>
+void launch_move(const Layout& l, void* dst, const void* src, cudaStream_t s) {
+  const unsigned grid = grid_for(l.numel);
+  if (l.numel <= INT32_MAX) {
+    move_kernel<T, uint32_t>
+        <<<grid, kThreads, 0, s>>>(l, static_cast<T*>(dst), static_cast<const T*>(src));
+  } else {
+    move_kernel<T, uint64_t>
+        <<<grid, kThreads, 0, s>>>(l, static_cast<T*>(dst), static_cast<const T*>(src));
+  }
+  DISTATTN_CUDA_CHECK_LAUNCH("move_kernel");
 }
 
 template <typename T>
@@ -312,6 +339,16 @@ void tensor_copy(const TensorView& dst, const TensorView& src, Stream stream) {
                             static_cast<size_t>(l.sb[0]) * es, static_cast<size_t>(l.shape[1]) * es,
                             static_cast<size_t>(l.shape[0]), cudaMemcpyDeviceToDevice, s));
       return;
+    }
+    switch (es) {
+      case 2:
+        return launch_move<uint16_t>(l, dst.data, src.data, s);
+      case 4:
+        return launch_move<uint32_t>(l, dst.data, src.data, s);
+      case 8:
+        return launch_move<uint64_t>(l, dst.data, src.data, s);
+      default:
+        DISTATTN_THROW(Status::kInternal, "CUDA tensor_copy: unexpected element size ", es);
     }
   }
   with_float_type(dst.dtype, [&](auto d) {

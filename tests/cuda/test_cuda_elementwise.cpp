@@ -158,6 +158,33 @@ TEST(CudaElementwise, CopyMatchesCpuForEveryDtypePairAndLayoutIntoPoisonedDestin
           }
 }
 
+// Same-dtype strided copies move raw bits: every pattern, NaN payloads included, arrives.
+TEST(CudaElementwise, SameDtypeStridedCopyIsBitExact) {
+  DISTATTN_SKIP_WITHOUT_GPU();
+  TestStream stream;
+  const std::vector<int64_t> shape = {5, 7, 33};
+  for (DType t : kFloats) {
+    Pair dst = make(shape, t, Kind::kSliced, 1, true);
+    Pair src = make(shape, t, Kind::kTransposed, 2, false);
+    // Random bytes: NaNs with any payload, infinities, subnormals.
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    auto* bytes = static_cast<unsigned char*>(src.host_backing.data());
+    for (size_t i = 0; i < src.host_backing.nbytes(); ++i) {
+      x ^= x << 13;
+      x ^= x >> 7;
+      x ^= x << 17;
+      bytes[i] = static_cast<unsigned char>(x);
+    }
+    CUDA_OK(cudaMemcpy(src.dev_backing.data(), src.host_backing.data(), src.host_backing.nbytes(),
+                       cudaMemcpyHostToDevice));
+    CUDA_OK(cudaDeviceSynchronize());
+    ops::tensor_copy(dst.dev, src.dev, stream.get());
+    ops::tensor_copy(dst.host, src.host);
+    stream.sync();
+    expect_same_backing(dst, std::string("raw bits ") + dtype_name(t));
+  }
+}
+
 TEST(CudaElementwise, AddMatchesCpuForEveryDstSrcPairAndLayout) {
   DISTATTN_SKIP_WITHOUT_GPU();
   TestStream stream;
