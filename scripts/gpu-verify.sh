@@ -114,7 +114,7 @@ step() {
   if [ "$(type -t "$1")" = function ]; then
     "$@" # a shell function (it bounds its own commands)
   else
-    timeout --kill-after=10 "$limit" "$@"
+    timeout --kill-after=10 "$limit" "$@" </dev/null
   fi
   rc=$?
   t=$(($(date +%s) - t))
@@ -239,7 +239,9 @@ unpack_debs() {
   say "unpacked $n debs into $PREFIX ($(du -sh "$PREFIX" | cut -f1))"
 }
 
+# configure_and_build [TARGET...]: configure, then build TARGETs (default: everything).
 configure_and_build() {
+  local targets=("$@")
   local nvcc cuda_inc nccl cmake_nccl=() extra=()
   nvcc=$(find_nvcc) || { say "no nvcc found"; return 1; }
   cuda_inc="$(dirname "$(dirname "$(readlink -f "$nvcc")")")/include"
@@ -263,7 +265,7 @@ configure_and_build() {
   # Which MPI/Boost/GTest/NCCL the cache picked (the prefix, not a system copy).
   grep -E '^(MPI_CXX_COMPILER|MPI_CXX_HEADER_DIR|MPI_mpi_LIBRARY|MPIEXEC_EXECUTABLE|Boost_DIR|boost_program_options_DIR|GTest_DIR|NCCL_INCLUDE_DIR|NCCL_LIBRARY|CMAKE_CUDA_COMPILER|CMAKE_CUDA_ARCHITECTURES)[:=]' \
     "$BUILD/CMakeCache.txt" | sed 's/^/  cache: /'
-  step build "${BUILD_TIMEOUT_S:-480}" ninja -C "$BUILD" -j "$JOBS"
+  step build "${BUILD_TIMEOUT_S:-480}" ninja -C "$BUILD" -j "$JOBS" "${targets[@]}"
 }
 
 # The relocated Open MPI across 2 ranks, 64 MiB messages: shared memory with CMA single copy
@@ -296,17 +298,25 @@ machine_info() {
   )
 }
 
-# Everything a later phase needs, done only where missing (a fresh machine).
+# ensure_built [TARGET...]: what a later phase needs (default: everything), set up first where
+# missing (a fresh machine: the device tool keeps a machine warm only ~30 s between calls, so
+# only the phase's own targets are built then, to save device time).
 ensure_built() {
-  if [ -f "$ENV_FILE" ] && [ -x "$BIN/distattn-bench" ] && [ -f "$PREFIX/.unpacked" ]; then
+  if [ -f "$ENV_FILE" ] && [ -f "$BUILD/build.ninja" ] && [ -f "$PREFIX/.unpacked" ]; then
     # shellcheck disable=SC1090 # written by setup
     . "$ENV_FILE"
     # Rebuild what changed (a no-op when nothing did).
-    step build 420 ninja -C "$BUILD" -j "$JOBS" || return 1
+    step build 420 ninja -C "$BUILD" -j "$JOBS" "$@" || return 1
     return 0
   fi
-  say "no build yet on this machine: running setup first"
-  unpack_debs && configure_and_build && mpi_sanity
+  say "no build on this machine (a fresh one): setting up first${*:+, building only $*}"
+  unpack_debs && configure_and_build "$@" && mpi_sanity
+}
+
+# The gtest binaries of tests/cuda (the glob CMake uses).
+cuda_test_targets() {
+  local t
+  for t in "$REPO"/tests/cuda/test_*.cpp; do basename "$t" .cpp; done
 }
 
 summary_json() {
@@ -349,10 +359,16 @@ phase_setup() {
   step unpack-debs 180 unpack_debs || return 1
   configure_and_build || return 1
   mpi_sanity
-  # One CUDA test at one rank as a smoke check that binaries start and see the GPU.
+  # One CUDA test at one rank as a smoke check that binaries start and see the GPU (a skip
+  # would pass silently: look for it).
   if have_gpu; then
-    step smoke-cuda-attention 120 "$PREFIX/bin/mpirun" -np 1 "$BIN/test_cuda_attention" \
+    step smoke-cuda-attention 120 bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$WORK"'/smoke.out"' _ \
+      "$PREFIX/bin/mpirun" -np 1 "$BIN/test_cuda_attention" \
       --gtest_filter='*ForwardMatchesReferenceEveryDtypeAndMask*'
+    if grep -q 'skipped: no GPU' "$WORK/smoke.out" 2>/dev/null; then
+      say "FAILED: test_cuda_attention skipped ('no GPU') although nvidia-smi lists one"
+      printf '%s\t%s\t%s\t%s\n' smoke-saw-the-gpu 1 0 "test_cuda_attention skipped" >>"$STEPS"
+    fi
   fi
 }
 
@@ -400,7 +416,8 @@ phase_test() {
 
 phase_sanitize() {
   require_gpu || return 1
-  ensure_built || return 1
+  mapfile -t targets < <(cuda_test_targets)
+  ensure_built "${targets[@]}" distattn-bench || return 1
   local cs
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \
     /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n 1)
@@ -549,7 +566,7 @@ EOF
 
 phase_bench() {
   require_gpu || return 1
-  ensure_built || return 1
+  ensure_built distattn-bench || return 1
   local J="$WORK/bench"
   rm -rf "$J"
   mkdir -p "$J"
@@ -581,7 +598,7 @@ phase_bench() {
 
 phase_bench_1m() {
   require_gpu || return 1
-  ensure_built || return 1
+  ensure_built distattn-bench || return 1
   local J="$WORK/bench-1m"
   rm -rf "$J"
   mkdir -p "$J"
