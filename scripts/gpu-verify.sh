@@ -208,6 +208,12 @@ unpack_debs() {
     say "debs already unpacked in $PREFIX ($want)"
     return 0
   fi
+  case "$(readlink -m "$PREFIX")" in
+    / | /usr | /usr/local | /opt | /tmp | "$HOME")
+      say "refusing DISTATTN_DEPS_PREFIX=$PREFIX: it is emptied first; name a folder of its own"
+      return 1
+      ;;
+  esac
   rm -rf "$PREFIX"
   mkdir -p "$PREFIX/bin" "$PREFIX/fallback" "$PREFIX/fallback-lib"
   local f pkg n=0
@@ -227,7 +233,7 @@ unpack_debs() {
     if grep -q "^[[:space:]]*$base " <<<"$SYSLIBS"; then
       say "fallback $base: the system has it"
     else
-      cp -a "$so" "$PREFIX/fallback-lib/"
+      cp -L "$so" "$PREFIX/fallback-lib/$base" # the file, not a link into fallback/
       say "fallback $base: taken from the debs"
     fi
   done < <(find "$PREFIX/fallback" -name 'lib*.so.*' \( -type f -o -type l \) | grep -E '\.so\.[0-9]+$')
