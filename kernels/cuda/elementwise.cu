@@ -20,110 +20,21 @@
 #include "distattn/core/half.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/elementwise_cuda.h"
+#include "kernels/cuda/elementwise_index.h"
 
 namespace distattn::kernels::cuda {
 
 namespace {
 
+using elementwise::coalesce;
+using elementwise::is_packed;
+using elementwise::is_pitched;
+using elementwise::Layout;
+using elementwise::unravel;
+
 constexpr int kThreads = 256;
 // Device-to-device 2-D copies and 2-D memsets only for rows of at least this many bytes.
 constexpr int64_t kMinPitchedRowBytes = 512;
-
-// Coalesced shape of one or two tensors (b = a for one); nd >= 1.
-struct Layout {
-  int nd;
-  int64_t numel;
-  int64_t shape[kMaxDims];
-  int64_t sa[kMaxDims];  // strides of a (dst), elements
-  int64_t sb[kMaxDims];  // strides of b (src), elements
-  // 32-bit index path (numel < 2^31): i / shape[d] == (umulhi(i, magic[d]) + i) >> shift[d].
-  uint32_t magic[kMaxDims];
-  uint32_t shift[kMaxDims];
-};
-
-// Division by a runtime constant as multiply-high, add, shift (Granlund & Montgomery): with
-// shift = ceil(log2(d)) and magic = floor(2^32 (2^shift - d) / d) + 1 (< 2^32), the quotient
-// is exact for numerators and divisors below 2^31 (checked on the host for 5.5e9 pairs,
-// exhaustively near powers of two and the bounds).
-void set_divider(Layout& l, int d) {
-  const uint64_t div = static_cast<uint64_t>(l.shape[d]);
-  uint32_t s = 0;
-  while ((uint64_t{1} << s) < div) ++s;
-  l.shift[d] = s;
-  l.magic[d] = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - div)) / div + 1);
-}
-
-Layout coalesce(const TensorView& a, const TensorView& b) {
-  Layout l{};
-  l.numel = 1;
-  for (int d = 0; d < a.ndim; ++d) {
-    l.numel *= a.shape[d];
-    if (a.shape[d] == 1) continue;
-    if (l.nd > 0) {
-      const int p = l.nd - 1;
-      if (l.sa[p] == a.shape[d] * a.strides[d] && l.sb[p] == a.shape[d] * b.strides[d]) {
-        l.shape[p] *= a.shape[d];
-        l.sa[p] = a.strides[d];
-        l.sb[p] = b.strides[d];
-        continue;
-      }
-    }
-    l.shape[l.nd] = a.shape[d];
-    l.sa[l.nd] = a.strides[d];
-    l.sb[l.nd] = b.strides[d];
-    ++l.nd;
-  }
-  if (l.nd == 0) {  // a single element
-    l.nd = 1;
-    l.shape[0] = 1;
-    l.sa[0] = 1;
-    l.sb[0] = 1;
-  }
-  if (l.numel <= INT32_MAX)
-    for (int d = 0; d < l.nd; ++d) set_divider(l, d);
-  return l;
-}
-
-bool is_packed(const Layout& l) {
-  return l.nd == 1 && l.sa[0] == 1 && l.sb[0] == 1;
-}
-
-// Two dims, contiguous rows, pitches the 2-D copy/memset engines accept (>= the row width,
-// below the devices' 2^31-byte pitch limit). min_width: narrower rows go to the kernel, which
-// handles many short rows better than per-row 2-D transfers.
-bool is_pitched(const Layout& l, size_t ea, size_t eb, int64_t min_width = 0) {
-  if (l.nd != 2 || l.sa[1] != 1 || l.sb[1] != 1) return false;
-  if (l.shape[1] * static_cast<int64_t>(ea) < min_width) return false;
-  const int64_t wa = l.shape[1] * static_cast<int64_t>(ea);
-  const int64_t wb = l.shape[1] * static_cast<int64_t>(eb);
-  const int64_t pa = l.sa[0] * static_cast<int64_t>(ea);
-  const int64_t pb = l.sb[0] * static_cast<int64_t>(eb);
-  return pa >= wa && pb >= wb && pa <= INT_MAX && pb <= INT_MAX;
-}
-
-template <typename Idx>
-__device__ __forceinline__ void unravel(const Layout& l, Idx i, int64_t& oa, int64_t& ob) {
-  oa = 0;
-  ob = 0;
-#pragma unroll
-  for (int d = kMaxDims - 1; d > 0; --d) {
-    if (d < l.nd) {
-      const Idx n = static_cast<Idx>(l.shape[d]);
-      Idx q;
-      if constexpr (std::is_same_v<Idx, uint32_t>) {
-        q = (__umulhi(i, l.magic[d]) + i) >> l.shift[d];
-      } else {
-        q = i / n;
-      }
-      const int64_t r = static_cast<int64_t>(i - q * n);
-      oa += r * l.sa[d];
-      ob += r * l.sb[d];
-      i = q;
-    }
-  }
-  oa += static_cast<int64_t>(i) * l.sa[0];
-  ob += static_cast<int64_t>(i) * l.sb[0];
-}
 
 // Loads in the arithmetic type (float, or double for fp64) and rounding stores: a 16-bit
 // destination of a double value rounds through float, as the CPU path does.

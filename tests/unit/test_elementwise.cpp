@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,7 @@
 #include "distattn/core/half.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/ops/elementwise.h"
+#include "kernels/cuda/elementwise_index.h"
 
 namespace distattn {
 namespace {
@@ -344,6 +346,74 @@ TEST(Elementwise, EmptyTensorsAreNoOpsEvenWithoutData) {
   EXPECT_NO_THROW(ops::tensor_add(a, b));
   EXPECT_NO_THROW(ops::tensor_zero(a));
   EXPECT_NO_THROW(ops::tensor_fill(a, 1.0));
+}
+
+// The CUDA kernels' indexing (plain C++, checked here without a GPU): coalescing two random
+// layouts and unravelling every linear index, on the 32-bit (multiply-high division) and the
+// 64-bit path, gives the naive element offsets of both tensors.
+TEST(CudaIndexing, CoalescedUnravelMatchesNaiveOffsetsOnBothIndexPaths) {
+  namespace ew = kernels::cuda::elementwise;
+  std::mt19937 rng(3);
+  int64_t wrong = 0;
+  for (int c = 0; c < 400; ++c) {
+    const int nd = 1 + static_cast<int>(rng() % kMaxDims);
+    std::vector<int64_t> shape(nd);
+    for (auto& x : shape) x = 1 + rng() % 6;
+    auto strides_for = [&](int kind) {
+      std::vector<int> order(nd);
+      std::iota(order.begin(), order.end(), 0);
+      if (kind == 1) std::shuffle(order.begin(), order.end(), rng);
+      const int64_t pad = kind == 2 ? rng() % 3 : 0;
+      std::vector<int64_t> st(nd);
+      int64_t acc = 1;
+      for (int k = nd - 1; k >= 0; --k) {
+        st[order[k]] = acc;
+        acc *= shape[order[k]] + pad;
+      }
+      return st;
+    };
+    const auto sa = strides_for(static_cast<int>(rng() % 3));
+    const auto sb = strides_for(static_cast<int>(rng() % 3));
+    const TensorView a(nullptr, DType::kFloat32, Device::cpu(), shape, sa);
+    const TensorView b(nullptr, DType::kFloat32, Device::cpu(), shape, sb);
+    const ew::Layout l = ew::coalesce(a, b);
+    ASSERT_EQ(l.numel, a.numel());
+    const auto oa = offsets(a), ob = offsets(b);
+    for (int64_t i = 0; i < l.numel; ++i) {
+      int64_t x32, y32, x64, y64;
+      ew::unravel<uint32_t>(l, static_cast<uint32_t>(i), x32, y32);
+      ew::unravel<uint64_t>(l, static_cast<uint64_t>(i), x64, y64);
+      const size_t k = static_cast<size_t>(i);
+      wrong += (x32 != oa[k]) + (y32 != ob[k]) + (x64 != oa[k]) + (y64 != ob[k]);
+    }
+  }
+  EXPECT_EQ(wrong, 0);
+}
+
+// The multiply-high division is exact at the ends of its range (numerators and divisors
+// below 2^31), near powers of two, and for random pairs.
+TEST(CudaIndexing, MultiplyHighDivisionIsExact) {
+  namespace ew = kernels::cuda::elementwise;
+  std::mt19937_64 rng(5);
+  const uint32_t nmax = 0x7fffffffu;
+  std::vector<uint32_t> divisors = {1, 2, 3, 7, 641, 65537, nmax, nmax - 1, 0x40000001u};
+  for (int s = 1; s < 31; ++s)
+    for (int e = -1; e <= 1; ++e) divisors.push_back(static_cast<uint32_t>((1u << s) + e));
+  for (int k = 0; k < 2000; ++k) divisors.push_back(1 + static_cast<uint32_t>(rng() % nmax));
+  int64_t wrong = 0;
+  for (uint32_t d : divisors) {
+    ew::Layout l{};
+    l.nd = 1;
+    l.shape[0] = d;
+    ew::set_divider(l, 0);
+    auto check = [&](uint32_t n) {
+      wrong += ((ew::umulhi32(n, l.magic[0]) + n) >> l.shift[0]) != n / d;
+    };
+    for (uint32_t n : {0u, 1u, d - 1, d, nmax, nmax - 1, nmax - nmax % d, nmax - nmax % d - 1})
+      check(n);
+    for (int k = 0; k < 200; ++k) check(static_cast<uint32_t>(rng() % (uint64_t{nmax} + 1)));
+  }
+  EXPECT_EQ(wrong, 0);
 }
 
 template <typename F>
