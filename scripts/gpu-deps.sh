@@ -55,11 +55,15 @@ if [ "${VERSION_CODENAME:-}" != bookworm ]; then
 fi
 
 mkdir -p "$DEST/nccl/include"
-# Keep .gpu-debs out of git (and out of the plain working-tree transfer: it is carried).
-EXCLUDE="$(git -C "$REPO" rev-parse --git-path info/exclude 2>/dev/null || echo "$REPO/.git/info/exclude")"
+# Keep .gpu-debs (carried) and gpu-out (local gpu-verify.sh results) out of git and out of
+# the plain working-tree transfer.
+EXCLUDE="$(git -C "$REPO" rev-parse --git-path info/exclude 2>/dev/null ||
+  echo "$REPO/.git/info/exclude")"
 case "$EXCLUDE" in /*) ;; *) EXCLUDE="$REPO/$EXCLUDE" ;; esac
 mkdir -p "$(dirname "$EXCLUDE")"
-grep -qxF '/.gpu-debs/' "$EXCLUDE" 2>/dev/null || echo '/.gpu-debs/' >>"$EXCLUDE"
+for pat in /.gpu-debs/ /gpu-out/; do
+  grep -qxF "$pat" "$EXCLUDE" 2>/dev/null || echo "$pat" >>"$EXCLUDE"
+done
 
 # File names apt gives the candidate versions: name_version_arch.deb, an epoch's ':' as %3a.
 # One apt-cache call for all packages (each call loads the whole cache).

@@ -90,7 +90,9 @@ fi
 # pip's cmake/ninja live beside the venv's python3; use them when PATH lacks its own.
 if PY3=$(command -v python3 2>/dev/null); then
   for t in cmake ninja; do
-    command -v "$t" >/dev/null || { [ -x "$(dirname "$PY3")/$t" ] && PATH="$(dirname "$PY3"):$PATH"; }
+    if ! command -v "$t" >/dev/null && [ -x "$(dirname "$PY3")/$t" ]; then
+      PATH="$(dirname "$PY3"):$PATH"
+    fi
   done
 fi
 
@@ -139,7 +141,8 @@ export OPAL_SYSCONFDIR="$PREFIX/etc/openmpi"
 # pcompress, prm) directly, or mpirun prints "help-pcompress.txt: No such file".
 export PMIX_MCA_mca_base_component_path="$L/pmix2/lib/pmix"
 export PATH="$PREFIX/bin:\$PATH"
-export LD_LIBRARY_PATH="$L:$L/openmpi/lib:$L/pmix2/lib:$PREFIX/fallback-lib${nccl_lib:+:$nccl_lib}\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+DISTATTN_DEPS_LD="$L:$L/openmpi/lib:$L/pmix2/lib:$PREFIX/fallback-lib${nccl_lib:+:$nccl_lib}"
+export LD_LIBRARY_PATH="\$DISTATTN_DEPS_LD\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # One node, no network: shared memory only; never probe InfiniBand/UCX/libfabric.
 export OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader OMPI_MCA_osc=^ucx OMPI_MCA_plm=isolated
@@ -177,7 +180,8 @@ find_nccl() {
     fi
   done
   command -v python3 >/dev/null || return 0
-  for site in $(python3 -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null); do
+  local py='import site; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))'
+  for site in $(python3 -c "$py" 2>/dev/null); do
     lib="$site/nvidia/nccl/lib/libnccl.so.2"
     [ -f "$lib" ] || continue
     inc="$site/nvidia/nccl/include"
@@ -236,7 +240,8 @@ unpack_debs() {
       cp -L "$so" "$PREFIX/fallback-lib/$base" # the file, not a link into fallback/
       say "fallback $base: taken from the debs"
     fi
-  done < <(find "$PREFIX/fallback" -name 'lib*.so.*' \( -type f -o -type l \) | grep -E '\.so\.[0-9]+$')
+  done < <(find "$PREFIX/fallback" -name 'lib*.so.*' \( -type f -o -type l \) |
+    grep -E '\.so\.[0-9]+$')
   # Debian creates mpicc/mpirun with update-alternatives, which `dpkg -x` does not run.
   for n2 in mpicc mpicxx mpic++; do ln -sfn "$U/bin/opal_wrapper" "$PREFIX/bin/$n2"; done
   for n2 in mpirun mpiexec; do ln -sfn "$U/bin/orterun" "$PREFIX/bin/$n2"; done
@@ -269,8 +274,10 @@ configure_and_build() {
     -DGTest_DIR="$L/cmake/GTest" -DBoost_NO_SYSTEM_PATHS=ON "${cmake_nccl[@]}" "${extra[@]}" ||
     return 1
   # Which MPI/Boost/GTest/NCCL the cache picked (the prefix, not a system copy).
-  grep -E '^(MPI_CXX_COMPILER|MPI_CXX_HEADER_DIR|MPI_mpi_LIBRARY|MPIEXEC_EXECUTABLE|Boost_DIR|boost_program_options_DIR|GTest_DIR|NCCL_INCLUDE_DIR|NCCL_LIBRARY|CMAKE_CUDA_COMPILER|CMAKE_CUDA_ARCHITECTURES)[:=]' \
-    "$BUILD/CMakeCache.txt" | sed 's/^/  cache: /'
+  local keys='MPI_CXX_COMPILER|MPI_CXX_HEADER_DIR|MPI_mpi_LIBRARY|MPIEXEC_EXECUTABLE|Boost_DIR'
+  keys+='|boost_program_options_DIR|GTest_DIR|NCCL_INCLUDE_DIR|NCCL_LIBRARY|CMAKE_CUDA_COMPILER'
+  keys+='|CMAKE_CUDA_ARCHITECTURES'
+  grep -E "^($keys)[:=]" "$BUILD/CMakeCache.txt" | sed 's/^/  cache: /'
   step build "${BUILD_TIMEOUT_S:-480}" ninja -C "$BUILD" -j "$JOBS" "${targets[@]}"
 }
 
@@ -293,12 +300,15 @@ machine_info() {
   say "machine:"
   (
     . /etc/os-release 2>/dev/null && echo "  os: ${PRETTY_NAME:-?}"
-    echo "  kernel: $(uname -r), cores: $(getconf _NPROCESSORS_ONLN), $(free -g | awk '/Mem:/ {print $2 " GiB RAM"}')"
+    echo "  kernel: $(uname -r), cores: $(getconf _NPROCESSORS_ONLN)," \
+      "$(free -g | awk '/Mem:/ {print $2 " GiB RAM"}')"
     echo "  g++: $(g++ --version 2>/dev/null | head -n 1)"
     echo "  cmake: $(cmake --version 2>/dev/null | head -n 1), ninja $(ninja --version 2>/dev/null)"
     echo "  nvcc: $($(find_nvcc) --version 2>/dev/null | tail -n 2 | head -n 1)"
-    echo "  python3: $(command -v python3) $(python3 -c 'import torch, sys; print(sys.version.split()[0], "torch", torch.__version__)' 2>/dev/null)"
-    echo "  compute-sanitizer: $(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)"
+    local py='import torch, sys; print(sys.version.split()[0], "torch", torch.__version__)'
+    echo "  python3: $(command -v python3) $(python3 -c "$py" 2>/dev/null)"
+    echo "  compute-sanitizer: $(command -v compute-sanitizer ||
+      ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu \
       --format=csv 2>/dev/null | sed 's/^/  /'
   )
@@ -368,7 +378,8 @@ phase_setup() {
   # One CUDA test at one rank as a smoke check that binaries start and see the GPU (a skip
   # would pass silently: look for it).
   if have_gpu; then
-    step smoke-cuda-attention 120 bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$WORK"'/smoke.out"' _ \
+    step smoke-cuda-attention 120 \
+      bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$WORK"'/smoke.out"' _ \
       "$PREFIX/bin/mpirun" -np 1 "$BIN/test_cuda_attention" \
       --gtest_filter='*ForwardMatchesReferenceEveryDtypeAndMask*'
     if grep -q 'skipped: no GPU' "$WORK/smoke.out" 2>/dev/null; then
