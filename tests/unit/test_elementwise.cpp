@@ -2,7 +2,8 @@
 // packed, transposed, sliced and permuted views of rank 1..4, numel 0, the OpenMP paths, and
 // the validation messages. Expected values come from a naive per-element loop in fp64 (one
 // multi-index at a time, no coalescing), compared bit for bit; elements of the backing buffers
-// outside the views must keep their bytes.
+// outside the views must keep their bytes. Also the CUDA kernels' index arithmetic
+// (kernels/cuda/elementwise_index.h), which is plain C++ and so testable without a GPU.
 #include <gtest/gtest.h>
 #include <omp.h>
 
