@@ -200,6 +200,22 @@ find_nccl() {
   say "NCCL: none found: the build goes on without the NCCL backend" >&2
 }
 
+# deb_extract FILE DIR: `dpkg -x`, or (no dpkg on that machine) the data archive via ar + tar.
+deb_extract() {
+  local f=$1 dest=$2 data
+  if command -v dpkg >/dev/null && [ "${GPU_VERIFY_NO_DPKG:-0}" != 1 ]; then
+    dpkg -x "$f" "$dest"
+    return
+  fi
+  data=$(ar t "$f" | grep '^data\.tar') || return 1
+  case "$data" in
+    *.xz) ar p "$f" "$data" | tar -xJ -C "$dest" ;;
+    *.zst) ar p "$f" "$data" | tar --zstd -x -C "$dest" ;;
+    *.gz) ar p "$f" "$data" | tar -xz -C "$dest" ;;
+    *) ar p "$f" "$data" | tar -x -C "$dest" ;;
+  esac
+}
+
 unpack_debs() {
   local stamp="$PREFIX/.unpacked" want
   [ -f "$DEBS/MANIFEST.txt" ] || {
@@ -224,9 +240,9 @@ unpack_debs() {
   for f in $(grep -v '^#' "$DEBS/MANIFEST.txt"); do
     pkg=${f%%_*}
     if grep -qxF "$pkg" "$DEBS/fallback-packages.txt"; then
-      dpkg -x "$DEBS/$f" "$PREFIX/fallback" || return 1
+      deb_extract "$DEBS/$f" "$PREFIX/fallback" || return 1
     else
-      dpkg -x "$DEBS/$f" "$PREFIX" || return 1
+      deb_extract "$DEBS/$f" "$PREFIX" || return 1
     fi
     n=$((n + 1))
   done
