@@ -3,9 +3,11 @@
 // all-ranks "is there a GPU" decision, an MPI-backend world per device type, and a user-created
 // non-blocking CUDA stream (a no-op on CPU ranks), so one test body runs on CPU ranks in CI and
 // on GPU ranks where a GPU is at hand.
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "distattn/comm/communicator.h"
 #include "distattn/config.h"
@@ -86,6 +88,23 @@ class UserStream {
 
   Stream get() const {
     return stream_;
+  }
+  // Holds the stream back: work enqueued on it after this starts `ms` milliseconds later (a
+  // host function that sleeps; it calls no CUDA API, as host functions must not). Inputs
+  // written behind it are late, so a consumer on another stream that is not ordered after
+  // this stream (by an event or a host wait) reads their old contents. No-op on the CPU.
+  void delay([[maybe_unused]] int ms) const {
+#if DISTATTN_WITH_CUDA
+    if (stream_ != nullptr) {
+      static_assert(sizeof(void*) >= sizeof(intptr_t));
+      auto sleep = [](void* arg) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(reinterpret_cast<intptr_t>(arg)));
+      };
+      check(cudaLaunchHostFunc(static_cast<cudaStream_t>(stream_), sleep,
+                               reinterpret_cast<void*>(static_cast<intptr_t>(ms))),
+            "cudaLaunchHostFunc");
+    }
+#endif
   }
   // Waits for everything enqueued on the stream (results are read only after this).
   void synchronize() const {

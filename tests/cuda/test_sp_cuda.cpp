@@ -6,7 +6,11 @@
 // memory through the host (NCCL refuses two ranks of one communicator on one GPU). Work is
 // enqueued on a user-created non-blocking stream (SpOptions::stream); outputs start as NaN
 // poison and are read back only after synchronizing that stream, so a result written on
-// another stream, or not written at all, fails.
+// another stream, or not written at all, fails. The inputs are written on that stream right
+// before each call, behind a 20 ms delay on GPU ranks (so reads not ordered after the
+// caller's stream, e.g. a send staged without waiting for it, see NaN poison), and are
+// poisoned on it right after each call returns (so work of the call still reading them,
+// not ordered before the caller's later work, sees NaN).
 //
 // The test body is device-generic. The suite runs twice: OnCpu (CPU shards, CPU MPI world)
 // everywhere, so CPU-only CI proves the test logic itself (layouts, rebuild, references,
@@ -21,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -31,6 +36,7 @@
 #include "distattn/comm/communicator.h"
 #include "distattn/comm/mesh.h"
 #include "distattn/config.h"
+#include "distattn/ops/elementwise.h"
 #include "distattn/parallel/sequence_parallel.h"
 #include "distattn/runtime.h"
 #include "kernels/cpu/reference.h"
@@ -258,12 +264,46 @@ void run_case(Strategy strategy, DeviceWorld& w, const Case& c) {
   const TensorView out = out_buf.view().slice(2, 0, hl);
   const Tensor lse = poisoned({b, hl, sl}, DType::kFloat32, dev);
   UserStream stream(dev);
+  // The inputs the calls see are written on the user stream, late (behind a delay on GPU
+  // ranks), as a trainer's producer kernels would write them: the library must order every
+  // read of them (its kernels, and the MPI staging copies on its comm stream) after the
+  // user stream's work. Between the calls they are poisoned on the user stream and written
+  // again: work of a call still reading them after it returned would see NaN.
+  Tensor qkv_in, q_in, k_in, v_in;
+  const Tensor dout_in = poisoned({b, sl, hl, dd}, c.dtype, dev);
+  TensorView qi, ki, vi;
+  if (c.fused) {
+    qkv_in = poisoned({b, sl, hl + 2 * hkl, dd}, c.dtype, dev);
+    qi = qkv_in.view().slice(2, 0, hl);
+    ki = qkv_in.view().slice(2, hl, hkl);
+    vi = qkv_in.view().slice(2, hl + hkl, hkl);
+  } else {
+    q_in = poisoned({b, sl, hl, dd}, c.dtype, dev);
+    k_in = poisoned({b, sl, hkl, dd}, c.dtype, dev);
+    v_in = poisoned({b, sl, hkl, dd}, c.dtype, dev);
+    qi = q_in.view();
+    ki = k_in.view();
+    vi = v_in.view();
+  }
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto write_inputs_late = [&] {
+    stream.delay(20);
+    ops::tensor_copy(qi, qv, stream.get());
+    ops::tensor_copy(ki, kv, stream.get());
+    ops::tensor_copy(vi, vv, stream.get());
+    ops::tensor_copy(dout_in.view(), dol.view(), stream.get());
+  };
+  auto poison_inputs = [&] {
+    for (const TensorView& t : {qi, ki, vi, dout_in.view()}) ops::tensor_fill(t, nan, stream.get());
+  };
   SpOptions opts;
   opts.causal = c.causal;
   opts.heads_q = c.hq;
   opts.heads_kv = c.hkv;
   opts.stream = stream.get();
-  sp_attention_forward(strategy, g.group, qv, kv, vv, out, lse.view(), opts);
+  write_inputs_late();
+  sp_attention_forward(strategy, g.group, qi, ki, vi, out, lse.view(), opts);
+  poison_inputs();
   stream.synchronize();
   const HostView out_host = host_view(out_buf, out);
   expect_close("out", desc, c.dtype,
@@ -281,8 +321,10 @@ void run_case(Strategy strategy, DeviceWorld& w, const Case& c) {
   const Tensor dq = poisoned({b, sl, hl, dd}, c.dtype, dev);
   const Tensor dk = poisoned({b, sl, hkl, dd}, c.dtype, dev);
   const Tensor dv = poisoned({b, sl, hkl, dd}, c.dtype, dev);
-  sp_attention_backward(strategy, g.group, qv, kv, vv, out, dol.view(), lse.view(), dq.view(),
+  write_inputs_late();
+  sp_attention_backward(strategy, g.group, qi, ki, vi, out, dout_in.view(), lse.view(), dq.view(),
                         dk.view(), dv.view(), opts);
+  poison_inputs();
   stream.synchronize();
   expect_close("dq", desc, c.dtype, rebuild(g, sh, ShardRole::kQuery, dq, {b, seq, c.hq, dd}),
                pr.bwd.dq, true);
