@@ -69,8 +69,13 @@
 //     step's kernels; ranks sharing a GPU time-slice its compute anyway.
 // SpStats on CUDA: compute_s is host time to ENQUEUE the kernels, exposed_comm_s the time
 // the host was blocked on communication (MPI staging waits; ~0 on NCCL, whose waits happen
-// on the device). Time calls with the stream synchronized, as distattn-bench sp does.
-// Device temporaries are allocated per call (cudaMalloc) and released at its end.
+// on the device), total_s the host time from entry to return. Time calls with the stream
+// synchronized, as distattn-bench sp does.
+// Device temporaries are allocated per call (cudaMalloc) and released at its end with
+// cudaFree, which waits for the whole device to go idle: a call that allocated any (every
+// strategy but heads when P > 1) in practice returns only once its kernels are done, so the
+// host cannot enqueue the next layer's work behind it (a stream-ordered allocator would lift
+// that; results must still be read only after synchronizing the stream).
 //
 // Tensors (BSHD, last dim contiguous, as distattn/ops/attention.h):
 //   q, out, dout, dq  [B, Sl, Hl, D/Dv]     k, v, dk, dv  [B, Sl, Hkvl, D/Dv]
