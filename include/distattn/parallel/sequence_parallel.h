@@ -60,8 +60,9 @@
 // enqueues on its stream after the call is ordered after the call's results and after the
 // last transfer reading its k, v. When the call returns the GPU may still be computing:
 // synchronize the stream before reading results on the host.
-//   NCCL (one rank per GPU): no host waits between steps; the host blocks only at the end,
-//     until the call's last transfers are done.
+//   NCCL (one rank per GPU): no host waits between ring steps; the host blocks at the end,
+//     until the call's last transfers are done (and in cudaFree, see below: all-gather and
+//     Ulysses release temporaries between their phases).
 //   MPI backend with device memory (several ranks sharing one GPU, or no NCCL): the backend
 //     stages device buffers through pinned host memory, so posting an op synchronizes the
 //     comm stream (the host waits for the compute enqueued before it) and waiting copies the
