@@ -58,11 +58,56 @@ struct MpiRegistry {
 };
 
 #if DISTATTN_WITH_CUDA
+using Clock = std::chrono::steady_clock;
+
+// `query` (cudaStreamQuery / cudaEventQuery on one object) until it leaves cudaErrorNotReady
+// or `deadline` passed: the watchdog's bounded form of cudaStreamSynchronize /
+// cudaEventSynchronize, so that a stream that never drains (a hung kernel, a collective of
+// another library waiting for a peer) cannot block a rank forever. Returns the final status,
+// or cudaErrorNotReady on timeout. Yields first (staging waits are usually short), then
+// sleeps with backoff.
+template <typename Query>
+cudaError_t poll_cuda_until(Query&& query, Clock::time_point deadline) {
+  int polls = 0;
+  auto sleep = std::chrono::microseconds(10);
+  for (;;) {
+    const cudaError_t e = query();
+    if (e != cudaErrorNotReady) return e;
+    if (Clock::now() >= deadline) return cudaErrorNotReady;
+    if (++polls <= 1000) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(sleep);
+      sleep = std::min(sleep * 2, std::chrono::microseconds(100));
+    }
+  }
+}
+
+cudaError_t wait_stream_until(cudaStream_t s, Clock::time_point deadline) {
+  return poll_cuda_until([s] { return cudaStreamQuery(s); }, deadline);
+}
+
+// Pinned buffers that an asynchronous copy may still read or write after the watchdog gave up
+// on it: they must never be reused or freed, so they are kept for the life of the process.
+void park_forever(std::vector<std::shared_ptr<void>>& buffers) noexcept {
+  if (buffers.empty()) return;
+  try {
+    static auto* parked = new std::vector<std::shared_ptr<void>>;  // never destroyed
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& b : buffers) parked->push_back(std::move(b));
+  } catch (...) {
+    // Out of memory: leak the references instead (same effect).
+    for (auto& b : buffers) new std::shared_ptr<void>(std::move(b));
+  }
+  buffers.clear();
+}
+
 // Pinned host buffers for staging device memory, reused across ops of one communicator.
 // Buffers whose contents are still being copied to the device asynchronously (results of
 // Handle::wait_on) are parked with an event recorded after those copies and come back to
 // the free list once the event completed: checked at every acquire(), drained (the host
-// waits) by drain() and the destructor.
+// waits, up to a deadline) by drain().
 struct PinnedPool : std::enable_shared_from_this<PinnedPool> {
   struct Deferred {
     cudaEvent_t done = nullptr;
@@ -74,7 +119,7 @@ struct PinnedPool : std::enable_shared_from_this<PinnedPool> {
   std::vector<Deferred> deferred;
 
   std::shared_ptr<void> acquire(size_t bytes) {
-    reclaim(false);
+    reclaim(nullptr);
     void* p = nullptr;
     size_t cap = bytes;
     {
@@ -105,18 +150,22 @@ struct PinnedPool : std::enable_shared_from_this<PinnedPool> {
     deferred.push_back({done, std::move(buffers)});
   }
 
-  // Returns the parked buffers whose event completed (all of them, waiting on the host,
-  // when `wait`). Never throws: a failed event query means the device is unusable, and the
-  // buffers are then only released at drain.
-  void reclaim(bool wait) noexcept {
+  // Returns the parked buffers whose event completed; with a `deadline` the host waits for
+  // each event until then (a copy still pending after it keeps its buffers parked for good).
+  // Never throws: a failed event query means the device is unusable, and the buffers are
+  // then only released by a waiting reclaim.
+  void reclaim(const Clock::time_point* deadline) noexcept {
     std::vector<Deferred> ready;
     {
       std::lock_guard<std::mutex> lock(mu);
       if (deferred.empty()) return;
       for (auto it = deferred.begin(); it != deferred.end();) {
-        const cudaError_t e = wait ? cudaEventSynchronize(it->done) : cudaEventQuery(it->done);
+        const cudaEvent_t ev = it->done;
+        const cudaError_t e = deadline != nullptr
+                                  ? poll_cuda_until([ev] { return cudaEventQuery(ev); }, *deadline)
+                                  : cudaEventQuery(ev);
         if (e != cudaSuccess && e != cudaErrorNotReady) (void)cudaGetLastError();
-        if (e == cudaSuccess || (wait && e != cudaErrorNotReady)) {
+        if (e == cudaSuccess || (deadline != nullptr && e != cudaErrorNotReady)) {
           ready.push_back(std::move(*it));
           it = deferred.erase(it);
         } else {
@@ -128,13 +177,15 @@ struct PinnedPool : std::enable_shared_from_this<PinnedPool> {
     for (Deferred& d : ready) (void)cudaEventDestroy(d.done);
   }
 
-  // The host waits for every parked copy; their buffers return to the free list. The
-  // communicator calls it on destruction: parked buffers hold the pool alive (their
-  // deleters keep a reference), so the pool's own destructor could not run before.
-  void drain() noexcept { reclaim(true); }
+  // The host waits (until `deadline`) for every parked copy; their buffers return to the
+  // free list. The communicator calls it on destruction: parked buffers hold the pool alive
+  // (their deleters keep a reference), so the pool's own destructor could not run before;
+  // buffers of a copy that outlives the deadline keep it alive for good (never freed under
+  // a running DMA).
+  void drain(Clock::time_point deadline) noexcept { reclaim(&deadline); }
 
+  // Runs once no buffer is out (parked ones hold a reference), so nothing is in flight.
   ~PinnedPool() {
-    drain();
     for (auto& [cap, p] : free_list) cudaFreeHost(p);
   }
 };
@@ -146,11 +197,12 @@ struct PinnedPool {};
 class MpiOpState final : public PendingOp {
  public:
   MpiOpState(std::shared_ptr<MpiRegistry> registry, std::shared_ptr<PinnedPool> pool, Stream stream,
-             std::string context)
+             std::string context, std::chrono::milliseconds timeout)
       : registry_(std::move(registry)),
         pool_(std::move(pool)),
         stream_(stream),
-        context_(std::move(context)) {
+        context_(std::move(context)),
+        timeout_(timeout) {
     std::lock_guard<std::mutex> lock(registry_->mu);
     registry_->ops.push_back(this);
   }
@@ -185,14 +237,22 @@ class MpiOpState final : public PendingOp {
 
   // Blocking semantics: after it returns the host sees the results in device memory too.
   // The copies run on the op's stream (not a plain cudaMemcpy, whose legacy default stream
-  // would also wait for every blocking stream's compute), then the host waits for it.
+  // would also wait for every blocking stream's compute), then the host waits for it, under
+  // the watchdog (the stream may hold other work that never ends).
   void finish() override {
     for (auto& f : post) f();
 #if DISTATTN_WITH_CUDA
     if (copy_back.empty()) return;
     const cudaStream_t s = static_cast<cudaStream_t>(stream_);
     enqueue_copy_back(s);
-    const cudaError_t e = cudaStreamSynchronize(s);
+    const cudaError_t e = wait_stream_until(s, Clock::now() + timeout_);
+    if (e == cudaErrorNotReady) {
+      park_forever(pinned);  // the copies may still read them
+      DISTATTN_THROW(Status::kTimeout, context_,
+                     ": the copy of MPI results to the device did not complete within the "
+                     "watchdog timeout (the stream it was queued on is stuck behind earlier "
+                     "work; raise DISTATTN_COMM_TIMEOUT_S if it is only slow)");
+    }
     if (e != cudaSuccess) (void)cudaGetLastError();
     DISTATTN_CHECK_STATUS(
         e == cudaSuccess, Status::kCudaError, context_,
@@ -265,8 +325,15 @@ class MpiOpState final : public PendingOp {
       }
     }
   }
-  static void settle(cudaStream_t s) noexcept {
-    if (cudaStreamSynchronize(s) != cudaSuccess) (void)cudaGetLastError();
+  // Lets the copies already enqueued on `s` finish before the staging buffers can return to
+  // the pool (bounded: buffers of copies still pending at the deadline are parked for good).
+  void settle(cudaStream_t s) noexcept {
+    const cudaError_t e = wait_stream_until(s, Clock::now() + timeout_);
+    if (e == cudaErrorNotReady) {
+      park_forever(pinned);
+    } else if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+    }
   }
 #endif
 
@@ -274,6 +341,7 @@ class MpiOpState final : public PendingOp {
   std::shared_ptr<PinnedPool> pool_;
   Stream stream_;  // the op's stream: device inputs were staged on it
   std::string context_;
+  std::chrono::milliseconds timeout_;
   bool registered_ = true;
   bool done_ = false;
   int failed_rc_ = MPI_SUCCESS;
@@ -452,17 +520,26 @@ class MpiOpBuilder {
         op_(op),
         stream_(stream),
         uncaught_(std::uncaught_exceptions()),
-        state_(std::make_unique<MpiOpState>(comm.registry_, comm.pinned_, stream,
-                                            context(comm, op))) {}
+        state_(std::make_unique<MpiOpState>(comm.registry_, comm.pinned_, stream, context(comm, op),
+                                            comm.timeout())) {}
 
   ~MpiOpBuilder() {
     for (MPI_Datatype& t : types_) MPI_Type_free(&t);
 #if DISTATTN_WITH_CUDA
     // Failed while posting with staging copies in flight: they write pinned buffers that
-    // return to the pool with the state, so let them land first.
-    if (staged_ && !synced_ && std::uncaught_exceptions() > uncaught_ &&
-        cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)) != cudaSuccess)
-      (void)cudaGetLastError();
+    // return to the pool with the state, so let them land first (under the watchdog; after
+    // a timeout, or when host_ready() already timed out, the buffers are parked for good).
+    if (state_ && staged_ && !synced_ && std::uncaught_exceptions() > uncaught_) {
+      const cudaError_t e = stalled_
+                                ? cudaErrorNotReady
+                                : detail::wait_stream_until(static_cast<cudaStream_t>(stream_),
+                                                            detail::Clock::now() + comm_.timeout());
+      if (e == cudaErrorNotReady) {
+        detail::park_forever(state_->pinned);
+      } else if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+      }
+    }
 #endif
     if (state_ && std::uncaught_exceptions() > uncaught_ && !state_->reqs.empty()) {
       // Some requests were posted before the failure: MPI may still use their buffers,
@@ -504,11 +581,23 @@ class MpiOpBuilder {
   // The host waits (once per op) for the op's stream: the producers of device inputs run on
   // it, and the staging copies were enqueued behind them. Every host read of a staged
   // buffer outside MPI (widening, local copies) must call it first; req() does for MPI.
+  // The wait is bounded by the watchdog: a stream that does not drain in time aborts the
+  // communicator (peers wait for this rank's post) and throws Error(kTimeout).
   void host_ready() {
 #if DISTATTN_WITH_CUDA
     if (staged_ && !synced_) {
-      cuda_check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)),
-                 "cudaStreamSynchronize");
+      const cudaError_t e = detail::wait_stream_until(static_cast<cudaStream_t>(stream_),
+                                                      detail::Clock::now() + comm_.timeout());
+      if (e == cudaErrorNotReady) {
+        stalled_ = true;
+        comm_.abort();
+        DISTATTN_THROW(Status::kTimeout, ctx(),
+                       ": the stream the op was posted on did not reach the staging copies of "
+                       "its device buffers within the watchdog timeout (earlier work on it is "
+                       "stuck, or raise DISTATTN_COMM_TIMEOUT_S if it is only slow); the "
+                       "communicator was aborted");
+      }
+      cuda_check(e, "waiting for the stream (cudaStreamQuery)");
       synced_ = true;
     }
 #endif
@@ -594,9 +683,13 @@ class MpiOpBuilder {
 #if DISTATTN_WITH_CUDA
   // A device buffer makes the op wait for its stream before MPI is posted (host_ready):
   // for inputs, their producers; for outputs, earlier readers of the old contents.
+  // Every new device buffer re-arms that wait: a staging copy enqueued after an earlier
+  // host_ready() (e.g. a send staged after a receive was posted) must land before MPI reads
+  // its pinned buffer too.
   bool is_device(const void* p) {
     if (p == nullptr || pointer_device_type(p) != DeviceType::kCUDA) return false;
     staged_ = true;
+    synced_ = false;
     return true;
   }
   // Device -> pinned host on the op's stream: stream-ordered after the data's producers, and
@@ -616,8 +709,9 @@ class MpiOpBuilder {
     DISTATTN_CHECK_STATUS(e == cudaSuccess, Status::kCudaError, ctx(), ": ", what,
                           " while staging device memory: ", cudaGetErrorString(e));
   }
-  bool staged_ = false;  // some buffer of this op is device memory
-  bool synced_ = false;  // the host waited for the op's stream
+  bool staged_ = false;   // some buffer of this op is device memory
+  bool synced_ = false;   // the host waited for the op's stream
+  bool stalled_ = false;  // that wait timed out: staging copies may still be in flight
 #endif
 
   MpiCommunicator& comm_;
@@ -645,7 +739,7 @@ MpiCommunicator::~MpiCommunicator() {
 #if DISTATTN_WITH_CUDA
   // Staging buffers parked behind asynchronous copies (wait_on) keep the pool alive; wait
   // for those copies so the pool can be freed with the communicator.
-  if (pinned_) pinned_->drain();
+  if (pinned_) pinned_->drain(detail::Clock::now() + timeout());
 #endif
   int finalized = 0;
   MPI_Finalized(&finalized);
@@ -928,20 +1022,30 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_broadcast(const void* send, vo
 
 std::unique_ptr<PendingOp> MpiCommunicator::start_group(std::span<const P2POp> ops, Stream s) {
   MpiOpBuilder b(*this, "send_recv", s);
+  // Every buffer is staged before the first post, so the host waits for the op's stream
+  // once (at the first req()) and not once per device buffer.
+  std::vector<void*> host(ops.size(), nullptr);
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const P2POp& p = ops[i];
+    if (p.count == 0) continue;
+    const size_t bytes = p.count * dtype_size(p.dtype);
+    host[i] = p.kind == P2POp::Kind::kRecv ? b.out(p.buffer, bytes)
+                                           : const_cast<void*>(b.in(p.buffer, bytes));
+  }
   // Receives first so that eager sends land in posted buffers; the order among the
   // messages to one peer is kept, which is what matches them (same tag).
-  for (const P2POp& p : ops) {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const P2POp& p = ops[i];
     if (p.kind != P2POp::Kind::kRecv || p.count == 0) continue;
-    void* hr = b.out(p.buffer, p.count * dtype_size(p.dtype));
     const auto c = b.express(p.count, p.dtype);
-    DISTATTN_MPI_CHECK(MPI_Irecv(hr, c.n, c.type, p.peer, kP2PTag, comm_, b.req()), b.ctx(),
+    DISTATTN_MPI_CHECK(MPI_Irecv(host[i], c.n, c.type, p.peer, kP2PTag, comm_, b.req()), b.ctx(),
                        " (recv from ", p.peer, ")");
   }
-  for (const P2POp& p : ops) {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const P2POp& p = ops[i];
     if (p.kind != P2POp::Kind::kSend || p.count == 0) continue;
-    const void* hs = b.in(p.buffer, p.count * dtype_size(p.dtype));
     const auto c = b.express(p.count, p.dtype);
-    DISTATTN_MPI_CHECK(MPI_Isend(hs, c.n, c.type, p.peer, kP2PTag, comm_, b.req()), b.ctx(),
+    DISTATTN_MPI_CHECK(MPI_Isend(host[i], c.n, c.type, p.peer, kP2PTag, comm_, b.req()), b.ctx(),
                        " (send to ", p.peer, ")");
   }
   return b.done();

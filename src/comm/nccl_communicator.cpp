@@ -243,7 +243,10 @@ NcclCommunicator::NcclCommunicator(ncclComm_t comm, Device device) : comm_(comm)
                            "NCCL communicator setup on rank ", rank_);
   DISTATTN_NCCL_CUDA_CHECK(cudaMalloc(&barrier_buf_, sizeof(int)),
                            "NCCL communicator setup on rank ", rank_);
-  DISTATTN_NCCL_CUDA_CHECK(cudaMemset(barrier_buf_, 0, sizeof(int)), "NCCL communicator setup");
+  // On the stream the barrier's all_reduce runs on: a legacy-stream cudaMemset would not be
+  // ordered before work on this non-blocking stream.
+  DISTATTN_NCCL_CUDA_CHECK(cudaMemsetAsync(barrier_buf_, 0, sizeof(int), internal_stream_),
+                           "NCCL communicator setup");
 }
 
 NcclCommunicator::~NcclCommunicator() {

@@ -120,8 +120,10 @@ int cuda_device_count() {
 #define CORE_CUDA_CHECK(expr)                                                         \
   do {                                                                                \
     cudaError_t e_ = (expr);                                                          \
-    if (e_ != cudaSuccess)                                                            \
+    if (e_ != cudaSuccess) {                                                          \
+      (void)cudaGetLastError();                                                       \
       DISTATTN_THROW(Status::kCudaError, #expr, " failed: ", cudaGetErrorString(e_)); \
+    }                                                                                 \
   } while (0)
 #endif
 
@@ -164,7 +166,16 @@ void device_copy(void* dst, Device dd, const void* src, Device sd, size_t bytes)
     return;
   }
 #if DISTATTN_WITH_CUDA
+  // cudaMemcpy is not fully synchronous: from pageable host memory to the device it may
+  // return once the data sits in a driver staging buffer, before the DMA lands, and a
+  // device-to-device copy returns at once. It runs on the legacy default stream, which
+  // non-blocking streams (distattn's, most users') do not wait for, so a kernel enqueued
+  // there next could read stale bytes. Waiting for the legacy stream after the copy makes
+  // every direction complete on return. Readers beware of the other direction too: the copy
+  // does not wait for work on non-blocking streams that produces `src` (synchronize that
+  // stream first).
   CORE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+  CORE_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
 #else
   DISTATTN_THROW(Status::kUnsupported, "CUDA copy requested but distattn was built without CUDA");
 #endif
@@ -177,7 +188,23 @@ void device_memset_zero(void* ptr, Device device, size_t bytes) {
     return;
   }
 #if DISTATTN_WITH_CUDA
-  CORE_CUDA_CHECK(cudaMemset(ptr, 0, bytes));
+  // cudaMemset on device memory is asynchronous to the host and runs on the legacy default
+  // stream, which non-blocking streams do not wait for: without the wait, a Tensor::zeros
+  // followed by a kernel on such a stream could read the old contents. The memset is issued
+  // with the buffer's device current (the legacy stream is per device), and the host waits
+  // for it, so the zeros are in place for every stream on return.
+  int prev = -1;
+  CORE_CUDA_CHECK(cudaGetDevice(&prev));
+  if (prev != device.index) CORE_CUDA_CHECK(cudaSetDevice(device.index));
+  cudaError_t rc = cudaMemset(ptr, 0, bytes);
+  if (rc == cudaSuccess) rc = cudaStreamSynchronize(cudaStreamLegacy);
+  if (prev != device.index) (void)cudaSetDevice(prev);
+  if (rc != cudaSuccess) {
+    (void)cudaGetLastError();
+    DISTATTN_THROW(
+        Status::kCudaError, "zeroing ", bytes, " bytes on ", device.str(),
+        " (cudaMemset + cudaStreamSynchronize(cudaStreamLegacy)) failed: ", cudaGetErrorString(rc));
+  }
 #else
   DISTATTN_THROW(Status::kUnsupported, "CUDA memset requested but distattn was built without CUDA");
 #endif

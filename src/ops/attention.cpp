@@ -10,6 +10,7 @@
 #include <string>
 
 #include "distattn/config.h"
+#include "distattn/core/stream.h"
 #include "distattn/ops/elementwise.h"
 #include "kernels/cpu/attention_cpu.h"
 #if DISTATTN_WITH_CUDA
@@ -212,7 +213,8 @@ void zero(const char* op, const TensorView& t, Stream stream) {
   tensor_zero(t, stream);
 }
 
-// Host copy of a small int32 tensor (page table, sequence lengths) on any device.
+// Host copy of a small int32 tensor (page table, sequence lengths) on any device. For CUDA
+// tensors the caller first waits for the op's stream (see attention_decode_paged).
 Tensor host_ints(const char* op, const char* name, const TensorView& t) {
   if (t.device.is_cpu()) return to_device(t, Device::cpu());
   DISTATTN_CHECK(t.is_contiguous(), op, ": CUDA ", name, " must be a packed tensor, got ", t.str());
@@ -387,6 +389,10 @@ void attention_decode_paged(const TensorView& q, const PagedKV& cache, const Ten
   if (q.device.is_cuda()) cuda_unsupported(op);
 #endif
   // Check every sequence length and every page id used (host copies for CUDA tensors).
+  // The page table and lengths may have been written on the op's stream just before the
+  // call; the host copies (cudaMemcpy on the legacy default stream) do not wait for a
+  // non-blocking stream, so the host waits for it first.
+  if (pt.device.is_cuda()) stream_synchronize(pt.device, opts.stream);
   const Tensor pt_host = host_ints(op, "page_table", pt);
   const Tensor sl_host = host_ints(op, "seq_lens", sl);
   const int64_t max_pages = pt.size(1);

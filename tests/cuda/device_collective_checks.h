@@ -225,6 +225,29 @@ inline void copy_on_stream(void* dst, const void* src, size_t bytes, Device dev,
 #endif
 }
 
+// A send posted in the same group after a receive, with a large input that exists only in a
+// non-blocking `producer` stream's order. The MPI backend stages the device send through a
+// pinned buffer by a copy on that stream; the copy must land before MPI reads the buffer even
+// though the receive was posted (and the host waited for the stream) first. A staging copy
+// still in flight when MPI_Isend starts shows up as sentinels (99) or zeros on the peer.
+inline void check_group_send_staged_after_recv(Communicator& c, DType dt, Device dev) {
+  const int n = c.size(), r = c.rank();
+  const int next = (r + 1) % n, prev = (r - 1 + n) % n;
+  const size_t count = (size_t{1} << 22) + 5;  // 8-16 MiB: the D2H copy takes ~a millisecond
+  const size_t bytes = count * dtype_size(dt);
+  OwnedStream producer(dev);
+  const Tensor src = to_gpu(rank_values(r, count, 111), dt, dev);
+  Tensor to_next = sentinel_gpu(count, dt, dev);
+  Tensor from_prev = sentinel_gpu(count, dt, dev);
+  copy_on_stream(to_next.data(), src.data(), bytes, dev, producer.get());
+  const comm::P2POp ops[] = {comm::P2POp::recv(from_prev.data(), count, dt, prev),
+                             comm::P2POp::send(to_next.data(), count, dt, next)};
+  c.group(ops, producer.get());
+  stream_synchronize(dev, producer.get());
+  expect_equal(to_double_vector(from_prev.view()), rank_values(prev, count, 111),
+               "large send staged after a recv in one group");
+}
+
 // Stream-ordered completion (Handle::wait_on): the inputs are written on a `producer` stream,
 // sendrecv (ring), all_gather and all_reduce are posted on it, completed with
 // wait_on(consumer) on another non-blocking stream, and the results are read by copies

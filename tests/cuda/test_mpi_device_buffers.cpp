@@ -58,6 +58,9 @@ TEST_P(MpiDeviceBuffers, BroadcastFromEveryRoot) {
 TEST_P(MpiDeviceBuffers, GroupedSendRecvRingBothWays) {
   check_group_send_recv(c(), GetParam(), dev());
 }
+TEST_P(MpiDeviceBuffers, LargeSendStagedAfterRecvInOneGroup) {
+  check_group_send_staged_after_recv(c(), GetParam(), dev());
+}
 TEST_P(MpiDeviceBuffers, NonBlockingAllReduceCompletes) {
   check_nonblocking(c(), GetParam(), dev());
 }

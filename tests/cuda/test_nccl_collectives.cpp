@@ -65,6 +65,9 @@ TEST_P(NcclCollectives, BroadcastFromEveryRoot) {
 TEST_P(NcclCollectives, GroupedSendRecvRingBothWays) {
   check_group_send_recv(c(), GetParam(), dev());
 }
+TEST_P(NcclCollectives, LargeSendStagedAfterRecvInOneGroup) {
+  check_group_send_staged_after_recv(c(), GetParam(), dev());
+}
 TEST_P(NcclCollectives, NonBlockingAllReduceCompletes) {
   check_nonblocking(c(), GetParam(), dev());
 }
