@@ -11,19 +11,23 @@
 //              result equals attention over the whole cache, also when some ranks hold no token
 //              (their partial is lse = -inf and must merge without NaN).
 // Work goes on a user-created non-blocking stream; outputs start as NaN poison and are read
-// after synchronizing that stream. The suite runs on CPU tensors too (OnCpu, everywhere), so
-// CPU-only CI proves the test logic; OnCuda skips on every rank alike without a GPU.
+// after synchronizing that stream; decode-CP's queries are written on that stream late (behind
+// a delay on GPU ranks) and poisoned on it right after the call. The suite runs on CPU tensors too
+// (OnCpu, everywhere), so CPU-only CI proves the test logic; OnCuda skips on every rank alike
+// without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "common/test_data.h"
 #include "distattn/comm/communicator.h"
+#include "distattn/ops/elementwise.h"
 #include "distattn/ops/mla.h"
 #include "distattn/parallel/mla.h"
 #include "distattn/parallel/sequence_parallel.h"
@@ -287,14 +291,24 @@ TEST_P(MlaShardingOnDevice, DecodeCpMergedResultMatchesAttentionOverTheWholeCach
     decode_cp_attention(cpu_world, q_lat, q_pe, local.view(), out_cpu, lse_cpu, o);
 
     const CacheOn dc = cache_on(local.view(), dw.device);
-    const Tensor ql_d = to_device(q_lat.view(), dw.device);
-    const Tensor qp_d = to_device(q_pe.view(), dw.device);
+    const Tensor ql_src = to_device(q_lat.view(), dw.device);
+    const Tensor qp_src = to_device(q_pe.view(), dw.device);
     const Tensor out = poisoned({1, kHeads, kLatent}, DType::kFloat32, dw.device);
     const Tensor lse = poisoned({1, kHeads}, DType::kFloat32, dw.device);
     UserStream stream(dw.device);
     o.stream = stream.get();
+    // The queries are written on the user stream right before the call, behind a delay on
+    // GPU ranks (the decode kernel and the all-gather's staging must be ordered after it),
+    // and poisoned on it right after the call (nothing of the call may read them later).
+    const Tensor ql_d = poisoned({1, kHeads, kLatent}, DType::kFloat32, dw.device);
+    const Tensor qp_d = poisoned({1, kHeads, kRope}, DType::kFloat32, dw.device);
+    stream.delay(20);
+    ops::tensor_copy(ql_d.view(), ql_src.view(), stream.get());
+    ops::tensor_copy(qp_d.view(), qp_src.view(), stream.get());
     const uint64_t gathered0 = w.ledger()[comm::OpKind::kAllGather].bytes_sent;
     decode_cp_attention(w, ql_d, qp_d, dc.view, out, lse, o);
+    for (const Tensor* t : {&ql_d, &qp_d})
+      ops::tensor_fill(t->view(), std::numeric_limits<double>::quiet_NaN(), stream.get());
     stream.synchronize();
     expect_close("out", to_double_vector(out), ref.out, to_double_vector(out_cpu));
     expect_close("lse", to_double_vector(lse), ref.lse, to_double_vector(lse_cpu));
