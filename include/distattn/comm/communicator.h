@@ -19,6 +19,9 @@
 // enqueued on `stream` (after the data's producers), the host waits for `stream` once
 // before MPI is posted, and results are copied back on `stream` (wait()) or on the stream
 // given to Handle::wait_on; only a null `stream` puts them on the legacy default stream.
+// Those host waits for `stream` are bounded by the watchdog too (Error(kTimeout); staging
+// buffers a stuck copy may still touch are never reused). All of an op's device buffers are
+// staged before its first MPI post, so MPI never reads a staging buffer before its copy landed.
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
