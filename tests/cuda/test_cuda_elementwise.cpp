@@ -285,6 +285,52 @@ TEST(CudaElementwise, ChainedOpsOnANonBlockingStreamAreOrdered) {
   EXPECT_EQ(wrong, 0);
 }
 
+// device_copy and device_memset_zero (behind to_device and Tensor::zeros) use the legacy
+// default stream, which non-blocking streams do not wait for; they must be complete when they
+// return (a pageable upload may otherwise still be in its DMA, a memset or a device-to-device
+// copy still queued). Each is followed at once by a copy on a non-blocking stream that must
+// see its result. 64 MiB makes every one of them take long enough to lose such a race.
+TEST(CudaElementwise, LegacyStreamCopiesAndZerosCompleteBeforeWorkOnOtherStreams) {
+  DISTATTN_SKIP_WITHOUT_GPU();
+  TestStream stream;
+  const int64_t n = int64_t{16} << 20;  // fp32: 64 MiB
+  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  Tensor a = Tensor::empty({n}, DType::kFloat32, gpu());
+  Tensor b = Tensor::empty({n}, DType::kFloat32, gpu());
+  Tensor c = Tensor::empty({n}, DType::kFloat32, gpu());
+  std::vector<float> host(static_cast<size_t>(n));
+  auto count_not = [&](const Tensor& t, float want) -> int64_t {
+    if (cudaMemcpy(host.data(), t.data(), bytes, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
+    return std::count_if(host.begin(), host.end(), [want](float x) { return !(x == want); });
+  };
+  // Old contents that a too-early reader would see: all bits set (NaN).
+  CUDA_OK(cudaMemset(a.data(), 0xff, bytes));
+  CUDA_OK(cudaMemset(c.data(), 0xff, bytes));
+  CUDA_OK(cudaDeviceSynchronize());
+
+  device_memset_zero(a.data(), gpu(), bytes);
+  ops::tensor_copy(b.view(), a.view(), stream.get());
+  stream.sync();
+  EXPECT_EQ(count_not(b, 0.0f), 0) << "device_memset_zero then a copy on another stream";
+
+  std::fill(host.begin(), host.end(), 1.5f);  // pageable source
+  device_copy(a.data(), gpu(), host.data(), Device::cpu(), bytes);
+  ops::tensor_copy(b.view(), a.view(), stream.get());
+  stream.sync();
+  EXPECT_EQ(count_not(b, 1.5f), 0) << "pageable upload then a copy on another stream";
+
+  device_copy(c.data(), gpu(), a.data(), gpu(), bytes);
+  ops::tensor_copy(b.view(), c.view(), stream.get());
+  stream.sync();
+  EXPECT_EQ(count_not(b, 1.5f), 0) << "device-to-device copy then a copy on another stream";
+
+  c = Tensor();  // its 1.5s are likely what the next allocation of this size gets back
+  Tensor z = Tensor::zeros({n}, DType::kFloat32, gpu());
+  ops::tensor_copy(b.view(), z.view(), stream.get());
+  stream.sync();
+  EXPECT_EQ(count_not(b, 0.0f), 0) << "Tensor::zeros then a copy on another stream";
+}
+
 bool have_free_gpu_memory(size_t bytes) {
   size_t free_b = 0, total_b = 0;
   return cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && free_b > bytes + (size_t{1} << 30);
