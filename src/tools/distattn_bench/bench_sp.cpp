@@ -286,8 +286,10 @@ struct Result {
   double grad_err = kNaN;  // with -c and --backward: max |dq, dk, dv - fp64 reference|
 };
 
+// `ctl`: the host-memory (MPI) world for barriers and reductions of host values; the
+// strategy's communicators (g) may be NCCL, which accepts device memory only.
 Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DType dtype, Device dev,
-                    comm::Communicator& world) {
+                    comm::Communicator& ctl) {
   const SpLayout& l = g.layout;
   Tensor q = make_shard(l, sh, g.rank, false, 1, dtype, dev);
   Tensor k = make_shard(l, sh, g.rank, true, 2, dtype, dev);
@@ -315,7 +317,7 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
     // CUDA: kernels are asynchronous. Start every rank on an idle stream and stop the
     // clock after the call's GPU work (the stream is ordered after all of its transfers).
     stream_synchronize(dev, o.stream);
-    world.barrier();
+    ctl.barrier();
     reset_ledgers(g);
     const int64_t before = memory_stats(dev.type).current_bytes;
     reset_peak_memory(dev.type);
@@ -339,16 +341,16 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
     r.peak = std::max(r.peak, memory_stats(dev.type).peak_bytes - before);
   }
   const double n = std::max(a.iters, 1);
-  r.time_s = max_over_ranks(world, r.time_s / n);
-  r.cpu_s = max_over_ranks(world, r.cpu_s / n);
-  r.exposed_s = max_over_ranks(world, r.exposed_s / n);
-  r.compute_s = max_over_ranks(world, r.compute_s / n);
-  r.bytes = static_cast<uint64_t>(max_over_ranks(world, static_cast<double>(r.bytes)));
-  r.peak = static_cast<int64_t>(max_over_ranks(world, static_cast<double>(r.peak)));
+  r.time_s = max_over_ranks(ctl, r.time_s / n);
+  r.cpu_s = max_over_ranks(ctl, r.cpu_s / n);
+  r.exposed_s = max_over_ranks(ctl, r.exposed_s / n);
+  r.compute_s = max_over_ranks(ctl, r.compute_s / n);
+  r.bytes = static_cast<uint64_t>(max_over_ranks(ctl, static_cast<double>(r.bytes)));
+  r.peak = static_cast<int64_t>(max_over_ranks(ctl, static_cast<double>(r.peak)));
   if (a.check) {
-    r.err = max_over_ranks(world, check_rows(g, sh, out, dtype, o.causal, 16));
+    r.err = max_over_ranks(ctl, check_rows(g, sh, out, dtype, o.causal, 16));
     if (a.backward)
-      r.grad_err = max_over_ranks(world, check_grads(g, sh, dq, dk, dv, dtype, o.causal, 16));
+      r.grad_err = max_over_ranks(ctl, check_grads(g, sh, dq, dk, dv, dtype, o.causal, 16));
   }
   return r;
 }
@@ -362,7 +364,7 @@ struct Baseline {
 // strategies (-w runs, at least one, untimed): a cold first call pays page faults on the
 // fresh buffers and one-time setup, which inflated T1 and so par_eff above 1.
 Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
-                  comm::Communicator& world) {
+                  comm::Communicator& ctl) {
   const int iters = a.baseline_iters < 0 ? std::max(a.iters, 2) : a.baseline_iters;
   if (iters == 0) return {};
   Tensor q = make_full(sh, false, 1, dtype, dev);
@@ -384,7 +386,7 @@ Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
   const int warmup = std::max(a.warmup, 1);
   for (int it = 0; it < warmup + iters; ++it) {
     stream_synchronize(dev, o.stream);  // CUDA: asynchronous kernels, as in run_strategy
-    world.barrier();
+    ctl.barrier();
     const double t0 = now_seconds(), c0 = cpu_seconds();
     ops::attention_forward(q.view(), k.view(), v.view(), out.view(), lse.view(), o);
     if (a.backward)
@@ -396,8 +398,8 @@ Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
     cpu += cpu_seconds() - c0;
   }
   Baseline b1;
-  b1.wall_s = max_over_ranks(world, total / iters);
-  b1.cpu_s = sum_over_ranks(world, cpu / iters) / world.size();
+  b1.wall_s = max_over_ranks(ctl, total / iters);
+  b1.cpu_s = sum_over_ranks(ctl, cpu / iters) / ctl.size();
   return b1;
 }
 
@@ -473,9 +475,11 @@ bool file_exists(const std::string& p) {
   return f != nullptr;
 }
 
+// Host files are scattered and gathered over `ctl` (MPI, host memory); the strategy runs on
+// `dev` over `world`'s communicators (NCCL accepts device memory only).
 int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>& world,
-            DType dtype) {
-  comm::Communicator& w = *world;
+            comm::Communicator& ctl, DType dtype, Device dev) {
+  comm::Communicator& w = ctl;
   DISTATTN_CHECK(!a.outputs.empty(), "--inputs needs --outputs DIR");
   Group g = make_group(s, world, a);
   // Rank 0 reads, then broadcasts the shapes.
@@ -506,19 +510,20 @@ int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>
   SpShape sh{dims[0], dims[1], dims[2], dims[3], dims[4], 0};
   parallel::check_layout(g.layout, sh);
   const bool has_dout = dims[5] != 0;
-  Tensor ql = scatter(w, g, sh, ShardRole::kQuery, q, dtype);
-  Tensor kl = scatter(w, g, sh, ShardRole::kKeyValue, k, dtype);
-  Tensor vl = scatter(w, g, sh, ShardRole::kKeyValue, v, dtype);
+  Tensor ql = to_device(scatter(w, g, sh, ShardRole::kQuery, q, dtype).view(), dev);
+  Tensor kl = to_device(scatter(w, g, sh, ShardRole::kKeyValue, k, dtype).view(), dev);
+  Tensor vl = to_device(scatter(w, g, sh, ShardRole::kKeyValue, v, dtype).view(), dev);
   const int64_t b = sh.batch, sl = ql.view().size(1), hl = ql.view().size(2),
                 hkl = kl.view().size(2), d = sh.head_dim;
-  Tensor out = Tensor::empty({b, sl, hl, d}, dtype);
-  Tensor lse = Tensor::empty({b, hl, sl}, DType::kFloat32);
+  Tensor out = Tensor::empty({b, sl, hl, d}, dtype, dev);
+  Tensor lse = Tensor::empty({b, hl, sl}, DType::kFloat32, dev);
   parallel::SpOptions o;
   o.causal = a.causal != 0;
   o.heads_q = sh.heads_q;
   o.heads_kv = sh.heads_kv;
   parallel::sp_attention_forward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(),
                                  lse.view(), o);
+  stream_synchronize(dev, o.stream);  // CUDA: the results are read back on the host below
   Tensor fo = gather(w, g, sh, ShardRole::kQuery, out.view(), false);
   Tensor fl = gather(w, g, sh, ShardRole::kLse, lse.view(), false);
   if (w.rank() == 0) {
@@ -527,11 +532,13 @@ int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>
     write_npy(a.outputs + "/lse.npy", fl.view());
   }
   if (has_dout) {
-    Tensor dl = scatter(w, g, sh, ShardRole::kQuery, dout, dtype);
-    Tensor dq = Tensor::empty({b, sl, hl, d}, dtype), dk = Tensor::empty({b, sl, hkl, d}, dtype),
-           dv = Tensor::empty({b, sl, hkl, d}, dtype);
+    Tensor dl = to_device(scatter(w, g, sh, ShardRole::kQuery, dout, dtype).view(), dev);
+    Tensor dq = Tensor::empty({b, sl, hl, d}, dtype, dev),
+           dk = Tensor::empty({b, sl, hkl, d}, dtype, dev),
+           dv = Tensor::empty({b, sl, hkl, d}, dtype, dev);
     parallel::sp_attention_backward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(),
                                     dl.view(), lse.view(), dq.view(), dk.view(), dv.view(), o);
+    stream_synchronize(dev, o.stream);
     // Head parallel: replicated KV heads hold partial gradients, summed here.
     const bool sum_kv = s == Strategy::kHeads;
     Tensor fdq = gather(w, g, sh, ShardRole::kQuery, dq.view(), false);
@@ -616,6 +623,10 @@ int sp_main(int argc, char** argv) {
   a.backward = backward != 0;
   auto world_u = comm::create_world(comm::Backend::kAuto, parse_device(a.device));
   std::shared_ptr<comm::Communicator> world(std::move(world_u));
+  // Host values (timings, errors, npy shards) travel over an MPI world: with --device cuda
+  // the strategies' world may be NCCL, which refuses host memory.
+  const std::unique_ptr<comm::Communicator> ctl =
+      comm::create_world(comm::Backend::kMpi, Device::cpu());
   const int rank = world->rank(), p = world->size();
   if (vm.count("help")) {
     if (rank == 0) {
@@ -656,7 +667,7 @@ int sp_main(int argc, char** argv) {
   }
   if (!a.inputs.empty()) {
     DISTATTN_CHECK(strategies.size() == 1, "--inputs runs one strategy: pass --strategy NAME");
-    return run_npy(a, strategies[0], world, dtype);
+    return run_npy(a, strategies[0], world, *ctl, dtype, dev);
   }
   const int64_t minseq = static_cast<int64_t>(parse_size(a.minseq));
   const int64_t maxseq = static_cast<int64_t>(parse_size(a.maxseq));
@@ -688,7 +699,7 @@ int sp_main(int argc, char** argv) {
   bool all_ok = true;
   for (int64_t seq = minseq; seq <= maxseq; seq *= a.factor) {
     SpShape sh{a.batch, seq, a.heads, a.kv_heads, a.dim, 0};
-    const Baseline base = baseline(sh, a, dtype, dev, *world);
+    const Baseline base = baseline(sh, a, dtype, dev, *ctl);
     const double t1 = base.wall_s;
     const double flops =
         ops::attention_forward_flops(a.batch, a.heads, seq, seq, a.dim, a.causal != 0) *
@@ -704,7 +715,7 @@ int sp_main(int argc, char** argv) {
                       static_cast<long long>(seq), e.message().c_str());
         continue;
       }
-      const Result r = run_strategy(s, g, sh, a, dtype, dev, *world);
+      const Result r = run_strategy(s, g, sh, a, dtype, dev, *ctl);
       if (a.check && (!(r.err <= tolerance) || (a.backward && !(r.grad_err <= tolerance))))
         all_ok = false;
       const double tflops = flops / p / r.time_s / 1e12;
