@@ -380,6 +380,12 @@ TEST_P(SpOnDevice, CausalFusedQkvStridedViewsBf16HeadDim128MatchReference) {
        .fused = true});
 }
 
+// fp32 out is the accumulator itself (no fp32 scratch): kernels and merges write the strided
+// head slice of the wider buffer directly.
+TEST_P(SpOnDevice, NonCausalFusedQkvStridedViewsFp32HeadDim64MatchReference) {
+  run({.causal = false, .batch = 1, .hq = 4, .hkv = 2, .fused = true});
+}
+
 TEST_P(SpOnDevice, CausalMhaBf16HeadDim64LongerSequenceForwardMatchesReference) {
   run({.causal = true,
        .dtype = DType::kBFloat16,
