@@ -51,6 +51,9 @@ __device__ __forceinline__ float load_c(__half x) {
   return __half2float(x);
 }
 
+// NaN becomes the CPU's pattern (distattn/core/half.h: bf16 keeps the sign and top payload
+// bits, quieted; fp16 is sign | 0x7e00) rather than the hardware's canonical 0x7fff, so that
+// converting copies agree with the CPU path bit for bit on NaN too.
 template <typename D, typename C>
 __device__ __forceinline__ D store_c(C v) {
   if constexpr (std::is_same_v<D, double>) {
@@ -58,9 +61,16 @@ __device__ __forceinline__ D store_c(C v) {
   } else if constexpr (std::is_same_v<D, float>) {
     return static_cast<float>(v);
   } else if constexpr (std::is_same_v<D, __nv_bfloat16>) {
-    return __float2bfloat16_rn(static_cast<float>(v));
+    const float f = static_cast<float>(v);
+    if (isnan(f))
+      return __ushort_as_bfloat16(static_cast<unsigned short>((__float_as_uint(f) >> 16) | 0x40u));
+    return __float2bfloat16_rn(f);
   } else {
-    return __float2half_rn(static_cast<float>(v));
+    const float f = static_cast<float>(v);
+    if (isnan(f))
+      return __ushort_as_half(
+          static_cast<unsigned short>(((__float_as_uint(f) >> 16) & 0x8000u) | 0x7e00u));
+    return __float2half_rn(f);
   }
 }
 

@@ -185,6 +185,34 @@ TEST(CudaElementwise, SameDtypeStridedCopyIsBitExact) {
   }
 }
 
+// fp32 -> bf16 / fp16 from random bit patterns (NaNs with any payload and sign, infinities,
+// subnormals, values that overflow fp16): rounding, overflow and the NaN pattern written must
+// equal the CPU conversion byte for byte.
+TEST(CudaElementwise, NarrowingCopyOfRandomFp32BitsMatchesCpu) {
+  DISTATTN_SKIP_WITHOUT_GPU();
+  TestStream stream;
+  const std::vector<int64_t> shape = {9, 17, 65};  // ~40 NaNs among random fp32 bit patterns
+  for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+    Pair dst = make(shape, t, Kind::kSliced, 1, true);
+    Pair src = make(shape, DType::kFloat32, Kind::kTransposed, 2, false);
+    uint64_t x = 0x2545f4914f6cdd1dull;
+    auto* bytes = static_cast<unsigned char*>(src.host_backing.data());
+    for (size_t i = 0; i < src.host_backing.nbytes(); ++i) {
+      x ^= x << 13;
+      x ^= x >> 7;
+      x ^= x << 17;
+      bytes[i] = static_cast<unsigned char>(x);
+    }
+    CUDA_OK(cudaMemcpy(src.dev_backing.data(), src.host_backing.data(), src.host_backing.nbytes(),
+                       cudaMemcpyHostToDevice));
+    CUDA_OK(cudaDeviceSynchronize());
+    ops::tensor_copy(dst.dev, src.dev, stream.get());
+    ops::tensor_copy(dst.host, src.host);
+    stream.sync();
+    expect_same_backing(dst, std::string("fp32 bits -> ") + dtype_name(t));
+  }
+}
+
 TEST(CudaElementwise, AddMatchesCpuForEveryDstSrcPairAndLayout) {
   DISTATTN_SKIP_WITHOUT_GPU();
   TestStream stream;
