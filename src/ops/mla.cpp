@@ -6,6 +6,7 @@
 
 #include "distattn/config.h"
 #include "distattn/core/error.h"
+#include "distattn/core/stream.h"
 #include "kernels/cpu/mla_cpu.h"
 #if DISTATTN_WITH_CUDA
 #include "kernels/cuda/mla_cuda.h"
@@ -111,6 +112,9 @@ void mla_decode(const TensorView& q_lat, const TensorView& q_pe, const MlaPagedC
   Tensor pt_host, sl_host;
   TensorView ptv = cache.page_table, slv = cache.seq_lens;
   if (!q_lat.device.is_cpu()) {
+    // The table and lengths may have been written on opts.stream (a non-blocking stream the
+    // legacy-stream copy below does not wait for): let that work land first.
+    stream_synchronize(q_lat.device, opts.stream);
     pt_host = to_device(cache.page_table, Device::cpu());
     sl_host = to_device(cache.seq_lens, Device::cpu());
     ptv = pt_host.view();
