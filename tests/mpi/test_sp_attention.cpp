@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "common/sp_expected_volume.h"
 #include "common/test_data.h"
 #include "distattn/comm/communicator.h"
 #include "distattn/comm/mesh.h"
@@ -27,6 +28,8 @@ namespace {
 
 using testing::compare;
 using testing::fill_test_data;
+using testing::sp_expected_volume;
+using testing::SpVolume;
 using testing::to_double_vector;
 
 std::shared_ptr<comm::Communicator> world_ptr() {
@@ -238,74 +241,6 @@ INSTANTIATE_TEST_SUITE_P(AllStrategies, SpAttention,
 
 // ---- communication volume ----------------------------------------------------------------
 
-struct Volume {
-  uint64_t fwd = 0, bwd = 0;
-};
-
-// Bytes each strategy's algorithm must send from this rank, written from the algorithm's
-// definition (elt = bytes of the storage dtype; fp32 for cross-rank partials/gradients).
-Volume expected_volume(Strategy s, const Group& g, int64_t b, int64_t seq, int64_t hq, int64_t hkv,
-                       int64_t d, size_t elt) {
-  const int p = g.layout.ranks;
-  const int64_t sl = seq / p;
-  const uint64_t kv_block = static_cast<uint64_t>(2 * b * sl * hkv * d);  // K and V elements
-  Volume v;
-  auto ulysses = [&](int u, int me, int64_t tokens_per_rank, bool with_bwd) {
-    Volume x;
-    const int64_t g_ = hq / hkv;
-    auto qh = [&](int j) { return split_heads(hq, u, j).size(); };
-    auto kh = [&](int j) {
-      const HeadRange h = split_heads(hq, u, j);
-      return (h.end - 1) / g_ + 1 - h.begin / g_;
-    };
-    for (int j = 0; j < u; ++j) {
-      if (j == me) continue;
-      const uint64_t qkv = static_cast<uint64_t>(b * tokens_per_rank * (qh(j) + 2 * kh(j)) * d);
-      const uint64_t back = static_cast<uint64_t>(b * tokens_per_rank * qh(me) * d);
-      const uint64_t lse_back = static_cast<uint64_t>(b * tokens_per_rank * qh(me));
-      x.fwd += qkv * elt + back * elt + lse_back * 4;
-      if (with_bwd) {
-        // q,k,v + out + dout + lse forward; dq, dk, dv back in fp32.
-        const uint64_t o = static_cast<uint64_t>(b * tokens_per_rank * qh(j) * d);
-        const uint64_t l = static_cast<uint64_t>(b * tokens_per_rank * qh(j));
-        const uint64_t grads =
-            static_cast<uint64_t>(b * tokens_per_rank * (qh(me) + 2 * kh(me)) * d);
-        x.bwd += qkv * elt + 2 * o * elt + l * 4 + grads * 4;
-      }
-    }
-    return x;
-  };
-  switch (s) {
-    case Strategy::kHeads:
-      break;
-    case Strategy::kRing:
-    case Strategy::kZigzag:
-      v.fwd = (p - 1) * kv_block * elt;
-      v.bwd = p > 1 ? (p - 1) * kv_block * elt + p * kv_block * 4 : 0;
-      break;
-    case Strategy::kAllGather:
-      v.fwd = (p - 1) * kv_block * elt;
-      v.bwd = (p - 1) * kv_block * elt + (p - 1) * kv_block * 4;
-      break;
-    case Strategy::kUlysses:
-      v = ulysses(p, g.rank, sl, true);
-      break;
-    case Strategy::kHybrid: {
-      const int u = g.layout.ulysses, r = p / u;
-      v = ulysses(u, g.rank % u, sl, true);
-      // Ring over R ranks with this rank's heads and the ring rank's u*sl tokens.
-      const HeadRange h = split_heads(hq, u, g.rank % u);
-      const int64_t g_ = hq / hkv;
-      const int64_t khe = (h.end - 1) / g_ + 1 - h.begin / g_;
-      const uint64_t blk = static_cast<uint64_t>(2 * b * u * sl * khe * d);
-      v.fwd += (r - 1) * blk * elt;
-      v.bwd += r > 1 ? (r - 1) * blk * elt + r * blk * 4 : 0;
-      break;
-    }
-  }
-  return v;
-}
-
 TEST(SpAttentionVolume, LedgerBytesEqualEachStrategysFormula) {
   const int64_t b = 1, seq = 48, hq = 8, hkv = 2, d = 64;
   for (DType dt : {DType::kFloat32, DType::kBFloat16}) {
@@ -331,7 +266,8 @@ TEST(SpAttentionVolume, LedgerBytesEqualEachStrategysFormula) {
       o.causal = true;
       o.heads_q = hq;
       o.heads_kv = hkv;
-      const Volume want = expected_volume(s, g, b, seq, hq, hkv, d, dtype_size(dt));
+      const SpVolume want =
+          sp_expected_volume(g.layout, g.rank, b, seq, hq, hkv, d, dtype_size(dt));
       reset_ledgers(g);
       sp_attention_forward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(), lse.view(), o);
       EXPECT_EQ(ledger_bytes_sent(g), want.fwd)
