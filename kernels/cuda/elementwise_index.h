@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "distattn/core/tensor_view.h"
+#include "src/ops/elementwise_layout.h"
 
 #if defined(__CUDACC__)
 #define DISTATTN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -27,13 +28,9 @@ DISTATTN_HOST_DEVICE uint32_t umulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// Coalesced shape of one or two tensors (b = a for one); nd >= 1.
-struct Layout {
-  int nd;
-  int64_t numel;
-  int64_t shape[kMaxDims];
-  int64_t sa[kMaxDims];  // strides of a (dst), elements
-  int64_t sb[kMaxDims];  // strides of b (src), elements
+// The coalesced shape of one or two tensors (src/ops/elementwise_layout.h, b = a for one), with
+// nd >= 1 (a single element is one dim of size 1) and the dividers of its dims.
+struct Layout : ::distattn::ops::CoalescedDims {
   // 32-bit index path (numel < 2^31): i / shape[d] == (umulhi(i, magic[d]) + i) >> shift[d].
   uint32_t magic[kMaxDims];
   uint32_t shift[kMaxDims];
@@ -52,25 +49,7 @@ inline void set_divider(Layout& l, int d) {
 }
 
 inline Layout coalesce(const TensorView& a, const TensorView& b) {
-  Layout l{};
-  l.numel = 1;
-  for (int d = 0; d < a.ndim; ++d) {
-    l.numel *= a.shape[d];
-    if (a.shape[d] == 1) continue;
-    if (l.nd > 0) {
-      const int p = l.nd - 1;
-      if (l.sa[p] == a.shape[d] * a.strides[d] && l.sb[p] == a.shape[d] * b.strides[d]) {
-        l.shape[p] *= a.shape[d];
-        l.sa[p] = a.strides[d];
-        l.sb[p] = b.strides[d];
-        continue;
-      }
-    }
-    l.shape[l.nd] = a.shape[d];
-    l.sa[l.nd] = a.strides[d];
-    l.sb[l.nd] = b.strides[d];
-    ++l.nd;
-  }
+  Layout l{::distattn::ops::coalesce_dims(a, b)};
   if (l.nd == 0) {  // a single element
     l.nd = 1;
     l.shape[0] = 1;

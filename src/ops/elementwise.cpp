@@ -18,6 +18,7 @@
 
 #include "distattn/config.h"
 #include "distattn/core/half.h"
+#include "src/ops/elementwise_layout.h"
 #if DISTATTN_WITH_CUDA
 #include "kernels/cuda/elementwise_cuda.h"
 #endif
@@ -68,13 +69,9 @@ void check_device_supported(const char* op, const char* name, const TensorView& 
 
 // ---- coalesced layout (CPU) ------------------------------------------------------------
 
-// Up to two tensors of one shape: dims of size 1 dropped, neighbours merged where every
-// tensor is contiguous across them. Row = the last coalesced dim.
-struct Layout {
-  int nd = 0;
-  std::array<int64_t, kMaxDims> shape{};
-  std::array<int64_t, kMaxDims> sa{};  // strides of tensor a (dst)
-  std::array<int64_t, kMaxDims> sb{};  // strides of tensor b (src; = a for one tensor)
+// The coalesced dims (src/ops/elementwise_layout.h; nd = 0 for a single element), walked as
+// rows: row = the last coalesced dim.
+struct Layout : CoalescedDims {
   int64_t row() const { return nd ? shape[nd - 1] : 1; }
   int64_t row_sa() const { return nd ? sa[nd - 1] : 1; }
   int64_t row_sb() const { return nd ? sb[nd - 1] : 1; }
@@ -86,24 +83,7 @@ struct Layout {
 };
 
 Layout coalesce(const TensorView& a, const TensorView& b) {
-  Layout l;
-  for (int d = 0; d < a.ndim; ++d) {
-    if (a.shape[d] == 1) continue;
-    if (l.nd > 0) {
-      const int p = l.nd - 1;
-      if (l.sa[p] == a.shape[d] * a.strides[d] && l.sb[p] == a.shape[d] * b.strides[d]) {
-        l.shape[p] *= a.shape[d];
-        l.sa[p] = a.strides[d];
-        l.sb[p] = b.strides[d];
-        continue;
-      }
-    }
-    l.shape[l.nd] = a.shape[d];
-    l.sa[l.nd] = a.strides[d];
-    l.sb[l.nd] = b.strides[d];
-    ++l.nd;
-  }
-  return l;
+  return {coalesce_dims(a, b)};
 }
 
 // Elements below which the CPU loops stay on one thread: a parallel region costs a few
