@@ -77,6 +77,8 @@ void merge(const TensorView& out_a, const TensorView& lse_a, const TensorView& o
   if (rows == 0) return;
   DISTATTN_CHECK_STATUS((rows + 3) / 4 <= INT32_MAX, Status::kUnsupported,
                         "attention_merge: too many rows (", rows, ") for one launch");
+  // Launch on the tensors' device whatever the caller has current (as every other op).
+  DeviceGuard guard(out.device.index);
   merge_kernel<<<static_cast<unsigned>((rows + 3) / 4), 128, 0,
                  static_cast<cudaStream_t>(stream)>>>(p);
   DISTATTN_CUDA_CHECK_LAUNCH("merge_kernel");
