@@ -76,7 +76,6 @@ using MmaLauncher = void (*)(const FwdParams&, bool, cudaStream_t);
 MmaLauncher mma_launcher(const TensorView& q, const TensorView& k, const TensorView& v) {
   if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16) return nullptr;
   if (!aligned16(q) || !aligned16(k) || !aligned16(v)) return nullptr;
-  if (q.size(0) * q.size(2) > 65535) return nullptr;
   const int64_t D = q.size(3), Dv = v.size(3);
   if (D == 64 && Dv == 64) return launch_flash_fwd_mma_hdim64;
   if (D == 128 && Dv == 128) return launch_flash_fwd_mma_hdim128;
@@ -101,7 +100,6 @@ BwdMmaLauncher bwd_mma_launcher(const TensorView& q, const TensorView& k, const 
   if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16) return nullptr;
   if (dout.dtype != q.dtype) return nullptr;
   if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(dout)) return nullptr;
-  if (q.size(0) * q.size(2) > 65535 || k.size(0) * k.size(2) > 65535) return nullptr;
   const int64_t D = q.size(3), Dv = v.size(3);
   if (D != Dv) return nullptr;
   if (D == 64) return launch_flash_bwd_mma_hdim64;

@@ -148,6 +148,32 @@ struct Mask {
   }
 };
 
+// Independent (batch, head) pairs of a launch spread over grid y and z: gridDim.y and
+// gridDim.z are limited to 65535, so a plain y = B * H fails (cudaErrorInvalidConfiguration)
+// from 65536 pairs on (e.g. 2048 sequences x 32 heads). y = min(pairs, 65535) and z slices
+// of y pairs each; a block's pair is z_slice * gridDim.y + blockIdx.y, and blocks of the
+// last slice past `pairs` return at once. `z_per_slice` further z entries per slice (the
+// split-KV kernels put their splits there too) must keep z <= 65535.
+constexpr int64_t kMaxGridYZ = 65535;
+struct PairGrid {
+  unsigned y = 1, z = 1;
+};
+inline PairGrid pair_grid(int64_t pairs, int64_t z_per_slice, const char* kernel) {
+  const int64_t y = pairs < kMaxGridYZ ? (pairs > 0 ? pairs : 1) : kMaxGridYZ;
+  // No pairs: one slice of blocks that return at once (a zero-sized grid is a launch error).
+  const int64_t slices = pairs > 0 ? (pairs + y - 1) / y : 1;
+  DISTATTN_CHECK_STATUS(slices * z_per_slice <= kMaxGridYZ, Status::kUnsupported, kernel, ": ",
+                        pairs, " (batch, head) pairs x ", z_per_slice,
+                        " splits exceed one launch's grid; split the batch into several calls");
+  return PairGrid{static_cast<unsigned>(y), static_cast<unsigned>(slices * z_per_slice)};
+}
+#ifdef __CUDACC__
+// This block's pair (see pair_grid); z_slice = blockIdx.z / z_per_slice.
+__device__ __forceinline__ int64_t pair_index(unsigned z_slice) {
+  return static_cast<int64_t>(z_slice) * gridDim.y + blockIdx.y;
+}
+#endif
+
 // Number of SMs of the current device (cached per process; the first device queried).
 int device_sm_count();
 

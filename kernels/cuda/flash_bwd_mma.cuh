@@ -63,7 +63,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_mma_kernel(const BwdParams
   float* delta_s = lse_s + BM;                            // [BM]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int b = static_cast<int>(blockIdx.y) / f.Hkv, hkv = static_cast<int>(blockIdx.y) % f.Hkv;
+  const int64_t bh = pair_index(blockIdx.z);
+  if (bh >= static_cast<int64_t>(f.B) * f.Hkv) return;  // tail of the last z slice
+  const int b = static_cast<int>(bh / f.Hkv), hkv = static_cast<int>(bh % f.Hkv);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t n_last = (n0 + BN < f.Sk ? n0 + BN : f.Sk) - 1;
   const T* kg = static_cast<const T*>(f.k) + b * f.k_s0 + hkv * f.k_s2;
@@ -218,7 +220,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_mma_kernel(const BwdParams p
   // Last query tiles first: under a causal mask they see the most keys, so the longest
   // blocks start in the first wave instead of trailing the grid.
   const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * BM;
-  const int b = static_cast<int>(blockIdx.y) / f.Hq, h = static_cast<int>(blockIdx.y) % f.Hq;
+  const int64_t bh = pair_index(blockIdx.z);
+  if (bh >= static_cast<int64_t>(f.B) * f.Hq) return;  // tail of the last z slice
+  const int b = static_cast<int>(bh / f.Hq), h = static_cast<int>(bh % f.Hq);
   const int hkv = h / f.G;
   const T* qg = static_cast<const T*>(f.q) + b * f.q_s0 + h * f.q_s2;
   const T* dog = static_cast<const T*>(p.dout) + b * p.do_s0 + h * p.do_s2;
@@ -343,16 +347,18 @@ void launch_bwd_mma_typed(const BwdParams& p, cudaStream_t stream) {
   if (f.Sk > 0) {
     auto kernel = flash_bwd_dkdv_mma_kernel<T, kD>;
     set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), Tr::kKvSmemBytes);
-    const dim3 grid(static_cast<unsigned>((f.Sk + Tr::kKvKeys - 1) / Tr::kKvKeys),
-                    static_cast<unsigned>(f.B * f.Hkv));
+    const PairGrid pg =
+        pair_grid(static_cast<int64_t>(f.B) * f.Hkv, 1, "attention backward dK/dV (tensor cores)");
+    const dim3 grid(static_cast<unsigned>((f.Sk + Tr::kKvKeys - 1) / Tr::kKvKeys), pg.y, pg.z);
     kernel<<<grid, Tr::kThreads, Tr::kKvSmemBytes, stream>>>(p);
     DISTATTN_CUDA_CHECK_LAUNCH("flash_bwd_dkdv_mma_kernel");
   }
   if (f.Sq > 0) {
     auto kernel = flash_bwd_dq_mma_kernel<T, kD>;
     set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), Tr::kQSmemBytes);
-    const dim3 grid(static_cast<unsigned>((f.Sq + Tr::kQRows - 1) / Tr::kQRows),
-                    static_cast<unsigned>(f.B * f.Hq));
+    const PairGrid pg =
+        pair_grid(static_cast<int64_t>(f.B) * f.Hq, 1, "attention backward dQ (tensor cores)");
+    const dim3 grid(static_cast<unsigned>((f.Sq + Tr::kQRows - 1) / Tr::kQRows), pg.y, pg.z);
     kernel<<<grid, Tr::kThreads, Tr::kQSmemBytes, stream>>>(p);
     DISTATTN_CUDA_CHECK_LAUNCH("flash_bwd_dq_mma_kernel");
   }

@@ -51,7 +51,9 @@ __global__ void __launch_bounds__(128) bwd_dkdv_kernel(const BwdParams p) {
   float* DOs = Qs + kKvRows * D;   // [kKvRows][Dv]
   float* rs = DOs + kKvRows * Dv;  // [kKvRows][2]: lse * log2(e), delta
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int b = static_cast<int>(blockIdx.y) / f.Hkv, hkv = static_cast<int>(blockIdx.y) % f.Hkv;
+  const int64_t bh = pair_index(blockIdx.z);
+  if (bh >= static_cast<int64_t>(f.B) * f.Hkv) return;  // tail of the last z slice
+  const int b = static_cast<int>(bh / f.Hkv), hkv = static_cast<int>(bh % f.Hkv);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kKvKeys;
   const int64_t n_last = (n0 + kKvKeys < f.Sk ? n0 + kKvKeys : f.Sk) - 1;
   const T* q = static_cast<const T*>(f.q);
@@ -184,7 +186,9 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const BwdParams p) {
   float* Ks = DOs + kDqRows * Dv;      // [kDqKeys][D + 1]
   float* Vs = Ks + kDqKeys * (D + 1);  // [kDqKeys][Dv + 1]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int b = static_cast<int>(blockIdx.y) / f.Hkv, hkv = static_cast<int>(blockIdx.y) % f.Hkv;
+  const int64_t bh = pair_index(blockIdx.z);
+  if (bh >= static_cast<int64_t>(f.B) * f.Hkv) return;  // tail of the last z slice
+  const int b = static_cast<int>(bh / f.Hkv), hkv = static_cast<int>(bh % f.Hkv);
   const int64_t rows = static_cast<int64_t>(f.Sq) * G;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kDqRows;
   const int64_t r_end = r0 + kDqRows < rows ? r0 + kDqRows : rows;
@@ -316,8 +320,8 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
                       (kKvKeys * (f.D + f.Dv) + kKvRows * (f.D + f.Dv) + 2 * kKvRows);
   auto kv_kernel = bwd_dkdv_kernel<T>;
   set_max_dynamic_smem(reinterpret_cast<const void*>(kv_kernel), smem_kv);
-  const dim3 kv_grid(static_cast<unsigned>((f.Sk + kKvKeys - 1) / kKvKeys),
-                     static_cast<unsigned>(f.B * f.Hkv));
+  const PairGrid pairs = pair_grid(static_cast<int64_t>(f.B) * f.Hkv, 1, "attention backward");
+  const dim3 kv_grid(static_cast<unsigned>((f.Sk + kKvKeys - 1) / kKvKeys), pairs.y, pairs.z);
   if (f.Sk > 0 && f.B * f.Hkv > 0) {
     kv_kernel<<<kv_grid, 128, smem_kv, stream>>>(p);
     DISTATTN_CUDA_CHECK_LAUNCH("bwd_dkdv_kernel");
@@ -328,8 +332,7 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
   auto q_kernel = bwd_dq_kernel<T>;
   set_max_dynamic_smem(reinterpret_cast<const void*>(q_kernel), smem_q);
   const int64_t qrows = static_cast<int64_t>(f.Sq) * f.G;
-  const dim3 q_grid(static_cast<unsigned>((qrows + kDqRows - 1) / kDqRows),
-                    static_cast<unsigned>(f.B * f.Hkv));
+  const dim3 q_grid(static_cast<unsigned>((qrows + kDqRows - 1) / kDqRows), pairs.y, pairs.z);
   if (qrows > 0 && f.B * f.Hkv > 0) {
     q_kernel<<<q_grid, 128, smem_q, stream>>>(p);
     DISTATTN_CUDA_CHECK_LAUNCH("bwd_dq_kernel");
@@ -349,9 +352,6 @@ void launch_flash_bwd_simt(const BwdParams& p, DType dtype, cudaStream_t stream)
   DISTATTN_CHECK_STATUS(p.f.D <= 256 && p.f.Dv <= 256, Status::kUnsupported,
                         "CUDA attention backward supports head dims up to 256, got D = ", p.f.D,
                         ", Dv = ", p.f.Dv);
-  DISTATTN_CHECK_STATUS(static_cast<int64_t>(p.f.B) * p.f.Hkv <= 65535, Status::kUnsupported,
-                        "CUDA attention backward: batch * heads_kv must be <= 65535, got ",
-                        static_cast<int64_t>(p.f.B) * p.f.Hkv);
   switch (dtype) {
     case DType::kFloat32:
       launch_typed<float>(p, stream);

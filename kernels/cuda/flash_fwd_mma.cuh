@@ -104,7 +104,9 @@ __global__ void __launch_bounds__(FwdTraits<kD, kDv, kBlockN>::kThreads)
   // Last query tiles first: under a causal mask they see the most keys, so the longest
   // blocks start in the first wave instead of trailing the grid.
   const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kBM;
-  const int b = static_cast<int>(blockIdx.y) / p.Hq, h = static_cast<int>(blockIdx.y) % p.Hq;
+  const int64_t bh = pair_index(blockIdx.z);
+  if (bh >= static_cast<int64_t>(p.B) * p.Hq) return;  // tail of the last z slice
+  const int b = static_cast<int>(bh / p.Hq), h = static_cast<int>(bh % p.Hq);
   const int hkv = h / p.G;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_s0 + h * p.q_s2;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_s0 + hkv * p.k_s2;
@@ -276,12 +278,10 @@ __global__ void __launch_bounds__(FwdTraits<kD, kDv, kBlockN>::kThreads)
 template <int kD, int kDv, int kBlockN>
 void launch_fwd_mma(const FwdParams& p, bool bf16, cudaStream_t stream) {
   using Tr = FwdTraits<kD, kDv, kBlockN>;
-  DISTATTN_CHECK_STATUS(static_cast<int64_t>(p.B) * p.Hq <= 65535, Status::kUnsupported,
-                        "CUDA attention: batch * heads_q (", static_cast<int64_t>(p.B) * p.Hq,
-                        ") must be <= 65535; split the batch into several calls");
   const int smem = Tr::kSmemElems * 2;
-  const dim3 grid(static_cast<unsigned>((p.Sq + Tr::kBlockM - 1) / Tr::kBlockM),
-                  static_cast<unsigned>(p.B * p.Hq));
+  const PairGrid pg =
+      pair_grid(static_cast<int64_t>(p.B) * p.Hq, 1, "attention forward (tensor cores)");
+  const dim3 grid(static_cast<unsigned>((p.Sq + Tr::kBlockM - 1) / Tr::kBlockM), pg.y, pg.z);
   if (bf16) {
     auto kernel = flash_fwd_mma_kernel<__nv_bfloat16, kD, kDv, kBlockN>;
     set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);

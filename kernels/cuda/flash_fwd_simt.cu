@@ -55,8 +55,11 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_simt_kernel(const FwdParam
   float* Ks = Qs + kRows * D;        // [kKeys][D + 1]: padded, lane j reads row j
   float* Vs = Ks + kKeys * (D + 1);  // [kKeys][Dv]: lane c reads column c
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int b = static_cast<int>(blockIdx.y) / p.Hkv, hkv = static_cast<int>(blockIdx.y) % p.Hkv;
-  const int split = static_cast<int>(blockIdx.z);
+  // blockIdx.z = z_slice * num_splits + split (see pair_grid).
+  const int64_t bh = pair_index(blockIdx.z / static_cast<unsigned>(p.num_splits));
+  if (bh >= static_cast<int64_t>(p.B) * p.Hkv) return;  // tail of the last z slice
+  const int b = static_cast<int>(bh / p.Hkv), hkv = static_cast<int>(bh % p.Hkv);
+  const int split = static_cast<int>(blockIdx.z % static_cast<unsigned>(p.num_splits));
   const int64_t rows = static_cast<int64_t>(p.Sq) * G;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t r_end = r0 + kRows < rows ? r0 + kRows : rows;
@@ -226,8 +229,9 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   auto kernel = flash_fwd_simt_kernel<T, kPaged>;
   set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   const int64_t rows = static_cast<int64_t>(p.Sq) * p.G;
-  const dim3 grid(static_cast<unsigned>((rows + kRows - 1) / kRows),
-                  static_cast<unsigned>(p.B * p.Hkv), static_cast<unsigned>(p.num_splits));
+  const PairGrid pg =
+      pair_grid(static_cast<int64_t>(p.B) * p.Hkv, p.num_splits, "attention forward (CUDA cores)");
+  const dim3 grid(static_cast<unsigned>((rows + kRows - 1) / kRows), pg.y, pg.z);
   kernel<<<grid, kThreads, smem, stream>>>(p);
   DISTATTN_CUDA_CHECK_LAUNCH("flash_fwd_simt_kernel");
 }
@@ -238,10 +242,6 @@ void launch_flash_fwd_simt(const FwdParams& p, DType dtype, bool paged, cudaStre
   DISTATTN_CHECK_STATUS(p.D <= 256 && p.Dv <= 256, Status::kUnsupported,
                         "CUDA attention supports head dims up to 256, got D = ", p.D,
                         ", Dv = ", p.Dv);
-  DISTATTN_CHECK_STATUS(static_cast<int64_t>(p.B) * p.Hkv <= 65535 && p.num_splits <= 65535,
-                        Status::kUnsupported, "CUDA attention: batch * heads_kv (",
-                        static_cast<int64_t>(p.B) * p.Hkv,
-                        ") must be <= 65535; split the batch into several calls");
   switch (dtype) {
     case DType::kFloat32:
       paged ? launch_typed<float, true>(p, stream) : launch_typed<float, false>(p, stream);

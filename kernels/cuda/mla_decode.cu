@@ -49,8 +49,11 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const MlaParams p)
   float* Ks = Qs + kHeads * W;  // [kTokens][W + 1]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int h0 = static_cast<int>(blockIdx.x) * kHeads;
-  const int b = static_cast<int>(blockIdx.y);
-  const int split = static_cast<int>(blockIdx.z);
+  // Sequences over grid y and z (see pair_grid): blockIdx.z = z_slice * num_splits + split.
+  const int64_t bi = pair_index(blockIdx.z / static_cast<unsigned>(p.num_splits));
+  if (bi >= p.B) return;  // tail of the last z slice
+  const int b = static_cast<int>(bi);
+  const int split = static_cast<int>(blockIdx.z % static_cast<unsigned>(p.num_splits));
   const int64_t len = p.seq_lens[b * p.sl_s0];
   const int64_t kb = static_cast<int64_t>(split) * p.split_tokens;
   const int64_t ke = kb + p.split_tokens < len ? kb + p.split_tokens : len;
@@ -220,8 +223,8 @@ void mla_decode(const TensorView& q_lat, const TensorView& q_pe, const ops::MlaP
   DISTATTN_CHECK_STATUS(Dl <= kMlaMaxLatentDim && Dr <= kMlaMaxRopeDim, Status::kUnsupported,
                         "mla_decode: the CUDA kernel takes latent widths up to ", kMlaMaxLatentDim,
                         " and rope widths up to ", kMlaMaxRopeDim, ", got ", Dl, " + ", Dr);
-  DISTATTN_CHECK_STATUS(B <= 65535 && (H + kHeads - 1) / kHeads <= INT32_MAX, Status::kUnsupported,
-                        "mla_decode: batch must be <= 65535 on CUDA, got ", B);
+  DISTATTN_CHECK_STATUS(B <= INT32_MAX && H <= INT32_MAX, Status::kUnsupported,
+                        "mla_decode: batch and heads must be < 2^31 on CUDA, got ", B, " and ", H);
   if (B == 0 || H == 0) return;
   DeviceGuard guard(q_lat.device.index);
   const cudaStream_t stream = static_cast<cudaStream_t>(opts.stream);
@@ -272,8 +275,8 @@ void mla_decode(const TensorView& q_lat, const TensorView& q_pe, const ops::MlaP
   const int smem = static_cast<int>(sizeof(float)) *
                    (kHeads * static_cast<int>(Dl + Dr) + kTokens * static_cast<int>(Dl + Dr + 1));
   set_max_dynamic_smem(reinterpret_cast<const void*>(mla_decode_kernel), smem);
-  const dim3 grid(static_cast<unsigned>(head_blocks), static_cast<unsigned>(B),
-                  static_cast<unsigned>(splits));
+  const PairGrid pg = pair_grid(B, splits, "mla_decode");
+  const dim3 grid(static_cast<unsigned>(head_blocks), pg.y, pg.z);
   if (splits == 1) {
     mla_decode_kernel<<<grid, kThreads, smem, stream>>>(p);
     DISTATTN_CUDA_CHECK_LAUNCH("mla_decode_kernel");

@@ -17,6 +17,8 @@
 #include "tests/cuda/cuda_test_util.h"
 #include "unit/attention_test_util.h"
 #if DISTATTN_WITH_CUDA
+#include <cuda_runtime.h>
+
 #include "kernels/cuda/attention_cuda.h"
 #endif
 
@@ -44,6 +46,11 @@ const FwdCase kFwdCases[] = {
     {"masked_rows_d64", 1, 96, 64, 2, 1, 64, 64, true, 0, 50, -1, -1},
     {"odd_dims", 2, 19, 45, 6, 3, 40, 24, true, 26, 0, -1, -1},
     {"wide_d256", 1, 9, 70, 2, 1, 256, 256, false, 0, 0, 30, -1},
+    // Global positions as in a 1M-token zigzag step (keys straddle the queries' diagonal)
+    // and past 2^31 (int32 truncation) and 2^24 (positions through float lose exactness).
+    {"offset_1m_causal_d128", 1, 70, 150, 2, 1, 128, 128, true, 1048000, 1047950, -1, -1},
+    {"offset_3e9_window_d64", 2, 40, 90, 2, 2, 64, 64, true, 3000000000LL, 2999999980LL, 16, -1},
+    {"offset_3e9_simt_d40", 1, 21, 50, 2, 1, 40, 40, false, 3000000007LL, 3000000000LL, 9, 4},
 };
 
 ops::AttentionOptions options_of(const FwdCase& c) {
@@ -470,6 +477,117 @@ TEST_F(CudaAttention, OpsPagedDecodeValidatesDevicePageTables) {
     EXPECT_EQ(e.status(), Status::kInvalidArgument);
     EXPECT_NE(e.message().find("page_table[0, 1] = 7"), std::string::npos) << e.message();
   }
+}
+
+// More (batch, head) pairs than gridDim.y takes (65535): every kernel spreads them over
+// grid y and z. Distinct inputs per head, so a block computing the wrong (b, h) fails.
+TEST_F(CudaAttention, ManyBatchHeadsBeyondTheGridYLimit) {
+  const int64_t B = 2, H = 32800;  // 65600 pairs: two z slices, the second mostly idle
+  for (const FwdCase& c : {FwdCase{"pairs_mha", B, 2, 3, H, H, 64, 64, true, 1, 0, -1, -1},
+                           FwdCase{"pairs_gqa", B, 2, 3, 2 * H, H, 64, 64, false, 0, 0, -1, -1}}) {
+    for (DType dt : {DType::kBFloat16, DType::kFloat32}) {
+      check_forward(c, dt, dt, Path::kDefault);
+      if (dt == DType::kBFloat16) check_forward(c, dt, dt, Path::kSimt);
+    }
+    check_backward(c, DType::kBFloat16, false);
+    check_backward(c, DType::kBFloat16, false, Path::kSimt);
+  }
+  // Split-KV decode: z also carries the splits.
+  const FwdCase c{"pairs_decode", B, 1, 5, H, H, 64, 64, true, 4, 0, -1, -1};
+  const DeviceInputs in = make_inputs(c, DType::kBFloat16, 88);
+  const ops::AttentionOptions o = options_of(c);
+  const auto ref = kernels::cpu::reference_attention_forward(in.q, in.k, in.v, o);
+  for (int splits : {1, 3}) {
+    SCOPED_TRACE("decode splits " + std::to_string(splits));
+    Tensor out = poisoned({c.B, c.Sq, c.Hq, c.Dv}, DType::kFloat32, gpu());
+    Tensor lse = poisoned({c.B, c.Hq, c.Sq}, DType::kFloat32, gpu());
+    ops::DecodeOptions d;
+    d.num_splits = splits;
+    kc::decode(in.dq, in.dk, in.dv, out, lse, o, d);
+    expect_close(out, ref.out, 1e-5, "out");
+    expect_close(lse, ref.lse, 1e-5, "lse");
+  }
+}
+
+// q, k, v as head slices of one fused [B, S, Hq + 2 Hkv, D] buffer, out and lse as slices
+// of wider buffers, gradients as head slices of one fused dQKV buffer: every kernel must
+// use the views' strides (a packed-stride assumption reads or writes the neighbours).
+TEST_F(CudaAttention, FusedQkvViewsForwardAndBackward) {
+  const int64_t B = 2, S = 75, Hq = 4, Hkv = 2, D = 128, Ht = Hq + 2 * Hkv;
+  const DType dt = DType::kBFloat16;
+  Tensor q = make_input({B, S, Hq, D}, dt, 91, 0);
+  Tensor k = make_input({B, S, Hkv, D}, dt, 91, 1);
+  Tensor v = make_input({B, S, Hkv, D}, dt, 91, 2);
+  Tensor dout_h = make_input({B, S, Hq, D}, dt, 91, 3);
+  Tensor qkv_h = Tensor::zeros({B, S, Ht, D}, dt);
+  copy_into(q.view(), qkv_h.view().slice(2, 0, Hq));
+  copy_into(k.view(), qkv_h.view().slice(2, Hq, Hkv));
+  copy_into(v.view(), qkv_h.view().slice(2, Hq + Hkv, Hkv));
+  Tensor qkv = to_device(qkv_h.view(), gpu());
+  const TensorView qd = qkv.view().slice(2, 0, Hq), kd = qkv.view().slice(2, Hq, Hkv),
+                   vd = qkv.view().slice(2, Hq + Hkv, Hkv);
+  Tensor dout = to_device(dout_h.view(), gpu());
+  ops::AttentionOptions o;
+  o.causal = true;
+  const auto ref = kernels::cpu::reference_attention_forward(q, k, v, o);
+  const auto gref = kernels::cpu::reference_attention_backward(q, k, v, dout_h, o);
+  const double floor =
+      compare(std::vector<double>(gref.dv.numel(), 0.0), as_vector(gref.dv)).max_ref;
+  for (Path path : {Path::kDefault, Path::kSimt}) {
+    SCOPED_TRACE(path == Path::kSimt ? "simt" : "default");
+    if (path == Path::kDefault) {
+      EXPECT_TRUE(kc::flash_forward_uses_tensor_cores(qd, kd, vd));
+      EXPECT_TRUE(kc::flash_backward_uses_tensor_cores(qd, kd, vd, dout));
+    }
+    // out: the second half of [B, S, Hq, 2D]; lse: the first Sq of [B, Hq, S + 3].
+    Tensor out_store = poisoned({B, S, Hq, 2 * D}, dt, gpu());
+    Tensor lse_store = poisoned({B, Hq, S + 3}, DType::kFloat32, gpu());
+    const TensorView out = out_store.view().slice(3, D, D);
+    const TensorView lse = lse_store.view().slice(2, 0, S);
+    if (path == Path::kSimt)
+      kc::flash_forward_simt(qd, kd, vd, out, lse, o);
+    else
+      kc::flash_forward(qd, kd, vd, out, lse, o);
+    expect_close(out, ref.out, tolerance(dt), "out");
+    expect_close(lse, ref.lse, 1e-5, "lse");
+    for (double x : to_double_vector(out_store.view().slice(3, 0, D)))
+      ASSERT_TRUE(std::isnan(x)) << "write outside the out view";
+    for (double x : to_double_vector(lse_store.view().slice(2, S, 3)))
+      ASSERT_TRUE(std::isnan(x)) << "write outside the lse view";
+
+    Tensor dqkv = poisoned({B, S, Ht, D}, DType::kFloat32, gpu());
+    const TensorView dq = dqkv.view().slice(2, 0, Hq), dk = dqkv.view().slice(2, Hq, Hkv),
+                     dv = dqkv.view().slice(2, Hq + Hkv, Hkv);
+    if (path == Path::kSimt)
+      kc::flash_backward_simt(qd, kd, vd, out, dout, lse, dq, dk, dv, o, {});
+    else
+      kc::flash_backward(qd, kd, vd, out, dout, lse, dq, dk, dv, o, {});
+    expect_close(dq, gref.dq, tolerance(dt), "dq", floor);
+    expect_close(dk, gref.dk, tolerance(dt), "dk", floor);
+    expect_close(dv, gref.dv, tolerance(dt), "dv");
+  }
+}
+
+// merge launches on the tensors' device even when another device is current.
+TEST_F(CudaAttention, MergeRunsOnTheTensorsDevice) {
+  if (cuda_device_count() < 2) GTEST_SKIP() << "needs two GPUs";
+  const int64_t B = 1, S = 3, H = 2, Dv = 8;
+  Tensor oa = make_input({B, S, H, Dv}, DType::kFloat32, 6, 0);
+  Tensor la = make_input({B, H, S}, DType::kFloat32, 6, 1);
+  Tensor oad = to_device(oa.view(), gpu()), lad = to_device(la.view(), gpu());
+  Tensor od = poisoned({B, S, H, Dv}, DType::kFloat32, gpu());
+  Tensor ld = poisoned({B, H, S}, DType::kFloat32, gpu());
+  int current = 0;
+  ASSERT_EQ(cudaGetDevice(&current), cudaSuccess);
+  ASSERT_EQ(cudaSetDevice(gpu().index == 0 ? 1 : 0), cudaSuccess);
+  // Merging a partial with itself: weights 1/2 each, out = oa, lse = la + log 2.
+  kc::merge(oad, lad, oad, lad, od, ld, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaSetDevice(current), cudaSuccess);
+  const std::vector<double> o = to_double_vector(od), l = to_double_vector(ld);
+  const std::vector<double> oe = to_double_vector(oa), le = to_double_vector(la);
+  for (size_t i = 0; i < o.size(); ++i) EXPECT_NEAR(o[i], oe[i], 1e-6 * std::abs(oe[i]) + 1e-7);
+  for (size_t i = 0; i < l.size(); ++i) EXPECT_NEAR(l[i], le[i] + std::log(2.0), 1e-5);
 }
 
 #else

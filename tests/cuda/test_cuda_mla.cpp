@@ -219,6 +219,45 @@ TEST_F(CudaMla, OpsDispatchCudaTensorsToTheGpuKernels) {
   EXPECT_LE(sh.max_abs_err, 1e-5 * sh.max_ref);
 }
 
+// More sequences than gridDim.y takes (65535): the kernel spreads them over grid y and z
+// (with the splits in z too). Every sequence has its own page and length (0 to 4 tokens),
+// so a block computing the wrong sequence fails; checked against the CPU op.
+TEST_F(CudaMla, ManySequencesBeyondTheGridYLimit) {
+  const int64_t B = 65600, H = 3, Dl = 32, Dr = 8, page = 4, W = Dl + Dr;
+  Tensor pages = Tensor::empty({B, page, W}, DType::kBFloat16);
+  fill_test_data(pages, 17, 0);
+  Tensor ql = Tensor::empty({B, H, Dl}, DType::kFloat32),
+         qp = Tensor::empty({B, H, Dr}, DType::kFloat32);
+  fill_test_data(ql, 17, 1);
+  fill_test_data(qp, 17, 2);
+  Tensor pt = Tensor::empty({B, 1}, DType::kInt32), sl = Tensor::empty({B}, DType::kInt32);
+  for (int64_t b = 0; b < B; ++b) {
+    pt.data_as<int32_t>()[b] = static_cast<int32_t>(B - 1 - b);
+    sl.data_as<int32_t>()[b] = static_cast<int32_t>(b % 5);
+  }
+  ops::MlaDecodeOptions o;
+  o.softmax_scale = 0.2f;
+  Tensor out_h = Tensor::empty({B, H, Dl}, DType::kFloat32),
+         lse_h = Tensor::empty({B, H}, DType::kFloat32);
+  ops::mla_decode(ql, qp, {pages.view(), pt.view(), sl.view(), Dl}, out_h, lse_h, o);
+  Tensor pd = to_device(pages.view(), gpu()), ptd = to_device(pt.view(), gpu());
+  Tensor sld = to_device(sl.view(), gpu());
+  Tensor qld = to_device(ql.view(), gpu()), qpd = to_device(qp.view(), gpu());
+  for (int splits : {0, 2}) {
+    SCOPED_TRACE("splits " + std::to_string(splits));
+    Tensor out = poisoned({B, H, Dl}, DType::kFloat32, gpu()),
+           lse = poisoned({B, H}, DType::kFloat32, gpu());
+    o.num_splits = splits;
+    kc::mla_decode(qld, qpd, {pd.view(), ptd.view(), sld.view(), Dl}, out, lse, o, 4);
+    const ErrorStats so = compare(to_double_vector(out), to_double_vector(out_h));
+    const ErrorStats sl_ = compare(to_double_vector(lse), to_double_vector(lse_h));
+    EXPECT_EQ(so.non_finite, 0);
+    EXPECT_EQ(sl_.non_finite, 0);
+    EXPECT_LE(so.max_abs_err, 1e-5 * so.max_ref);
+    EXPECT_LE(sl_.max_abs_err, 1e-5 * sl_.max_ref);
+  }
+}
+
 #else
 TEST(CudaMla, SkippedWithoutCudaBuild) {
   GTEST_SKIP() << "skipped: built without CUDA";
