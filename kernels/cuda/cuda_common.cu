@@ -1,6 +1,7 @@
 // Host helpers shared by the CUDA kernels (see cuda_common.cuh).
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "kernels/cuda/cuda_common.cuh"
 
@@ -54,8 +55,38 @@ DeviceGuard::~DeviceGuard() {
   if (previous_ >= 0) (void)cudaSetDevice(previous_);
 }
 
+namespace {
+
+// The stream-ordered pool's release threshold defaults to 0: every stream/event/device
+// synchronization hands freed workspace back to the OS, so in a loop that synchronizes
+// per call (benchmarks, decode steps) each call's cudaMallocAsync maps fresh memory.
+// Keep up to this much cached per device (only raised, never lowered: a threshold the
+// application set stays).
+constexpr uint64_t kPoolKeepBytes = 64ull << 20;
+
+void keep_pool_warm() {
+  static std::mutex mu;
+  static std::unordered_set<int> done;
+  int dev = 0;
+  DISTATTN_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(dev) != 0) return;
+  cudaMemPool_t pool = nullptr;
+  DISTATTN_CUDA_CHECK(cudaDeviceGetMemPool(&pool, dev));
+  uint64_t have = 0;
+  DISTATTN_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &have));
+  if (have < kPoolKeepBytes) {
+    uint64_t want = kPoolKeepBytes;
+    DISTATTN_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &want));
+  }
+  done.insert(dev);
+}
+
+}  // namespace
+
 Workspace::Workspace(size_t bytes, cudaStream_t stream) : stream_(stream) {
   if (bytes == 0) return;
+  keep_pool_warm();
   DISTATTN_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
 }
 
