@@ -119,9 +119,12 @@ void split_kv_forward(FwdParams p, DType dtype, bool paged, int64_t max_keys, in
   if (p.B == 0 || p.Sq == 0 || p.Hq == 0) return;
   int64_t splits = requested;
   if (splits <= 0) {
-    // Enough blocks for about two waves; chunks of at least 256 keys.
+    // About four blocks per SM (the CUDA-core kernel fits five at D = 128: 40 KB of shared
+    // memory each), so enough loads are in flight to stream the cache at memory bandwidth
+    // (two per SM gave B 8 x 8 KV heads at 256K keys only 5 splits of 52K keys each, on
+    // 320 blocks); chunks of at least 256 keys.
     const int64_t blocks = (static_cast<int64_t>(p.Sq) * p.G + 15) / 16 * p.B * p.Hkv;
-    const int64_t want = (2 * device_sm_count() + blocks - 1) / std::max<int64_t>(blocks, 1);
+    const int64_t want = (4 * device_sm_count() + blocks - 1) / std::max<int64_t>(blocks, 1);
     splits = std::min<int64_t>(want, max_keys / 256);
   }
   splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, std::min<int64_t>(max_keys, 1024)));

@@ -14,11 +14,18 @@ namespace distattn::kernels::cuda {
 
 namespace {
 
-constexpr int kRows = 16;  // rows per block (4 per warp)
+constexpr int kRows = 16;  // rows per block (4 per warp, dealt round-robin: see row_of)
 constexpr int kKeys = 32;  // keys per tile: one per lane
 constexpr int kThreads = 128;
 constexpr int kRowsPerWarp = kRows / (kThreads / 32);
 constexpr int kMaxDimPerLane = 8;  // head dims <= 256
+
+// Block row of a warp's rr-th row: round-robin over the warps, so a block with fewer than
+// kRows valid rows (decode: Sq * G = 1..8 rows) still spreads them over every warp instead
+// of leaving warps 1-3 idle while warp 0 computes all of them.
+__device__ __forceinline__ int row_of(int warp, int rr) {
+  return rr * (kThreads / 32) + warp;
+}
 
 int simt_smem_bytes(int D, int Dv) {
   return static_cast<int>(sizeof(float)) * (kRows * D + kKeys * (D + 1) + kKeys * Dv);
@@ -129,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_simt_kernel(const FwdParam
     const int64_t t = n0 + lane;
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int lr = warp * kRowsPerWarp + rr;
+      const int lr = row_of(warp, rr);
       const int64_t r = r0 + lr;
       if (r >= rows) continue;  // warp-uniform
       const int64_t qpos = q_offset + r / G;
@@ -164,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_simt_kernel(const FwdParam
 
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-    const int64_t r = r0 + warp * kRowsPerWarp + rr;
+    const int64_t r = r0 + row_of(warp, rr);
     if (r >= rows) continue;
     const int64_t i = r / G;
     const int h = hkv * G + static_cast<int>(r % G);
