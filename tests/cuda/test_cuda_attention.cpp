@@ -579,11 +579,30 @@ TEST_F(CudaAttention, MergeRunsOnTheTensorsDevice) {
   Tensor ld = poisoned({B, H, S}, DType::kFloat32, gpu());
   int current = 0;
   ASSERT_EQ(cudaGetDevice(&current), cudaSuccess);
-  ASSERT_EQ(cudaSetDevice(gpu().index == 0 ? 1 : 0), cudaSuccess);
-  // Merging a partial with itself: weights 1/2 each, out = oa, lse = la + log 2.
-  kc::merge(oad, lad, oad, lad, od, ld, nullptr);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaSetDevice(gpu().index), cudaSuccess);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  // Another device current: a launch into the tensors' stream from there is refused, so
+  // merge must switch devices itself (and put the caller's device back).
+  const int other = gpu().index == 0 ? 1 : 0;
+  ASSERT_EQ(cudaSetDevice(other), cudaSuccess);
+  std::string error;
+  try {
+    // Merging a partial with itself: weights 1/2 each, out = oa, lse = la + log 2.
+    kc::merge(oad, lad, oad, lad, od, ld, static_cast<Stream>(stream));
+  } catch (const Error& e) {
+    error = e.message();
+  }
+  int after = -1;
+  const cudaError_t got_device = cudaGetDevice(&after);
+  ASSERT_EQ(cudaSetDevice(gpu().index), cudaSuccess);
+  const cudaError_t synced = cudaStreamSynchronize(stream);
+  (void)cudaStreamDestroy(stream);
   ASSERT_EQ(cudaSetDevice(current), cudaSuccess);
+  EXPECT_EQ(error, "");
+  EXPECT_EQ(synced, cudaSuccess);
+  EXPECT_EQ(got_device, cudaSuccess);
+  EXPECT_EQ(after, other) << "merge must leave the caller's device current";
   const std::vector<double> o = to_double_vector(od), l = to_double_vector(ld);
   const std::vector<double> oe = to_double_vector(oa), le = to_double_vector(la);
   for (size_t i = 0; i < o.size(); ++i) EXPECT_NEAR(o[i], oe[i], 1e-6 * std::abs(oe[i]) + 1e-7);
