@@ -300,6 +300,29 @@ TEST_F(CudaAttention, DecodeSplitKvMatchesReference) {
       }
 }
 
+// Long context with the automatic split count (16 splits on a 132-SM H100: 2 blocks
+// otherwise) and a forced 64-way split; GQA rows of a block (4 or 12) spread over its
+// warps. (Far more splits of a few keys each would fold partials ~sqrt(Sk / split) larger
+// than the result, outgrowing the fp32 tolerance.)
+TEST_F(CudaAttention, DecodeAutoSplitsOverALongContext) {
+  for (int64_t sq : {1, 3})
+    for (int splits : {0, 64}) {
+      const int64_t sk = 4099;
+      const FwdCase c{"decode_long", 1, sq, sk, 8, 2, 128, 128, true, sk - sq, 0, -1, -1};
+      SCOPED_TRACE("sq " + std::to_string(sq) + " splits " + std::to_string(splits));
+      const DeviceInputs in = make_inputs(c, DType::kBFloat16, 70 + static_cast<uint64_t>(sq));
+      Tensor out = poisoned({c.B, c.Sq, c.Hq, c.Dv}, DType::kFloat32, gpu());
+      Tensor lse = poisoned({c.B, c.Hq, c.Sq}, DType::kFloat32, gpu());
+      ops::DecodeOptions d;
+      d.num_splits = splits;
+      const ops::AttentionOptions o = options_of(c);
+      kc::decode(in.dq, in.dk, in.dv, out, lse, o, d);
+      const auto ref = kernels::cpu::reference_attention_forward(in.q, in.k, in.v, o);
+      expect_close(out, ref.out, 1e-5, "out");
+      expect_close(lse, ref.lse, 1e-5, "lse");
+    }
+}
+
 // Paged decode: pages shuffled, sequence lengths 0, shorter than a page, and not a
 // multiple of the page size; each sequence checked against the reference over its own
 // contiguous keys.
