@@ -174,7 +174,7 @@ __device__ __forceinline__ int64_t pair_index(unsigned z_slice) {
 }
 #endif
 
-// Number of SMs of the current device (cached per process; the first device queried).
+// Number of SMs of the current device (cached per device ordinal).
 int device_sm_count();
 
 // Raises a kernel's dynamic shared memory limit once per (kernel, size) need.
