@@ -126,6 +126,14 @@ struct Mask {
     if (window_right >= 0 && kpos > qpos + window_right) return false;
     return true;
   }
+  // Every query in [qlo, qhi] sees every key in [klo, khi] (the extreme pairs decide each
+  // constraint): such a tile needs no per-element mask.
+  __host__ __device__ bool all_visible(int64_t qlo, int64_t qhi, int64_t klo, int64_t khi) const {
+    if (causal && khi > qlo) return false;
+    if (window_left >= 0 && klo < qhi - window_left) return false;
+    if (window_right >= 0 && khi > qlo + window_right) return false;
+    return true;
+  }
   // Visible key positions of queries in [qpos_lo, qpos_hi] lie in [lo, hi] (a superset).
   __host__ __device__ int64_t key_lo(int64_t qpos_lo) const {
     return window_left >= 0 ? qpos_lo - window_left : INT64_MIN / 4;

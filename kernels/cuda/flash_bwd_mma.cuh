@@ -136,7 +136,10 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_mma_kernel(const BwdParams
         }
       }
 
-      // P^T and dS^T = P^T (dP^T - delta); rows are the accumulator columns.
+      // P^T and dS^T = P^T (dP^T - delta); rows are the accumulator columns. Only tiles
+      // on the mask's edges need the per-element test (see flash_fwd_mma.cuh).
+      const bool edge = any_mask && !f.mask.all_visible(f.q_offset + m0, f.q_offset + m0 + BM - 1,
+                                                        f.k_offset + n0, f.k_offset + n_last);
 #pragma unroll
       for (int nb = 0; nb < BM / 8; ++nb) {
 #pragma unroll
@@ -145,7 +148,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_mma_kernel(const BwdParams
           const int64_t key = key0 + (e >= 2 ? 8 : 0);
           const int64_t row = m0 + lrow;
           bool vis = key <= n_last;
-          if (any_mask) vis = vis && f.mask.visible(f.q_offset + row, f.k_offset + key);
+          if (edge) vis = vis && f.mask.visible(f.q_offset + row, f.k_offset + key);
           const float pr = vis ? exp2f(st[nb][e] * f.scale_log2 - lse_s[lrow]) : 0.f;
           st[nb][e] = pr;
           dpt[nb][e] = pr * (dpt[nb][e] - delta_s[lrow]);
@@ -288,7 +291,10 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_mma_kernel(const BwdParams p
       }
     }
 
-    // dS = P (dP - delta), P = exp2(s scale log2e - lse log2e), 0 where masked.
+    // dS = P (dP - delta), P = exp2(s scale log2e - lse log2e), 0 where masked (tested per
+    // element on the mask's edge tiles only).
+    const bool edge = any_mask && !f.mask.all_visible(f.q_offset + m0, f.q_offset + m_last,
+                                                      f.k_offset + n0, f.k_offset + n0 + BN - 1);
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
@@ -296,7 +302,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_mma_kernel(const BwdParams p
         const int hr = e >= 2 ? 1 : 0;
         const int64_t key = n0 + nb * 8 + 2 * (lane % 4) + (e & 1);
         bool vis = key < f.Sk;
-        if (any_mask) vis = vis && f.mask.visible(f.q_offset + row0 + 8 * hr, f.k_offset + key);
+        if (edge) vis = vis && f.mask.visible(f.q_offset + row0 + 8 * hr, f.k_offset + key);
         const float pr = vis ? exp2f(s[nb][e] * f.scale_log2 - l2[hr]) : 0.f;
         s[nb][e] = pr * (dp[nb][e] - dl[hr]);
       }

@@ -184,8 +184,13 @@ __global__ void __launch_bounds__(FwdTraits<kD, kDv, kBlockN>::kThreads)
       }
     }
 
-    // Scale into base 2, mask.
-    const bool edge = any_mask || n0 + kBlockN > p.Sk;
+    // Scale into base 2, mask. Under a mask only the tiles on its edges (the causal
+    // diagonal, the window borders) need the per-element test: a tile every row of the
+    // block sees entirely skips it (most tiles of a long causal sequence).
+    const bool edge =
+        n0 + kBlockN > p.Sk ||
+        (any_mask && !p.mask.all_visible(p.q_offset + m0, p.q_offset + m_last, p.k_offset + n0,
+                                         p.k_offset + n0 + kBlockN - 1));
 #pragma unroll
     for (int nb = 0; nb < kBlockN / 8; ++nb) {
 #pragma unroll

@@ -48,6 +48,8 @@ const FwdCase kFwdCases[] = {
     {"wide_d256", 1, 9, 70, 2, 1, 256, 256, false, 0, 0, 30, -1},
     // Global positions as in a 1M-token zigzag step (keys straddle the queries' diagonal)
     // and past 2^31 (int32 truncation) and 2^24 (positions through float lose exactness).
+    // A wide window: tiles inside both the window and the causal bound, tiles on its edges.
+    {"window_wide_d128", 1, 260, 260, 2, 1, 128, 128, true, 0, 0, 150, -1},
     {"offset_1m_causal_d128", 1, 70, 150, 2, 1, 128, 128, true, 1048000, 1047950, -1, -1},
     {"offset_3e9_window_d64", 2, 40, 90, 2, 2, 64, 64, true, 3000000000LL, 2999999980LL, 16, -1},
     {"offset_3e9_simt_d40", 1, 21, 50, 2, 1, 40, 40, false, 3000000007LL, 3000000000LL, 9, 4},
