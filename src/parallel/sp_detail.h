@@ -92,9 +92,10 @@ class Tracker {
   Stream comm_stream() const { return device_.is_cuda() ? comm_stream_.get() : opts_.stream; }
   // The comm stream waits (on the device) for everything enqueued on the compute stream so
   // far. Call right before posting an op. No-op on the CPU.
-  // MPI backend with device memory: the backend synchronizes the comm stream before staging
-  // its send buffers, so this makes the HOST wait for the compute enqueued so far (ranks
-  // sharing one GPU serialize on it anyway); NCCL: no host wait.
+  // MPI backend with device memory: the backend enqueues its staging copies on the comm
+  // stream and the host waits for that stream before posting to MPI, so this makes the HOST
+  // wait for the compute enqueued so far (ranks sharing one GPU serialize on it anyway);
+  // NCCL: no host wait.
   void comm_after_compute();
   // Makes the op's results visible to the compute stream. CPU: Handle::wait(). CUDA:
   // Handle::wait_on(compute stream) (NCCL: device-side; MPI: host waits for the transfer,
@@ -124,7 +125,12 @@ class Tracker {
   const SpOptions& opts_;
   comm::Communicator* progress_comm_;
   Device device_;
-  OwnedStream comm_stream_;            // CUDA only (get() nullptr on the CPU)
+  OwnedStream comm_stream_;  // CUDA only (get() nullptr on the CPU)
+  // CUDA only: recorded on one stream and waited by the other, reused for every post (a
+  // recorded event may be re-recorded at once: a wait already enqueued keeps the state it
+  // captured), so ordering the streams creates no event per step.
+  Event compute_done_;
+  Event comm_done_;
   std::vector<comm::Handle> pending_;  // CUDA: waited on the device, not yet on the host
   Clock::time_point start_;
   double compute_s_ = 0;

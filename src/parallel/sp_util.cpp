@@ -96,11 +96,17 @@ double visible_pairs(int64_t sq, int64_t sk, int64_t q_offset, int64_t k_offset,
 
 Tracker::Tracker(const SpOptions& opts, comm::Communicator* progress_comm, Device device)
     : opts_(opts), progress_comm_(progress_comm), device_(device), start_(Clock::now()) {
-  if (device_.is_cuda()) comm_stream_ = OwnedStream(device_);
+  if (device_.is_cuda()) {
+    comm_stream_ = OwnedStream(device_);
+    compute_done_ = Event(device_);
+    comm_done_ = Event(device_);
+  }
 }
 
 void Tracker::comm_after_compute() {
-  if (device_.is_cuda()) stream_wait_stream(device_, comm_stream_.get(), opts_.stream);
+  if (!device_.is_cuda()) return;
+  compute_done_.record(opts_.stream);
+  compute_done_.block(comm_stream_.get());
 }
 
 ops::AttentionOptions Tracker::attn_options(int64_t q_offset, int64_t k_offset, bool causal) const {
@@ -191,7 +197,8 @@ void Tracker::finish() {
   if (device_.is_cuda()) {
     // The caller's stream is ordered after every transfer of the call (sends read the
     // caller's k, v until they complete), without a host wait.
-    stream_wait_stream(device_, opts_.stream, comm_stream_.get());
+    comm_done_.record(comm_stream_.get());
+    comm_done_.block(opts_.stream);
     // Host completion of the ops the compute stream already waits for on the device. Not
     // counted as exposed: by now it mostly waits for the kernels the transfers overlapped.
     for (auto& h : pending_) h.wait();
