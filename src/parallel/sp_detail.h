@@ -45,7 +45,6 @@ Tensor zeros_on(std::initializer_list<int64_t> shape, DType dtype, Device device
 // Where fp32 partials accumulate: `t` itself when it is fp32, else a packed fp32 scratch of
 // t's shape owned by `holder` (the caller converts it into t at the end).
 TensorView fp32_accumulator(const TensorView& t, Tensor& holder);
-Tensor empty_like_shape(std::initializer_list<int64_t> shape, DType dtype, Device device);
 
 // ---- GQA head mapping ----
 // Local query heads [q_begin, q_end) all use local KV head `kv`.

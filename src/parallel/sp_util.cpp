@@ -37,10 +37,6 @@ TensorView fp32_accumulator(const TensorView& t, Tensor& holder) {
   return holder.view();
 }
 
-Tensor empty_like_shape(std::initializer_list<int64_t> shape, DType dtype, Device device) {
-  return Tensor::empty(shape, dtype, device);
-}
-
 std::vector<HeadSegment> head_segments(int64_t hq_begin, int64_t hq_end, int64_t kv_begin,
                                        int64_t group) {
   std::vector<HeadSegment> segs;
