@@ -164,51 +164,21 @@ void check_options(const char* op, const AttentionOptions& o, int64_t head_dim) 
 }
 #endif
 
-// Sk == 0 (or an empty query set): every row is fully masked -> out = 0, lse = -inf.
-void fill_fully_masked_cpu(const TensorView& out, const TensorView& lse) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t b = 0; b < lse.size(0); ++b)
-    for (int64_t h = 0; h < lse.size(1); ++h)
-      for (int64_t i = 0; i < lse.size(2); ++i)
-        lse.data_as<float>()[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] = neg_inf;
-  const int64_t es = static_cast<int64_t>(out.element_size());
-  for (int64_t b = 0; b < out.size(0); ++b)
-    for (int64_t s = 0; s < out.size(1); ++s)
-      for (int64_t h = 0; h < out.size(2); ++h) {
-        char* row = static_cast<char*>(out.data) +
-                    (b * out.stride(0) + s * out.stride(1) + h * out.stride(2)) * es;
-        std::fill(row, row + out.size(3) * es, char{0});
-      }
-}
-
-void zero_cpu(const TensorView& t) {
-  if (t.numel() == 0) return;
-  const int64_t es = static_cast<int64_t>(t.element_size());
-  for (int64_t a = 0; a < t.size(0); ++a)
-    for (int64_t b = 0; b < t.size(1); ++b)
-      for (int64_t c = 0; c < t.size(2); ++c) {
-        char* row =
-            static_cast<char*>(t.data) + (a * t.stride(0) + b * t.stride(1) + c * t.stride(2)) * es;
-        std::fill(row, row + t.size(3) * es, char{0});
-      }
-}
-
-// The same two fills for any device: on CUDA they are enqueued on the op's stream (any
-// strides), so a degenerate call never synchronizes the host either.
+// Sk == 0 (or an empty query set): every row is fully masked -> out = 0, lse = -inf. The
+// elementwise ops do both devices (any strides); on CUDA they are enqueued on the op's
+// stream, so a degenerate call never synchronizes the host either.
 void fill_fully_masked(const char* op, const TensorView& out, const TensorView& lse,
                        Stream stream) {
-  if (out.device.is_cpu()) return fill_fully_masked_cpu(out, lse);
 #if !DISTATTN_WITH_CUDA
-  cuda_unsupported(op);
+  if (!out.device.is_cpu()) cuda_unsupported(op);
 #endif
   tensor_zero(out, stream);
   tensor_fill(lse, -std::numeric_limits<double>::infinity(), stream);
 }
 
 void zero(const char* op, const TensorView& t, Stream stream) {
-  if (t.device.is_cpu()) return zero_cpu(t);
 #if !DISTATTN_WITH_CUDA
-  cuda_unsupported(op);
+  if (!t.device.is_cpu()) cuda_unsupported(op);
 #endif
   tensor_zero(t, stream);
 }
