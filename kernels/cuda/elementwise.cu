@@ -14,10 +14,8 @@
 #include <array>
 #include <climits>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
-#include "distattn/core/half.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/elementwise_cuda.h"
 #include "kernels/cuda/elementwise_index.h"
@@ -232,31 +230,6 @@ void fill_bits(const TensorView& t, uint64_t bits, cudaStream_t s) {
   }
 }
 
-// One element of `value` in dtype t, as bits (the host conversions of distattn/core/half.h,
-// so CPU and CUDA fills agree bit for bit).
-uint64_t value_bits(DType t, double value) {
-  uint64_t bits = 0;
-  switch (t) {
-    case DType::kFloat32: {
-      const float f = static_cast<float>(value);
-      std::memcpy(&bits, &f, sizeof f);
-      break;
-    }
-    case DType::kFloat64:
-      std::memcpy(&bits, &value, sizeof value);
-      break;
-    case DType::kBFloat16:
-      bits = bf16_t::from_float(static_cast<float>(value));
-      break;
-    case DType::kFloat16:
-      bits = fp16_t::from_float(static_cast<float>(value));
-      break;
-    default:
-      DISTATTN_THROW(Status::kInternal, "CUDA elementwise: unexpected dtype ", dtype_name(t));
-  }
-  return bits;
-}
-
 cudaStream_t as_stream(Stream s) {
   return static_cast<cudaStream_t>(s);
 }
@@ -325,10 +298,10 @@ void tensor_zero(const TensorView& t, Stream stream) {
   fill_bits(t, 0, as_stream(stream));
 }
 
-void tensor_fill(const TensorView& t, double value, Stream stream) {
+void tensor_fill_bits(const TensorView& t, uint64_t bits, Stream stream) {
   if (t.numel() == 0) return;
   DeviceGuard guard(t.device.index);
-  fill_bits(t, value_bits(t.dtype, value), as_stream(stream));
+  fill_bits(t, bits, as_stream(stream));
 }
 
 void copy_from_host(const TensorView& dst, const TensorView& host, Stream stream) {

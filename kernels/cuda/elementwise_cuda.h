@@ -15,8 +15,9 @@ void tensor_copy(const TensorView& dst, const TensorView& src, Stream stream);
 void tensor_add(const TensorView& dst, const TensorView& src, Stream stream);
 // t <- 0 (all-zero bits): cudaMemsetAsync / cudaMemset2DAsync, else a strided kernel.
 void tensor_zero(const TensorView& t, Stream stream);
-// t <- value rounded to t's float dtype (through fp32 for bf16/fp16, as the CPU does).
-void tensor_fill(const TensorView& t, double value, Stream stream);
+// Every element of t <- the low element-size bytes of `bits` (the dispatch layer turns a
+// fill value into t's dtype once, for both devices, so CPU and CUDA fills agree bit for bit).
+void tensor_fill_bits(const TensorView& t, uint64_t bits, Stream stream);
 
 // Mixed-device copies (synchronous: the stream is synchronized before returning).
 // dst (CUDA, any strides/dtype) <- host (CPU, packed, same shape, any float dtype).

@@ -360,7 +360,7 @@ void fill_bits_cpu(const TensorView& t, uint64_t bits) {
   });
 }
 
-// The bits of `value` stored as one element of a float dtype.
+// The bits of `value` stored as one element of a float dtype (CPU and CUDA fills alike).
 uint64_t value_bits(DType t, double value) {
   uint64_t bits = 0;
   with_float_tag(t, [&](auto tag) {
@@ -458,7 +458,7 @@ void tensor_fill(const TensorView& t, double value, Stream stream) {
   if (t.numel() == 0) return;
   if (t.device.is_cpu()) return fill_bits_cpu(t, value_bits(t.dtype, value));
 #if DISTATTN_WITH_CUDA
-  kernels::cuda::tensor_fill(t, value, stream);
+  kernels::cuda::tensor_fill_bits(t, value_bits(t.dtype, value), stream);
 #else
   (void)stream;
 #endif
