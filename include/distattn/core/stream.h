@@ -64,6 +64,8 @@ class Event {
 
 // `waiter` waits on the device for all work enqueued on `producer` so far (through a
 // temporary event); the host does not wait. No-op on the CPU or when waiter == producer.
+// Each call creates and destroys a CUDA event: code that orders two streams repeatedly (a
+// per-step loop) should record() and block() one Event it keeps instead.
 void stream_wait_stream(Device device, Stream waiter, Stream producer);
 
 // The host waits for all work enqueued on `s` so far. No-op on the CPU.
