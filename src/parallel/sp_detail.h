@@ -39,8 +39,8 @@ void zero(const TensorView& t, Stream stream);  // any strides
 // A packed copy of `t` on t's device (filled on `stream`), e.g. a send buffer of a strided
 // input.
 Tensor packed_copy(const TensorView& t, Stream stream);
-// A packed zero tensor on `device`, zeroed on `stream` (Tensor::zeros would memset on the
-// legacy default stream, which a non-blocking compute stream is not ordered with).
+// A packed zero tensor on `device`, zeroed on `stream`, stream-ordered (on CUDA,
+// Tensor::zeros memsets on the legacy default stream and makes the host wait for it).
 Tensor zeros_on(std::initializer_list<int64_t> shape, DType dtype, Device device, Stream stream);
 // Where fp32 partials accumulate: `t` itself when it is fp32, else a packed fp32 scratch of
 // t's shape owned by `holder` (the caller converts it into t at the end).
