@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "common/strided_views.h"
 #include "common/test_data.h"
 #include "distattn/config.h"
 #include "distattn/core/half.h"
@@ -33,22 +34,6 @@ namespace {
 
 const DType kFloats[] = {DType::kFloat32, DType::kFloat64, DType::kBFloat16, DType::kFloat16};
 
-enum class Kind { kPacked, kTransposed, kSliced, kPermuted };
-const Kind kKinds[] = {Kind::kPacked, Kind::kTransposed, Kind::kSliced, Kind::kPermuted};
-const char* kind_name(Kind k) {
-  switch (k) {
-    case Kind::kPacked:
-      return "packed";
-    case Kind::kTransposed:
-      return "transposed";
-    case Kind::kSliced:
-      return "sliced";
-    case Kind::kPermuted:
-      return "permuted";
-  }
-  return "?";
-}
-
 // The same view of a backing buffer on the host and on the GPU.
 struct Pair {
   Tensor host_backing, dev_backing;
@@ -58,25 +43,11 @@ struct Pair {
 // A view of `shape` inside a larger 1-D backing (kind picks the layout). The backing holds
 // test data, or NaN everywhere when `poison` (float dtypes).
 Pair make(const std::vector<int64_t>& shape, DType dtype, Kind kind, uint64_t seed, bool poison) {
-  const int nd = static_cast<int>(shape.size());
-  std::vector<int> order(nd);
-  std::iota(order.begin(), order.end(), 0);
-  if (kind == Kind::kTransposed) std::reverse(order.begin(), order.end());
-  if (kind == Kind::kPermuted && nd >= 2) std::swap(order[0], order[1]);
-  const int64_t pad = kind == Kind::kSliced ? 2 : 0;
-  std::vector<int64_t> alloc(nd), mem_stride(nd, 1), strides(nd);
-  for (int i = 0; i < nd; ++i) alloc[i] = shape[order[i]] + pad;
-  for (int i = nd - 2; i >= 0; --i) mem_stride[i] = mem_stride[i + 1] * alloc[i + 1];
-  int64_t total = 1, base = 1;
-  for (int i = 0; i < nd; ++i) {
-    total *= alloc[i];
-    strides[order[i]] = mem_stride[i];
-    base += (pad / 2) * mem_stride[i];
-  }
+  const StridedLayout l = strided_layout(shape, kind);
   Pair p;
-  p.host_backing = Tensor::empty({total + 3}, dtype);
+  p.host_backing = Tensor::empty({l.backing_numel}, dtype);
   if (poison) {
-    Tensor nan = Tensor::empty({total + 3}, DType::kFloat64);
+    Tensor nan = Tensor::empty({l.backing_numel}, DType::kFloat64);
     std::fill_n(nan.data_as<double>(), nan.numel(), std::numeric_limits<double>::quiet_NaN());
     convert_dtype_cpu(nan.view(), p.host_backing.view());
   } else {
@@ -86,10 +57,11 @@ Pair make(const std::vector<int64_t>& shape, DType dtype, Kind kind, uint64_t se
   // cudaMemcpy from pageable memory may return before the DMA lands, and the legacy stream
   // does not order the tests' non-blocking streams.
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const int64_t off = base * static_cast<int64_t>(dtype_size(dtype));
+  const int64_t off = l.base * static_cast<int64_t>(dtype_size(dtype));
   p.host = TensorView(static_cast<char*>(p.host_backing.data()) + off, dtype, Device::cpu(), shape,
-                      strides);
-  p.dev = TensorView(static_cast<char*>(p.dev_backing.data()) + off, dtype, gpu(), shape, strides);
+                      l.strides);
+  p.dev =
+      TensorView(static_cast<char*>(p.dev_backing.data()) + off, dtype, gpu(), shape, l.strides);
   return p;
 }
 

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "common/strided_views.h"
 #include "common/test_data.h"
 #include "distattn/core/half.h"
 #include "distattn/core/tensor_view.h"
@@ -24,6 +25,10 @@
 
 namespace distattn {
 namespace {
+
+using testing::Kind;
+using testing::kind_name;
+using testing::kKinds;
 
 const DType kFloats[] = {DType::kFloat32, DType::kFloat64, DType::kBFloat16, DType::kFloat16};
 
@@ -80,22 +85,6 @@ std::vector<int64_t> offsets(const TensorView& t) {
   return out;
 }
 
-enum class Kind { kPacked, kTransposed, kSliced, kPermuted };
-const Kind kKinds[] = {Kind::kPacked, Kind::kTransposed, Kind::kSliced, Kind::kPermuted};
-const char* kind_name(Kind k) {
-  switch (k) {
-    case Kind::kPacked:
-      return "packed";
-    case Kind::kTransposed:
-      return "transposed";
-    case Kind::kSliced:
-      return "sliced";
-    case Kind::kPermuted:
-      return "permuted";
-  }
-  return "?";
-}
-
 // A view of `shape` with a layout of kind `kind` inside a larger backing buffer whose every
 // element holds test data (so untouched bytes are recognisable).
 struct Strided {
@@ -105,28 +94,13 @@ struct Strided {
 };
 
 Strided make(std::vector<int64_t> shape, DType dtype, Kind kind, uint64_t seed) {
-  const int nd = static_cast<int>(shape.size());
-  std::vector<int64_t> alloc = shape;  // the backing's packed shape, in memory order
-  std::vector<int> order(nd);          // order[i] = view dim stored at memory position i
-  std::iota(order.begin(), order.end(), 0);
-  int64_t pad = 0;
-  if (kind == Kind::kTransposed) std::reverse(order.begin(), order.end());
-  if (kind == Kind::kPermuted && nd >= 2) std::swap(order[0], order[1]);
-  if (kind == Kind::kSliced) pad = 2;
-  for (int i = 0; i < nd; ++i) alloc[i] = shape[order[i]] + pad;
-  std::vector<int64_t> mem_stride(nd, 1);
-  for (int i = nd - 2; i >= 0; --i) mem_stride[i] = mem_stride[i + 1] * alloc[i + 1];
-  int64_t total = 1;
-  for (int64_t a : alloc) total *= a;
+  const testing::StridedLayout l = testing::strided_layout(shape, kind);
   Strided s;
-  s.backing = Tensor::empty({total + 3}, dtype);
+  s.backing = Tensor::empty({l.backing_numel}, dtype);
   testing::fill_test_data(s.backing.view(), seed, 99);
-  std::vector<int64_t> strides(nd);
-  for (int i = 0; i < nd; ++i) strides[order[i]] = mem_stride[i];
-  for (int i = 0; i < nd; ++i) s.base += (pad / 2) * mem_stride[i];
-  s.base += 1;  // never at the start of the backing
+  s.base = l.base;
   s.view = TensorView(static_cast<char*>(s.backing.data()) + s.base * dtype_size(dtype), dtype,
-                      Device::cpu(), shape, strides);
+                      Device::cpu(), shape, l.strides);
   return s;
 }
 
