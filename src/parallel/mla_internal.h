@@ -16,7 +16,5 @@ void rms_normalize_rows(float* x, int64_t n, int64_t d, int64_t ld, float eps);
 // Half-split rotary embedding of v[d] at position pos (d even).
 void rope_inplace(float* v, int64_t d, int64_t pos, double theta);
 void rope_inplace(double* v, int64_t d, int64_t pos, double theta);
-// Uniform [-1, 1) from (seed, tensor id, index).
-double hash_uniform(uint64_t seed, uint64_t tensor, uint64_t index);
 
 }  // namespace distattn::parallel::mla_detail

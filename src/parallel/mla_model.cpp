@@ -9,7 +9,9 @@
 
 #include "distattn/core/half.h"
 #include "distattn/core/npy.h"
+#include "distattn/core/random.h"
 #include "distattn/ops/attention.h"
+#include "distattn/ops/dense.h"
 #include "distattn/parallel/mla.h"
 #include "src/parallel/mla_internal.h"
 
@@ -19,39 +21,21 @@ namespace mla_detail {
 
 void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
           float* c, int64_t ldc, bool accumulate) {
-  // Tasks = rows x column blocks so that a single-row product (decode) also spreads over
-  // threads; the inner j loop is a contiguous axpy.
-  constexpr int64_t kCols = 512;
-  const int64_t col_blocks = (n + kCols - 1) / kCols;
-  const int64_t tasks = m * col_blocks;
-#pragma omp parallel for schedule(static) if (m * n * k > (1 << 18))
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t i = task / col_blocks, j0 = (task % col_blocks) * kCols;
-    const int64_t j1 = std::min(n, j0 + kCols);
-    float* ci = c + i * ldc;
-    if (!accumulate)
-      for (int64_t j = j0; j < j1; ++j) ci[j] = 0.0f;
-    for (int64_t p = 0; p < k; ++p) {
-      const float av = a[i * lda + p];
-      const float* bp = b + p * ldb;
-#pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) ci[j] += av * bp[j];
-    }
-  }
+  const int64_t as[] = {lda, 1}, bs[] = {ldb, 1}, cs[] = {ldc, 1};
+  const int64_t ash[] = {m, k}, bsh[] = {k, n}, csh[] = {m, n};
+  ops::matmul(TensorView(const_cast<float*>(a), DType::kFloat32, Device::cpu(), ash, as),
+              TensorView(const_cast<float*>(b), DType::kFloat32, Device::cpu(), bsh, bs),
+              TensorView(c, DType::kFloat32, Device::cpu(), csh, cs), {.accumulate = accumulate});
 }
 
 void gemm_bt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-#pragma omp parallel for collapse(2) schedule(static) if (m * n * k > (1 << 18))
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const float* ai = a + i * lda;
-      const float* bj = b + j * ldb;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t p = 0; p < k; ++p) acc += ai[p] * bj[p];
-      c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc : acc;
-    }
+  const int64_t as[] = {lda, 1}, bs[] = {ldb, 1}, cs[] = {ldc, 1};
+  const int64_t ash[] = {m, k}, bsh[] = {n, k}, csh[] = {m, n};
+  ops::matmul(TensorView(const_cast<float*>(a), DType::kFloat32, Device::cpu(), ash, as),
+              TensorView(const_cast<float*>(b), DType::kFloat32, Device::cpu(), bsh, bs),
+              TensorView(c, DType::kFloat32, Device::cpu(), csh, cs),
+              {.accumulate = accumulate, .transpose_b = true});
 }
 
 void rms_normalize_rows(float* x, int64_t n, int64_t d, int64_t ld, float eps) {
@@ -81,20 +65,6 @@ void rope_inplace(float* v, int64_t d, int64_t pos, double theta) {
 }
 void rope_inplace(double* v, int64_t d, int64_t pos, double theta) {
   rope_impl(v, d, pos, theta);
-}
-
-namespace {
-uint64_t mix(uint64_t x) {  // splitmix64 finalizer
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-}  // namespace
-
-double hash_uniform(uint64_t seed, uint64_t tensor, uint64_t index) {
-  const uint64_t h = mix(mix(mix(seed) ^ tensor) ^ index);
-  return static_cast<double>(h >> 11) * (2.0 / 9007199254740992.0) - 1.0;
 }
 
 }  // namespace mla_detail
@@ -135,20 +105,6 @@ std::string MlaConfig::str() const {
 
 namespace {
 enum : uint64_t { kWdq = 1, kWuq, kWqr, kWdkv, kWkr, kGamma, kWuk, kWuv, kWo };
-
-// t[i, j] = bound * u(seed, id, global row-major index of (row0 + i, col0 + j) in a matrix
-// with `full_cols` columns).
-Tensor gen_matrix(uint64_t seed, uint64_t id, int64_t rows, int64_t cols, int64_t full_cols,
-                  int64_t row0, int64_t col0, double bound) {
-  Tensor t = Tensor::empty({rows, cols}, DType::kFloat32);
-  float* p = t.data_as<float>();
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      const uint64_t g = static_cast<uint64_t>((row0 + i) * full_cols + col0 + j);
-      p[i * cols + j] = static_cast<float>(bound * hash_uniform(seed, id, g));
-    }
-  return t;
-}
 }  // namespace
 
 MlaWeights MlaWeights::generate(const MlaConfig& cfg, uint64_t seed, int64_t head_begin,
@@ -164,30 +120,33 @@ MlaWeights MlaWeights::generate(const MlaConfig& cfg, uint64_t seed, int64_t hea
   const int64_t h = cfg.heads, q_in = cfg.q_lora_rank > 0 ? cfg.q_lora_rank : cfg.hidden;
   auto bound = [](int64_t fan_in) { return std::sqrt(3.0 / static_cast<double>(fan_in)); };
   if (cfg.q_lora_rank > 0)
-    w.w_dq = gen_matrix(seed, kWdq, cfg.hidden, cfg.q_lora_rank, cfg.q_lora_rank, 0, 0,
-                        bound(cfg.hidden));
-  w.w_uq = gen_matrix(seed, kWuq, q_in, head_count * cfg.qk_nope, h * cfg.qk_nope, 0,
-                      head_begin * cfg.qk_nope, bound(q_in));
-  w.w_qr = gen_matrix(seed, kWqr, q_in, head_count * cfg.qk_rope, h * cfg.qk_rope, 0,
-                      head_begin * cfg.qk_rope, bound(q_in));
-  w.w_dkv = gen_matrix(seed, kWdkv, cfg.hidden, cfg.kv_lora_rank, cfg.kv_lora_rank, 0, 0,
-                       bound(cfg.hidden));
-  w.w_kr = gen_matrix(seed, kWkr, cfg.hidden, cfg.qk_rope, cfg.qk_rope, 0, 0, bound(cfg.hidden));
+    w.w_dq = uniform_matrix_block(seed, kWdq, cfg.hidden, cfg.q_lora_rank, cfg.q_lora_rank, 0, 0,
+                                  bound(cfg.hidden));
+  w.w_uq = uniform_matrix_block(seed, kWuq, q_in, head_count * cfg.qk_nope, h * cfg.qk_nope, 0,
+                                head_begin * cfg.qk_nope, bound(q_in));
+  w.w_qr = uniform_matrix_block(seed, kWqr, q_in, head_count * cfg.qk_rope, h * cfg.qk_rope, 0,
+                                head_begin * cfg.qk_rope, bound(q_in));
+  w.w_dkv = uniform_matrix_block(seed, kWdkv, cfg.hidden, cfg.kv_lora_rank, cfg.kv_lora_rank, 0, 0,
+                                 bound(cfg.hidden));
+  w.w_kr = uniform_matrix_block(seed, kWkr, cfg.hidden, cfg.qk_rope, cfg.qk_rope, 0, 0,
+                                bound(cfg.hidden));
   w.gamma = Tensor::empty({cfg.kv_lora_rank}, DType::kFloat32);
   for (int64_t i = 0; i < cfg.kv_lora_rank; ++i)
     w.gamma.data_as<float>()[i] =
         static_cast<float>(1.0 + 0.5 * hash_uniform(seed, kGamma, static_cast<uint64_t>(i)));
   // w_uk [H, nope, kv] and w_uv [H, v_head, kv]: head slices are contiguous row ranges.
-  Tensor uk = gen_matrix(seed, kWuk, head_count * cfg.qk_nope, cfg.kv_lora_rank, cfg.kv_lora_rank,
-                         head_begin * cfg.qk_nope, 0, bound(cfg.kv_lora_rank));
+  Tensor uk =
+      uniform_matrix_block(seed, kWuk, head_count * cfg.qk_nope, cfg.kv_lora_rank, cfg.kv_lora_rank,
+                           head_begin * cfg.qk_nope, 0, bound(cfg.kv_lora_rank));
   w.w_uk = Tensor::empty({head_count, cfg.qk_nope, cfg.kv_lora_rank}, DType::kFloat32);
   std::memcpy(w.w_uk.data(), uk.data(), uk.nbytes());
-  Tensor uv = gen_matrix(seed, kWuv, head_count * cfg.v_head, cfg.kv_lora_rank, cfg.kv_lora_rank,
-                         head_begin * cfg.v_head, 0, bound(cfg.kv_lora_rank));
+  Tensor uv =
+      uniform_matrix_block(seed, kWuv, head_count * cfg.v_head, cfg.kv_lora_rank, cfg.kv_lora_rank,
+                           head_begin * cfg.v_head, 0, bound(cfg.kv_lora_rank));
   w.w_uv = Tensor::empty({head_count, cfg.v_head, cfg.kv_lora_rank}, DType::kFloat32);
   std::memcpy(w.w_uv.data(), uv.data(), uv.nbytes());
-  w.w_o = gen_matrix(seed, kWo, head_count * cfg.v_head, cfg.hidden, cfg.hidden,
-                     head_begin * cfg.v_head, 0, bound(h * cfg.v_head));
+  w.w_o = uniform_matrix_block(seed, kWo, head_count * cfg.v_head, cfg.hidden, cfg.hidden,
+                               head_begin * cfg.v_head, 0, bound(h * cfg.v_head));
   return w;
 }
 

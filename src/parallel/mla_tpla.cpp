@@ -5,6 +5,7 @@
 #include <numeric>
 #include <vector>
 
+#include "distattn/core/random.h"
 #include "distattn/ops/mla.h"
 #include "distattn/parallel/mla.h"
 #include "src/parallel/mla_internal.h"
@@ -163,7 +164,7 @@ TplaReparam make_tpla_reparam(int64_t latent, int groups, TplaRotation rotation,
     rp.signs.resize(static_cast<size_t>(d));
     for (int64_t i = 0; i < d; ++i)
       rp.signs[static_cast<size_t>(i)] =
-          mla_detail::hash_uniform(seed, 0x4144u, static_cast<uint64_t>(i)) < 0 ? -1.0f : 1.0f;
+          hash_uniform(seed, 0x4144u, static_cast<uint64_t>(i)) < 0 ? -1.0f : 1.0f;
     const double s = 1.0 / std::sqrt(static_cast<double>(d));
     for (int64_t i = 0; i < d; ++i)
       for (int64_t j = 0; j < d; ++j) {

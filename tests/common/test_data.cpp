@@ -4,21 +4,12 @@
 #include <cstring>
 
 #include "distattn/core/half.h"
+#include "distattn/core/random.h"
 
 namespace distattn::testing {
 
-namespace {
-uint64_t mix(uint64_t x) {  // splitmix64 finalizer
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-}  // namespace
-
 double test_value(uint64_t seed, uint64_t tensor_id, uint64_t index) {
-  const uint64_t h = mix(mix(mix(seed) ^ tensor_id) ^ index);
-  return static_cast<double>(h >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+  return hash_uniform(seed, tensor_id, index);
 }
 
 void fill_test_data(const TensorView& t, uint64_t seed, uint64_t tensor_id,
