@@ -8,6 +8,7 @@
 #include "distattn/ops/attention.h"
 #include "distattn/ops/elementwise.h"
 #include "distattn/ops/mla.h"
+#include "distattn/parallel/decode_cp.h"
 #include "distattn/parallel/mla.h"
 #include "src/parallel/mla_internal.h"
 
@@ -26,53 +27,21 @@ void decode_cp_attention(comm::Communicator& cp, const TensorView& q_lat, const 
   DISTATTN_CHECK(lse.device == out.device && q_lat.device == out.device,
                  "decode_cp_attention: q_lat, out and lse must be on one device; got ", q_lat.str(),
                  ", ", out.str(), ", ", lse.str());
-  const Device dev = out.device;
   const int64_t b = out.size(0), h = out.size(1), dl = out.size(2);
-  const int p = cp.size();
-  const int64_t n_out = b * h * dl, n = n_out + b * h;
-  // Local partial straight into this rank's block of the gather buffer (on out's device).
-  Tensor gathered = Tensor::empty({p, n}, DType::kFloat32, dev);
-  float* mine = gathered.data_as<float>() + cp.rank() * n;
-  TensorView my_out(mine, DType::kFloat32, dev, {b, h, dl});
-  TensorView my_lse(mine + n_out, DType::kFloat32, dev, {b, h});
-  ops::mla_decode(q_lat, q_pe, local, my_out, my_lse, opts);
-  cp.all_gather(mine, gathered.data(), static_cast<size_t>(n), DType::kFloat32, opts.stream);
-  // Merge in rank order (same order on every rank: identical results everywhere).
-  float* acc = gathered.data_as<float>();
-  TensorView acc_o(acc, DType::kFloat32, dev, {b, 1, h, dl});
-  TensorView acc_l(acc + n_out, DType::kFloat32, dev, {b, h, 1});
-  for (int r = 1; r < p; ++r) {
-    float* part = gathered.data_as<float>() + r * n;
-    TensorView po(part, DType::kFloat32, dev, {b, 1, h, dl});
-    TensorView pl(part + n_out, DType::kFloat32, dev, {b, h, 1});
-    ops::attention_merge(acc_o, acc_l, po, pl, acc_o, acc_l, opts.stream);
-  }
-  // Stream-ordered after the merges (a plain device_copy would run on the legacy default
-  // stream, which a non-blocking opts.stream is not ordered with).
-  ops::tensor_copy(out, TensorView(acc, DType::kFloat32, dev, {b, h, dl}), opts.stream);
-  ops::tensor_copy(lse, TensorView(acc + n_out, DType::kFloat32, dev, {b, h}), opts.stream);
-  // `gathered` is released here; on CUDA its cudaFree waits for the copies above.
+  ops::mla_decode(q_lat, q_pe, local, out, lse, opts);
+  // The partials as [B, 1, H, Dl] / [B, H, 1] rows, merged across the ranks in place.
+  merge_partials_across(cp, TensorView(out.data, DType::kFloat32, out.device, {b, 1, h, dl}),
+                        TensorView(lse.data, DType::kFloat32, lse.device, {b, h, 1}), opts.stream);
 }
 
-struct MlaDecoder::Impl {
+struct MlaDecoder::Impl : MlaRankWeights {
   MlaConfig cfg;
   MlaDecodeSetup setup;
   std::shared_ptr<comm::Communicator> tp;
   std::unique_ptr<comm::Communicator> latent_comm;  // TPLA: ranks of the other latent groups
   const TplaReparam* rp = nullptr;
   int rank = 0, size = 1;
-  int64_t attn_h0 = 0, attn_hn = 0;  // heads attended here
-  int64_t proj_h0 = 0, proj_hn = 0;  // heads projected (W_UV, W_O) here, inside attn heads
-  int64_t dl = 0, dl_full = 0;
-  // Per-rank absorbed weights.
-  Tensor w_dq;   // [hidden, q_lora] (when q_lora_rank > 0)
-  Tensor w_uq;   // [q_in, attn_hn*nope]
-  Tensor w_qr;   // [q_in, attn_hn*rope]
-  Tensor w_dkv;  // [hidden, dl]   (rotated + sliced for TPLA)
-  Tensor w_kr;   // [hidden, rope]
-  Tensor wuk;    // [attn_hn, nope, dl]   W_UK[h] diag(gamma) U[:, slice]
-  Tensor wuv;    // [proj_hn, v_head, dl] W_UV[h] diag(gamma) U[:, slice]
-  Tensor w_o;    // [proj_hn*v_head, hidden]
+  int64_t dl_full = 0;
 };
 
 namespace {
@@ -85,31 +54,21 @@ Tensor copy_cols(const float* src, int64_t rows, int64_t ld, int64_t col0, int64
 }
 }  // namespace
 
-MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const MlaDecodeSetup& setup,
-                       std::shared_ptr<comm::Communicator> tp, const TplaReparam* reparam)
-    : impl_(std::make_unique<Impl>()) {
+MlaRankWeights make_mla_rank_weights(const MlaConfig& cfg, const MlaWeights& weights,
+                                     const MlaDecodeSetup& setup, int rank, int size,
+                                     const TplaReparam* reparam) {
   cfg.validate();
-  DISTATTN_CHECK(tp != nullptr, "MlaDecoder: a TP communicator is required");
-  DISTATTN_CHECK(setup.capacity > 0,
-                 "MlaDecoder: setup.capacity (prompt + decode tokens) must "
-                 "be > 0");
-  Impl& m = *impl_;
-  m.cfg = cfg;
-  m.setup = setup;
-  m.tp = tp;
-  m.rank = tp->rank();
-  m.size = tp->size();
-  const int p = m.size;
+  DISTATTN_CHECK(size >= 1 && rank >= 0 && rank < size, "make_mla_rank_weights: rank ", rank,
+                 " of ", size);
+  MlaRankWeights m;
+  const int p = size;
   const int64_t H = cfg.heads, nope = cfg.qk_nope, rope = cfg.qk_rope, dv = cfg.v_head;
   const int64_t hid = cfg.hidden, dlf = cfg.kv_lora_rank;
   const int64_t q_in = cfg.q_lora_rank > 0 ? cfg.q_lora_rank : hid;
-  m.dl_full = dlf;
-  groups_ = 1;
-  group_ = 0;
   switch (setup.sharding) {
     case MlaSharding::kMlaTp:
       DISTATTN_CHECK(H % p == 0, "MLA-TP: heads (", H, ") must be divisible by TP (", p, ")");
-      m.attn_h0 = m.proj_h0 = m.rank * (H / p);
+      m.attn_h0 = m.proj_h0 = rank * (H / p);
       m.attn_hn = m.proj_hn = H / p;
       m.dl = dlf;
       break;
@@ -118,7 +77,7 @@ MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const Ml
                      ") for the split output projection");
       m.attn_h0 = 0;
       m.attn_hn = H;
-      m.proj_h0 = m.rank * (H / p);
+      m.proj_h0 = rank * (H / p);
       m.proj_hn = H / p;
       m.dl = dlf;
       break;
@@ -132,13 +91,12 @@ MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const Ml
                      " ways inside a latent group (TP / g)");
       DISTATTN_CHECK(reparam != nullptr && reparam->groups == g && reparam->latent == dlf,
                      "TPLA: pass a TplaReparam made for ", g, " groups and latent width ", dlf);
-      groups_ = g;
-      group_ = m.rank / hparts;
-      const int hp = m.rank % hparts;
+      m.groups = g;
+      m.group = rank / hparts;
+      const int hp = rank % hparts;
       m.attn_h0 = m.proj_h0 = hp * (H / hparts);
       m.attn_hn = m.proj_hn = H / hparts;
       m.dl = dlf / g;
-      m.rp = reparam;
       DISTATTN_CHECK(static_cast<int64_t>(reparam->mu.size()) == g,
                      "TPLA: the TplaReparam must hold one mu per group (", g, "), got ",
                      reparam->mu.size());
@@ -146,12 +104,7 @@ MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const Ml
     }
   }
   weights.check(cfg, m.attn_h0, m.attn_hn);
-  if (setup.sharding == MlaSharding::kTpla) {
-    // Ranks sharing this head part, one per latent group (rank in it = group). Collective:
-    // only after every argument check, so a bad setup throws on all ranks before it.
-    const int hparts = p / groups_;
-    m.latent_comm = tp->split(m.rank % hparts, group_);
-  }
+  const TplaReparam* rp = setup.sharding == MlaSharding::kTpla ? reparam : nullptr;
   const int64_t lo = m.attn_h0 - weights.head_begin;
   const int64_t wn = weights.head_count;
   if (cfg.q_lora_rank > 0) m.w_dq = to_device(weights.w_dq, Device::cpu());
@@ -160,13 +113,13 @@ MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const Ml
   m.w_kr = to_device(weights.w_kr, Device::cpu());
 
   // Latent-space factor F [dlf, dl] = diag(gamma) U[:, slice] (U = I unless TPLA).
-  const int64_t s0 = group_ * m.dl;
+  const int64_t s0 = m.group * m.dl;
   std::vector<float> uslice(static_cast<size_t>(dlf * m.dl), 0.0f);
   for (int64_t i = 0; i < dlf; ++i)
     for (int64_t j = 0; j < m.dl; ++j)
       uslice[static_cast<size_t>(i * m.dl + j)] =
-          m.rp ? static_cast<float>(m.rp->u[static_cast<size_t>(i * dlf + s0 + j)])
-               : (i == s0 + j ? 1.0f : 0.0f);
+          rp ? static_cast<float>(rp->u[static_cast<size_t>(i * dlf + s0 + j)])
+             : (i == s0 + j ? 1.0f : 0.0f);
   m.w_dkv = Tensor::empty({hid, m.dl}, DType::kFloat32);
   gemm(hid, m.dl, dlf, weights.w_dkv.data_as<float>(), dlf, uslice.data(), m.dl,
        m.w_dkv.data_as<float>(), m.dl);
@@ -183,15 +136,43 @@ MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const Ml
   m.w_o = Tensor::empty({m.proj_hn * dv, hid}, DType::kFloat32);
   std::memcpy(m.w_o.data(), weights.w_o.data_as<float>() + plo * dv * hid,
               static_cast<size_t>(m.proj_hn * dv * hid) * 4);
+  return m;
+}
+
+MlaDecoder::MlaDecoder(const MlaConfig& cfg, const MlaWeights& weights, const MlaDecodeSetup& setup,
+                       std::shared_ptr<comm::Communicator> tp, const TplaReparam* reparam)
+    : impl_(std::make_unique<Impl>()) {
+  DISTATTN_CHECK(tp != nullptr, "MlaDecoder: a TP communicator is required");
+  DISTATTN_CHECK(setup.capacity > 0,
+                 "MlaDecoder: setup.capacity (prompt + decode tokens) must "
+                 "be > 0");
+  Impl& m = *impl_;
+  static_cast<MlaRankWeights&>(m) =
+      make_mla_rank_weights(cfg, weights, setup, tp->rank(), tp->size(), reparam);
+  m.cfg = cfg;
+  m.setup = setup;
+  m.tp = tp;
+  m.rank = tp->rank();
+  m.size = tp->size();
+  m.dl_full = cfg.kv_lora_rank;
+  m.rp = setup.sharding == MlaSharding::kTpla ? reparam : nullptr;
+  groups_ = m.groups;
+  group_ = m.group;
+  if (setup.sharding == MlaSharding::kTpla) {
+    // Ranks sharing this head part, one per latent group (rank in it = group). Collective:
+    // only after every argument check, so a bad setup throws on all ranks before it.
+    const int hparts = m.size / groups_;
+    m.latent_comm = tp->split(m.rank % hparts, group_);
+  }
   head_begin_ = m.attn_h0;
   head_count_ = m.attn_hn;
   latent_local_ = m.dl;
 
   const int64_t cap =
       setup.sharding == MlaSharding::kDecodeCp
-          ? decode_cp_local_pages(setup.capacity, cfg.page_size, m.rank, p) * cfg.page_size
+          ? decode_cp_local_pages(setup.capacity, cfg.page_size, m.rank, m.size) * cfg.page_size
           : setup.capacity;
-  cache_ = MlaCache(cap, cfg.page_size, m.dl, rope, setup.cache_dtype);
+  cache_ = MlaCache(cap, cfg.page_size, m.dl, cfg.qk_rope, setup.cache_dtype);
 }
 
 MlaDecoder::~MlaDecoder() = default;

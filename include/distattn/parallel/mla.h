@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -211,6 +212,54 @@ struct MlaDecodeSetup {
   DType cache_dtype = DType::kFloat32;
   int64_t capacity = 0;  // tokens the sequence may reach (prefill + decode)
 };
+
+// One rank's decode weights of an MLA layer under a sharding (what MlaDecoder and the serving
+// engine's batched decode use): the heads it attends and projects, its latent width, and the
+// absorbed projections (for TPLA also rotated by U and sliced to its latent group).
+// Validates the sharding against (rank, ranks) before building; `weights` must hold the
+// attended heads. `reparam` is required for kTpla and ignored otherwise.
+struct MlaRankWeights {
+  int64_t attn_h0 = 0, attn_hn = 0;  // heads attended here
+  int64_t proj_h0 = 0, proj_hn = 0;  // heads projected (W_UV, W_O) here, inside the attended
+  int64_t dl = 0;                    // latent width stored and attended here
+  int group = 0, groups = 1;         // TPLA: this rank's latent group, and g
+  Tensor w_dq;                       // [hidden, q_lora] (when q_lora_rank > 0)
+  Tensor w_uq;                       // [q_in, attn_hn*nope]
+  Tensor w_qr;                       // [q_in, attn_hn*rope]
+  Tensor w_dkv;                      // [hidden, dl]   (rotated + sliced for TPLA)
+  Tensor w_kr;                       // [hidden, rope]
+  Tensor wuk;                        // [attn_hn, nope, dl]   W_UK[h] diag(gamma) U[:, slice]
+  Tensor wuv;                        // [proj_hn, v_head, dl] W_UV[h] diag(gamma) U[:, slice]
+  Tensor w_o;                        // [proj_hn*v_head, hidden]
+};
+MlaRankWeights make_mla_rank_weights(const MlaConfig& cfg, const MlaWeights& weights,
+                                     const MlaDecodeSetup& setup, int rank, int ranks,
+                                     const TplaReparam* reparam = nullptr);
+
+// One decode step of an MLA attention layer for a batch of sequences on this rank, the batched
+// form of MlaDecoder::step (which also holds the cache): computes every sequence's new latent
+// row and stores it where this rank holds the token, attends this rank's cache shard under
+// setup.sharding, projects, and all-reduces over `tp`. setup.tpla_global_softmax is not
+// supported here.
+//   x          fp32 [B, hidden]: the layer's (normalized) input, one row per sequence
+//   positions  [B]: position of each sequence's new token (RoPE)
+//   append_rows [B]: row (page * page_size + slot) of cache.pages for the new token, or -1
+//              when another rank stores it (decode-CP)
+//   cache      this rank's pages [num_pages, page_size, dl + rope]; page_table [B, max] and
+//              seq_lens [B] (tokens held here, counting the new one)
+//   latent_comm TPLA with g > 1 and exact RMSNorm: the ranks of the other latent groups that
+//              share this rank's heads (as MlaDecoder builds it); else unused (may be null)
+//   y          fp32 [B, hidden] out (identical on every rank of tp)
+struct MlaStepArgs {
+  TensorView x;
+  std::span<const int64_t> positions;
+  std::span<const int64_t> append_rows;
+  ops::MlaPagedCache cache;
+  TensorView y;
+};
+void mla_decode_step(const MlaConfig& cfg, const MlaRankWeights& w, const MlaDecodeSetup& setup,
+                     const TplaReparam* reparam, comm::Communicator& tp,
+                     comm::Communicator* latent_comm, const MlaStepArgs& args);
 
 // One rank's decoder of one sequence. Collective: construct, load_prefill and step on every
 // rank of `tp` together.
