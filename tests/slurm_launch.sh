@@ -199,9 +199,10 @@ RUN=(BUILD_DIR="$BUILD" DISTATTN_VERBOSE=1) # verbose: one placement line per ra
 mkdir -p "$TMP/outside" "$TMP/empty"
 # The template's default job (comm, every op checked) through srun --mpi=pmix.
 submit bench_default_pmix "$REPO" "${RUN[@]}" -- "$CPU_TEMPLATE"
-# Every sequence-parallel strategy checked against fp64, through the mpirun fallback.
+# Every sequence-parallel strategy checked against fp64, through the mpirun fallback; the
+# binary named by the first argument, as any other of build/bin would be.
 submit bench_sp_mpirun "$REPO" "${RUN[@]}" PATH="$TMP/nopmix:$PATH" -- \
-  "$CPU_TEMPLATE" sp --strategy all -b 256 -e 256 --causal -n 1 -w 0 -c
+  "$CPU_TEMPLATE" distattn-bench sp --strategy all -b 256 -e 256 --causal -n 1 -w 0 -c
 # Submitted outside the checkout / with no binary: fail at once, naming what to set.
 submit outside_checkout "$TMP/outside" -- "$REPO/$CPU_TEMPLATE"
 submit missing_binary "$TMP/outside" DISTATTN_REPO="$REPO" BUILD_DIR="$TMP/empty" -- \
