@@ -11,7 +11,7 @@
 # Launcher (DISTATTN_LAUNCHER): auto (default) starts the ranks with `srun --mpi=pmix` when
 # this SLURM lists a PMIx plugin (`srun --mpi=list`), else with launch/mpirun.sh inside the
 # allocation (Open MPI reads the node list from SLURM); srun or mpirun forces one (mpirun
-# when Open MPI was built without PMIx support: srun would start singletons).
+# where Open MPI cannot use SLURM's PMIx: under srun each rank would start alone, or fail).
 
 PROGRAM="${DISTATTN_BIN:-distattn-bench}"
 ARGS=("$@")
