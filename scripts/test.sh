@@ -12,7 +12,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export BUILD_DIR="${BUILD_DIR:-$REPO/build}"
 
 start=$(date +%s)
-if [ "${SKIP_SETUP:-0}" != 1 ]; then bash "$REPO/scripts/setup-deps.sh"; fi
+if [ "${SKIP_SETUP:-0}" != 1 ]; then bash "$REPO/scripts/setup-deps.sh" --test; fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then bash "$REPO/scripts/build.sh"; fi
 built=$(date +%s)
 
