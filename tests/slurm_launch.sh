@@ -203,6 +203,10 @@ submit bench_default_pmix "$REPO" "${RUN[@]}" -- "$CPU_TEMPLATE"
 # binary named by the first argument, as any other of build/bin would be.
 submit bench_sp_mpirun "$REPO" "${RUN[@]}" PATH="$TMP/nopmix:$PATH" -- \
   "$CPU_TEMPLATE" distattn-bench sp --strategy all -b 256 -e 256 --causal -n 1 -w 0 -c
+# Disaggregated serving: a prefill group and a decode group on one node, through srun --mpi=pmix,
+# every step checked against the single-rank reference.
+submit serve_pd "$REPO" "${RUN[@]}" -- "$CPU_TEMPLATE" distattn-serve --prefill-ranks 1 \
+  --decode-ranks 1 --requests 4 --rate inf --input-len 32 --output-len 4 --layers 2 --check
 # Submitted outside the checkout / with no binary: fail at once, naming what to set.
 submit outside_checkout "$TMP/outside" -- "$REPO/$CPU_TEMPLATE"
 submit missing_binary "$TMP/outside" DISTATTN_REPO="$REPO" BUILD_DIR="$TMP/empty" -- \
@@ -258,6 +262,9 @@ check_job bench_default_pmix COMPLETED "${TWO_RANKS[@]}" '^distattn: launcher sr
 no_wrong bench_default_pmix
 check_job bench_sp_mpirun COMPLETED "${TWO_RANKS[@]}" '^\[mpirun\.sh\] mpirun -np 2 ' \
   '^# distattn-bench sp: 2 ranks, device cpu' '^# check vs fp64 reference .*: OK$'
+check_job serve_pd COMPLETED "${TWO_RANKS[@]}" '^distattn: launcher srun --mpi=pmix$' \
+  '^# distattn-serve  world 2 = 1 prefill \+ 1 decode ranks' '^  disagg +1\+1 ' \
+  '^# check \(teacher-forced single-rank reference\): OK$'
 check_job outside_checkout FAILED "no checkout at $TMP/outside: .*set DISTATTN_REPO"
 check_job missing_binary FAILED "$TMP/empty/bin/distattn-bench not found\..*set DISTATTN_REPO"
 
