@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "distattn/core/error.h"
+#include "distattn/ops/elementwise.h"
 #include "src/serving/engine_internal.h"
 
 namespace distattn::serving {
@@ -277,29 +278,78 @@ void CtrlChannel::flush() {
   out_.clear();
 }
 
-// ---- KV sender / receiver ------------------------------------------------------------------
+// ---- staging buffers, KV sender / receiver ------------------------------------------------
+
+namespace {
+int size_class(int64_t bytes) {
+  int c = 12;  // 4 KiB at least
+  while ((int64_t{1} << c) < bytes) ++c;
+  return c;
+}
+}  // namespace
+
+Tensor BufferCache::get(int64_t bytes) {
+  const int c = size_class(bytes);
+  if (static_cast<size_t>(c) < by_class_.size() && !by_class_[static_cast<size_t>(c)].empty()) {
+    Tensor t = std::move(by_class_[static_cast<size_t>(c)].back());
+    by_class_[static_cast<size_t>(c)].pop_back();
+    cached_ -= int64_t{1} << c;
+    return t;
+  }
+  return Tensor::empty({int64_t{1} << c}, DType::kUInt8);
+}
+
+void BufferCache::put(Tensor t) {
+  if (!t.defined()) return;
+  const int64_t cap = t.numel();
+  if (cached_ + cap > max_bytes_) return;  // released
+  const int c = size_class(cap);
+  if (by_class_.size() <= static_cast<size_t>(c)) by_class_.resize(static_cast<size_t>(c) + 1);
+  by_class_[static_cast<size_t>(c)].push_back(std::move(t));
+  cached_ += cap;
+}
+
+TensorView BufferCache::bytes(const Tensor& t, int64_t n) {
+  return TensorView(t.data(), DType::kUInt8, t.device(), {n});
+}
 
 KvSender::KvSender(comm::Communicator& kv, int decode_world_offset)
     : kv_(kv), offset_(decode_world_offset) {}
 
-void KvSender::post(int dst, Tensor buf) {
-  Out o;
-  o.buf = std::move(buf);
-  const comm::P2POp op =
-      comm::P2POp::send(o.buf.data(), o.buf.nbytes(), DType::kUInt8, offset_ + dst);
-  o.handle = kv_.igroup(std::span<const comm::P2POp>(&op, 1));
-  bytes_ += static_cast<int64_t>(o.buf.nbytes());
+void KvSender::post(int dst, Out o, const std::vector<comm::P2POp>& ops) {
+  (void)dst;
+  o.handle = kv_.igroup(ops);
   out_.push_back(std::move(o));
 }
 
 void KvSender::send_layer(const TransferPlan& plan, int src, int64_t layer, int64_t request,
-                          const TensorView& k, const TensorView& v) {
+                          const LayerKv& kv) {
   for (int dst = 0; dst < plan.decode.ranks; ++dst) {
     const std::vector<size_t> segs = plan.message(layer, src, dst);
     if (segs.empty()) continue;
-    Tensor buf = Tensor::empty({message_bytes(plan, segs)}, DType::kUInt8, k.device);
-    pack_message(plan, segs, request, k, v, buf);
-    post(dst, std::move(buf));
+    Out o;
+    std::vector<comm::P2POp> ops;
+    for (const MessagePart& p : message_parts(plan, segs)) {
+      TensorView bytes;
+      if (p.kind == MessagePart::Kind::kHeader) {
+        o.buffers.push_back(cache_.get(p.bytes));
+        bytes = BufferCache::bytes(o.buffers.back(), p.bytes);
+        write_header(plan, segs, request, kMessageMagic, bytes);
+      } else {
+        bytes = source_bytes(plan, p, kv.view);
+        if (bytes.data == nullptr) {
+          o.buffers.push_back(cache_.get(p.bytes));
+          bytes = BufferCache::bytes(o.buffers.back(), p.bytes);
+          pack_part(plan, p, kv.view, bytes);
+        } else {
+          o.keep_k = kv.owner_k;
+          o.keep_v = kv.owner_v;
+        }
+      }
+      ops.push_back(comm::P2POp::send(bytes.data, static_cast<size_t>(p.bytes), DType::kUInt8,
+                                      offset_ + dst));
+    }
+    post(dst, std::move(o), ops);
   }
   poll();
 }
@@ -308,37 +358,67 @@ void KvSender::send_fillers(const TransferPlan& plan, int src, int64_t layer, in
   for (int dst = 0; dst < plan.decode.ranks; ++dst) {
     const std::vector<size_t> segs = plan.message(layer, src, dst);
     if (segs.empty()) continue;
-    Tensor buf = Tensor::empty({message_bytes(plan, segs)}, DType::kUInt8);
-    pack_filler(plan, segs, request, buf);
-    post(dst, std::move(buf));
+    Out o;
+    std::vector<comm::P2POp> ops;
+    for (const MessagePart& p : message_parts(plan, segs)) {
+      o.buffers.push_back(cache_.get(p.bytes));
+      const TensorView bytes = BufferCache::bytes(o.buffers.back(), p.bytes);
+      if (p.kind == MessagePart::Kind::kHeader)
+        write_header(plan, segs, request, kFillerMagic, bytes);
+      else
+        ops::tensor_zero(bytes);
+      ops.push_back(comm::P2POp::send(bytes.data, static_cast<size_t>(p.bytes), DType::kUInt8,
+                                      offset_ + dst));
+    }
+    post(dst, std::move(o), ops);
   }
 }
 
 void KvSender::poll() {
-  // Completion is tested in order; later ones finish after earlier ones to the same peer.
-  for (auto it = out_.begin(); it != out_.end();)
-    it = it->handle.test() ? out_.erase(it) : std::next(it);
+  for (auto it = out_.begin(); it != out_.end();) {
+    if (!it->handle.test()) {
+      ++it;
+      continue;
+    }
+    for (Tensor& b : it->buffers) cache_.put(std::move(b));
+    it = out_.erase(it);
+  }
 }
 
 void KvSender::wait_all() {
-  for (Out& o : out_) o.handle.wait();
+  for (Out& o : out_) {
+    o.handle.wait();
+    for (Tensor& b : o.buffers) cache_.put(std::move(b));
+  }
   out_.clear();
 }
 
 KvReceiver::KvReceiver(comm::Communicator& kv, std::shared_ptr<const TransferPlan> plan, int dst,
-                       int64_t request)
-    : plan_(std::move(plan)), request_(request) {
+                       int64_t request, KvPool& pool, std::span<const int32_t> pages,
+                       BufferCache& cache)
+    : plan_(std::move(plan)), request_(request), cache_(cache) {
   const TransferPlan& p = *plan_;
   // Posted in (layer, src) order: the order in which each prefill rank sends.
   for (int64_t l = 0; l < p.geometry.layers; ++l)
     for (int src = 0; src < p.prefill.ranks; ++src) {
-      std::vector<size_t> segs = p.message(l, src, dst);
-      if (segs.empty()) continue;
       In in;
-      in.buf = Tensor::empty({message_bytes(p, segs)}, DType::kUInt8);
-      in.segs = std::move(segs);
-      const comm::P2POp op = comm::P2POp::recv(in.buf.data(), in.buf.nbytes(), DType::kUInt8, src);
-      in.handle = kv.igroup(std::span<const comm::P2POp>(&op, 1));
+      in.segs = p.message(l, src, dst);
+      if (in.segs.empty()) continue;
+      in.parts = message_parts(p, in.segs);
+      std::vector<comm::P2POp> ops;
+      for (const MessagePart& part : in.parts) {
+        TensorView bytes;
+        if (part.kind != MessagePart::Kind::kHeader) bytes = dest_bytes(p, part, pool, pages);
+        if (bytes.data == nullptr) {
+          in.staging.push_back(cache_.get(part.bytes));
+          bytes = BufferCache::bytes(in.staging.back(), part.bytes);
+        } else {
+          in.staging.emplace_back();  // lands in the pages
+        }
+        ops.push_back(
+            comm::P2POp::recv(bytes.data, static_cast<size_t>(part.bytes), DType::kUInt8, src));
+      }
+      in.handle = kv.igroup(ops);
       in_.push_back(std::move(in));
     }
   pending_ = in_.size();
@@ -347,9 +427,17 @@ KvReceiver::KvReceiver(comm::Communicator& kv, std::shared_ptr<const TransferPla
 bool KvReceiver::poll(KvPool& pool, std::span<const int32_t> pages) {
   for (In& in : in_) {
     if (in.done || !in.handle.test()) continue;
-    bytes_ += static_cast<int64_t>(in.buf.nbytes());
-    if (!unpack_message(*plan_, in.segs, request_, in.buf, pool, pages)) filler_ = true;
-    in.buf = Tensor();  // the landing buffer is released as soon as it is unpacked
+    // Part 0 is the header (always staged).
+    const bool data = check_header(*plan_, in.segs, request_,
+                                   BufferCache::bytes(in.staging[0], in.parts[0].bytes));
+    if (!data) filler_ = true;
+    for (size_t i = 0; i < in.parts.size(); ++i) {
+      if (i > 0 && data && in.staging[i].defined())
+        unpack_part(*plan_, in.parts[i], BufferCache::bytes(in.staging[i], in.parts[i].bytes), pool,
+                    pages);
+      cache_.put(std::move(in.staging[i]));
+    }
+    in.staging.clear();
     in.done = true;
     --pending_;
   }

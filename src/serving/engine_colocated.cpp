@@ -135,10 +135,9 @@ RunResult run_colocated(comm::Communicator& world, const EngineOptions& opts,
       r.record.prefill_start_s = clock.now();
       const std::vector<int32_t> tokens =
           prompt_tokens(spec.seed, r.id, r.input_len, co.model.vocab);
-      const PrefillOutput out =
-          prefill.run(tokens, [&](int64_t layer, const TensorView& k, const TensorView& v) {
-            write_local_kv(g, layer, r.input_len, k, v, eng.pool(), r.pages);
-          });
+      const PrefillOutput out = prefill.run(tokens, [&](int64_t layer, const LayerKv& kv) {
+        write_local_kv(g, layer, r.input_len, kv.view, eng.pool(), r.pages);
+      });
       r.record.prefill_end_s = r.record.kv_ready_s = clock.now();
       r.length = r.input_len;
       r.last_token = out.first_token;

@@ -247,18 +247,19 @@ class PrefillSide {
         tb = std::min(tb, s.block.token_begin);
         te = std::max(te, s.block.token_end);
       }
-    KvSink sink = [&](int64_t layer, const TensorView& k, const TensorView& v) {
+    KvSink sink = [&](int64_t layer, const LayerKv& kv) {
       if (rotate && te > tb) {
         // c_hat = c U for the rows this rank sends; k_pe unchanged.
+        const TensorView& k = kv.view.k;
         Tensor rows = Tensor::empty({k.size(0), g.latent + g.rope}, DType::kFloat32);
         const int64_t n = te - tb;
         ops::matmul(k.slice(0, tb, n).slice(1, 0, g.latent), rot_[static_cast<size_t>(layer)],
                     rows.view().slice(0, tb, n).slice(1, 0, g.latent));
         ops::tensor_copy(rows.view().slice(0, tb, n).slice(1, g.latent, g.rope),
                          k.slice(0, tb, n).slice(1, g.latent, g.rope));
-        sender_.send_layer(plan, me, layer, r.id, rows, v);
+        sender_.send_layer(plan, me, layer, r.id, LayerKv{{rows, TensorView{}}, rows, Tensor()});
       } else {
-        sender_.send_layer(plan, me, layer, r.id, k, v);
+        sender_.send_layer(plan, me, layer, r.id, kv);
       }
       layers_sent = layer + 1;
     };
@@ -549,7 +550,8 @@ class DecodeSide {
     r.t_grant = clock_.now();
     r.plan = std::make_shared<TransferPlan>(make_transfer_plan(
         o_.model.geometry(o_.decode.page_size), o_.prefill, o_.decode.layout, r.input_len));
-    r.receiver = std::make_unique<KvReceiver>(kv_, r.plan, eng_.rank(), r.id);
+    r.receiver = std::make_unique<KvReceiver>(kv_, r.plan, eng_.rank(), r.id, eng_.pool(), r.pages,
+                                              eng_.staging);
     // The transfer holds its own reference until every message is in.
     eng_.pool().retain(r.pages);
     transferring_.push_back(r.id);

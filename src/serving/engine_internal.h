@@ -94,60 +94,77 @@ class CtrlChannel {
 
 // ---- KV messages ----------------------------------------------------------------------------
 
-// Prefill side: posted KV messages, kept (with their buffers: the prefill side's "pages")
-// until MPI/NCCL is done with them.
+// Reused staging buffers (pack and landing buffers): a fresh allocation per message would
+// fault its pages in on every transfer. Buffers are kept by power-of-two capacity, up to
+// `max_bytes` in all.
+class BufferCache {
+ public:
+  explicit BufferCache(int64_t max_bytes = int64_t{256} << 20) : max_bytes_(max_bytes) {}
+  Tensor get(int64_t bytes);
+  void put(Tensor t);
+  // The first `bytes` bytes of a buffer from get().
+  static TensorView bytes(const Tensor& t, int64_t bytes);
+
+ private:
+  int64_t max_bytes_, cached_ = 0;
+  std::vector<std::vector<Tensor>> by_class_;
+};
+
+// Prefill side: posted KV messages, kept (with their staging buffers and the tensors they are
+// sent from: the prefill side's "pages") until MPI/NCCL is done with them.
 class KvSender {
  public:
   KvSender(comm::Communicator& kv, int decode_world_offset);
-  // Packs and posts every message of `layer` from this prefill rank (`src`) of `plan`.
-  // k, v: the layer's KV as the model's KvSink gives it (MLA: rows already rotated for TPLA).
+  // Posts every message of `layer` from this prefill rank (`src`) of `plan`; parts that are
+  // one run of `kv` go as they are, the others are packed (transfer.h).
   void send_layer(const TransferPlan& plan, int src, int64_t layer, int64_t request,
-                  const TensorView& k, const TensorView& v);
+                  const LayerKv& kv);
   // Filler messages for `layer` (headers marked as fillers), keeping the channel in order
   // when a request failed after its grant.
   void send_fillers(const TransferPlan& plan, int src, int64_t layer, int64_t request);
   void poll();
   void wait_all();
   int64_t buffers_in_use() const { return static_cast<int64_t>(out_.size()); }
-  int64_t bytes_posted() const { return bytes_; }
 
  private:
-  void post(int dst, Tensor buf);
-  comm::Communicator& kv_;
-  int offset_;
   struct Out {
     comm::Handle handle;
-    Tensor buf;
+    std::vector<Tensor> buffers;  // staging buffers, back to the cache when done
+    Tensor keep_k, keep_v;        // the tensors sent from directly
   };
+  void post(int dst, Out o, const std::vector<comm::P2POp>& ops);
+  comm::Communicator& kv_;
+  int offset_;
+  BufferCache cache_;
   std::deque<Out> out_;
-  int64_t bytes_ = 0;
 };
 
-// Decode side: the receives of one request (posted at grant).
+// Decode side: the receives of one request (posted at grant). Parts land in the request's pages
+// directly where they are one run of them, else in staging buffers unpacked on completion.
 class KvReceiver {
  public:
   KvReceiver(comm::Communicator& kv, std::shared_ptr<const TransferPlan> plan, int dst,
-             int64_t request);
-  // Tests the receives; unpacks completed ones into `pages` (fillers are skipped). True when
-  // every message is in.
+             int64_t request, KvPool& pool, std::span<const int32_t> pages, BufferCache& cache);
+  // Tests the receives; checks headers and unpacks what completed. True when every message is
+  // in. Fillers are accepted and discarded.
   bool poll(KvPool& pool, std::span<const int32_t> pages);
   bool done() const { return pending_ == 0; }
   bool saw_filler() const { return filler_; }
-  int64_t bytes() const { return bytes_; }
 
  private:
   struct In {
     comm::Handle handle;
-    Tensor buf;
     std::vector<size_t> segs;
+    std::vector<MessagePart> parts;
+    std::vector<Tensor> staging;  // per part: a buffer, or undefined when received in place
     bool done = false;
   };
   std::shared_ptr<const TransferPlan> plan_;
   int64_t request_;
+  BufferCache& cache_;
   std::vector<In> in_;
   size_t pending_ = 0;
   bool filler_ = false;
-  int64_t bytes_ = 0;
 };
 
 // ---- decode-side requests and the batch step --------------------------------------------
@@ -192,6 +209,9 @@ class DecodeEngine {
   int rank_ = 0;
   std::unique_ptr<DecodeModel> model_;
   std::unique_ptr<KvPool> pool_;
+
+ public:
+  BufferCache staging;  // landing buffers of the parts that cannot be received in place
 };
 
 // ---- shared helpers -----------------------------------------------------------------------

@@ -26,10 +26,7 @@ KvPool::KvPool(const KvGeometry& geometry, int64_t units, int64_t num_pages, Dev
       v_.emplace_back();
     }
   }
-  free_.resize(static_cast<size_t>(num_pages));
-  // Lowest ids first out (the free list is a stack).
-  for (int64_t i = 0; i < num_pages; ++i)
-    free_[static_cast<size_t>(i)] = static_cast<int32_t>(num_pages - 1 - i);
+  free_ = num_pages;
   refs_.assign(static_cast<size_t>(num_pages), 0);
 }
 
@@ -43,12 +40,22 @@ int64_t KvPool::bytes() const {
 std::optional<std::vector<int32_t>> KvPool::allocate(int64_t n) {
   DISTATTN_CHECK(n >= 0, "KvPool::allocate: page count must be >= 0; got ", n);
   if (n > free_pages()) return std::nullopt;
-  std::vector<int32_t> pages(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    pages[static_cast<size_t>(i)] = free_.back();
-    free_.pop_back();
-    refs_[static_cast<size_t>(pages[static_cast<size_t>(i)])] = 1;
+  // First fit of a run of n consecutive free pages (a request's KV then lands in one run of
+  // memory per layer and is received without staging); else the lowest free pages.
+  std::vector<int32_t> pages;
+  pages.reserve(static_cast<size_t>(n));
+  int64_t run = 0;
+  for (int64_t p = 0; p < num_pages_ && n > 0; ++p) {
+    run = refs_[static_cast<size_t>(p)] == 0 ? run + 1 : 0;
+    if (run == n) {
+      for (int64_t q = p - n + 1; q <= p; ++q) pages.push_back(static_cast<int32_t>(q));
+      break;
+    }
   }
+  for (int64_t p = 0; p < num_pages_ && static_cast<int64_t>(pages.size()) < n; ++p)
+    if (refs_[static_cast<size_t>(p)] == 0) pages.push_back(static_cast<int32_t>(p));
+  for (int32_t p : pages) refs_[static_cast<size_t>(p)] = 1;
+  free_ -= n;
   high_water_ = std::max(high_water_, used_pages());
   return pages;
 }
@@ -69,7 +76,7 @@ void KvPool::release(std::span<const int32_t> pages) {
   // Checked one at a time, so a page listed twice cannot drive its count below zero.
   for (int32_t p : pages) {
     check_page(p, "release");
-    if (--refs_[static_cast<size_t>(p)] == 0) free_.push_back(p);
+    if (--refs_[static_cast<size_t>(p)] == 0) ++free_;
   }
 }
 

@@ -416,7 +416,7 @@ PrefillOutput PrefillModel::run(std::span<const int32_t> tokens, const KvSink& s
       const TensorView pages = r.cache.pages().view();
       const TensorView cache_rows =
           pages.reshape({pages.size(0) * pages.size(1), pages.size(2)}).slice(0, 0, n);
-      if (sink) sink(l, cache_rows, TensorView{});
+      if (sink) sink(l, LayerKv{{cache_rows, TensorView{}}, r.cache.pages(), Tensor()});
       progress();
       // y is the all-reduced attention output.
       ops::tensor_add(x, r.y);
@@ -437,7 +437,8 @@ PrefillOutput PrefillModel::run(std::span<const int32_t> tokens, const KvSink& s
     ops::tensor_copy(q.view().reshape({rows, qa, d}), q32);
     ops::tensor_copy(k.view().reshape({rows, ka, d}), k32);
     ops::tensor_copy(v.view().reshape({rows, ka, d}), v32);
-    if (sink) sink(l, k.view().reshape({rows, ka, d}), v.view().reshape({rows, ka, d}));
+    if (sink)
+      sink(l, LayerKv{{k.view().reshape({rows, ka, d}), v.view().reshape({rows, ka, d})}, k, v});
     progress();
     Tensor out = Tensor::empty({1, rows, qa, d}, DType::kFloat32);
     Tensor lse = Tensor::empty({1, qa, rows}, DType::kFloat32);

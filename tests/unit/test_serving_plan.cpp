@@ -113,8 +113,11 @@ float rounded(float x, DType dt) {
 
 // Moves one request through the plan (every message of every layer packed by its src and
 // unpacked by its dst) and checks every value every decode rank holds, token by token.
-void check_pair(const KvGeometry& g, const PrefillLayout& p, const DecodeLayout& d,
-                int64_t tokens) {
+// direct: parts go through source_bytes/dest_bytes (in place where one run) as the engine
+// sends them; else through the whole-message pack/unpack. contiguous: the request's pages are
+// consecutive (in place receives apply), else scattered out of order.
+void check_pair(const KvGeometry& g, const PrefillLayout& p, const DecodeLayout& d, int64_t tokens,
+                bool direct = false, bool contiguous = false) {
   SCOPED_TRACE(::testing::Message()
                << family_name(g.family) << " " << prefill_sharding_name(p.sharding)
                << " P=" << p.ranks << " -> " << decode_sharding_name(d.sharding) << " D=" << d.ranks
@@ -131,11 +134,15 @@ void check_pair(const KvGeometry& g, const PrefillLayout& p, const DecodeLayout&
     // Scatter the request over non-contiguous pages, as a used pool would.
     std::vector<int32_t> all = *pools.back()->allocate(np + 2);
     std::vector<int32_t> pg;
-    // Every other page, from the end (pages out of order, with holes).
-    for (int64_t i = np + 1; i >= 0 && static_cast<int64_t>(pg.size()) < np; i -= 2)
-      pg.push_back(all[static_cast<size_t>(i)]);
-    for (int64_t i = np; i >= 0 && static_cast<int64_t>(pg.size()) < np; i -= 2)
-      pg.push_back(all[static_cast<size_t>(i)]);
+    if (contiguous) {
+      for (int64_t i = 1; i <= np; ++i) pg.push_back(all[static_cast<size_t>(i)]);
+    } else {
+      // Every other page, from the end (pages out of order, with holes).
+      for (int64_t i = np + 1; i >= 0 && static_cast<int64_t>(pg.size()) < np; i -= 2)
+        pg.push_back(all[static_cast<size_t>(i)]);
+      for (int64_t i = np; i >= 0 && static_cast<int64_t>(pg.size()) < np; i -= 2)
+        pg.push_back(all[static_cast<size_t>(i)]);
+    }
     std::set<int32_t> keep(pg.begin(), pg.end());
     for (int32_t a : all)
       if (!keep.count(a)) pools.back()->release(std::span<const int32_t>(&a, 1));
@@ -145,7 +152,7 @@ void check_pair(const KvGeometry& g, const PrefillLayout& p, const DecodeLayout&
     }
     pages.push_back(pg);
   }
-  int64_t messages = 0;
+  int64_t messages = 0, in_place = 0;
   for (int64_t l = 0; l < g.layers; ++l)
     for (int i = 0; i < p.ranks; ++i) {
       Tensor k, v;
@@ -154,13 +161,46 @@ void check_pair(const KvGeometry& g, const PrefillLayout& p, const DecodeLayout&
         const std::vector<size_t> segs = plan.message(l, i, j);
         if (segs.empty()) continue;
         ++messages;
-        Tensor buf = Tensor::empty({message_bytes(plan, segs)}, DType::kUInt8);
-        pack_message(plan, segs, 42, k, v, buf);
-        ASSERT_TRUE(unpack_message(plan, segs, 42, buf, *pools[static_cast<size_t>(j)],
-                                   pages[static_cast<size_t>(j)]));
+        KvPool& pool = *pools[static_cast<size_t>(j)];
+        const std::vector<int32_t>& pg = pages[static_cast<size_t>(j)];
+        if (!direct) {
+          Tensor buf = Tensor::empty({message_bytes(plan, segs)}, DType::kUInt8);
+          pack_message(plan, segs, 42, LayerKvView{k, v}, buf);
+          ASSERT_TRUE(unpack_message(plan, segs, 42, buf, pool, pg));
+          continue;
+        }
+        for (const MessagePart& part : message_parts(plan, segs)) {
+          Tensor stage = Tensor::empty({part.bytes}, DType::kUInt8);
+          if (part.kind == MessagePart::Kind::kHeader) {
+            write_header(plan, segs, 42, kMessageMagic, stage);
+            ASSERT_TRUE(check_header(plan, segs, 42, stage));
+            continue;
+          }
+          TensorView src = source_bytes(plan, part, LayerKvView{k, v});
+          if (src.data == nullptr) {
+            pack_part(plan, part, LayerKvView{k, v}, stage);
+            src = stage;
+          }
+          const TensorView dst = dest_bytes(plan, part, pool, pg);
+          if (dst.data != nullptr) {
+            in_place += 1;
+            device_copy(dst.data, dst.device, src.data, src.device,
+                        static_cast<size_t>(part.bytes));
+          } else {
+            Tensor landing = Tensor::empty({part.bytes}, DType::kUInt8);
+            device_copy(landing.data(), Device::cpu(), src.data, src.device,
+                        static_cast<size_t>(part.bytes));
+            unpack_part(plan, part, landing, pool, pg);
+          }
+        }
       }
     }
   EXPECT_GT(messages, 0);
+  // With consecutive pages, same-layout pairs land in place (one run of the pool).
+  bool whole_units = false;  // a segment carrying every unit its decode rank stores
+  for (const TransferSegment& s : plan.segments)
+    whole_units = whole_units || s.block.units() == decode_units(g, d, s.dst).units();
+  if (direct && contiguous && whole_units) EXPECT_GT(in_place, 0);
   // Every decode rank holds exactly what its holdings say, from the full tensor.
   for (int j = 0; j < d.ranks; ++j) {
     const KvPool& pool = *pools[static_cast<size_t>(j)];
@@ -223,9 +263,11 @@ TEST(TransferPlan, EveryGqaShardingPairMovesEveryValueExactly) {
           for (DecodeSharding ds : {DecodeSharding::kHeads, DecodeSharding::kDecodeCp})
             for (int64_t tokens : {1, 2 * pr - 1, 13, 17}) {
               if (tokens < 1) continue;
-              check_pair(gqa_geometry(dt), {ps, pr, ps == PrefillSharding::kHybrid ? 2 : 1},
-                         {ds, dr, 0}, tokens);
-              if (::testing::Test::HasFatalFailure()) return;
+              for (int mode = 0; mode < 3; ++mode) {
+                check_pair(gqa_geometry(dt), {ps, pr, ps == PrefillSharding::kHybrid ? 2 : 1},
+                           {ds, dr, 0}, tokens, mode > 0, mode == 2);
+                if (::testing::Test::HasFatalFailure()) return;
+              }
             }
       }
 }
@@ -239,9 +281,11 @@ TEST(TransferPlan, EveryMlaShardingPairMovesEveryValueExactly) {
           for (int groups : {0, 2}) {
             if (groups != 0 && (ds != DecodeSharding::kTpla || dr % groups != 0)) continue;
             for (int64_t tokens : {1, 5, 23}) {
-              check_pair(mla_geometry(dt), {PrefillSharding::kHeads, pr, 1}, {ds, dr, groups},
-                         tokens);
-              if (::testing::Test::HasFatalFailure()) return;
+              for (int mode = 0; mode < 3; ++mode) {
+                check_pair(mla_geometry(dt), {PrefillSharding::kHeads, pr, 1}, {ds, dr, groups},
+                           tokens, mode > 0, mode == 2);
+                if (::testing::Test::HasFatalFailure()) return;
+              }
             }
           }
 }
@@ -310,7 +354,7 @@ TEST(TransferMessage, AMessageFromAnotherRequestOrLayerIsRefused) {
   prefill_kv(g, {PrefillSharding::kHeads, 1, 1}, 0, 6, 0, nullptr, k, v);
   const std::vector<size_t> l0 = plan.message(0, 0, 0), l1 = plan.message(1, 0, 0);
   Tensor buf = Tensor::empty({message_bytes(plan, l0)}, DType::kUInt8);
-  pack_message(plan, l0, 7, k, v, buf);
+  pack_message(plan, l0, 7, LayerKvView{k, v}, buf);
   KvPool pool(g, 2, 4);
   const std::vector<int32_t> pages = *pool.allocate(2);
   try {

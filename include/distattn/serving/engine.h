@@ -113,8 +113,9 @@ Handshake make_handshake(const EngineOptions& opts, int role,
 // The KV transfer alone, measured (no model compute): a request of `tokens` tokens whose
 // per-layer KV (random values in the prefill sharding's layout) is packed, posted, received
 // into reserved pages and unpacked `iters` times after `warmup` untimed runs, through the same
-// plan, sender and receiver as run_disaggregated; then the same message sizes between the
-// same rank pairs as plain Communicator send/recv (no packing), for the same-run ratio.
+// plan, sender and receiver as run_disaggregated; then the same messages (the same parts, so
+// the same message sizes) between the same rank pairs as plain Communicator send/recv from and
+// into buffers allocated once (no packing), for the same-run ratio.
 // Times are the max over ranks of each rank's barrier-to-barrier time. Collective over `world`.
 struct TransferBenchResult {
   int64_t tokens = 0;

@@ -32,7 +32,7 @@ class KvPool {
   int64_t units() const { return units_; }
   int64_t num_pages() const { return num_pages_; }
   int64_t page_size() const { return geometry_.page_size; }
-  int64_t free_pages() const { return static_cast<int64_t>(free_.size()); }
+  int64_t free_pages() const { return free_; }
   int64_t used_pages() const { return num_pages_ - free_pages(); }
   int64_t high_water_pages() const { return high_water_; }
   int64_t bytes() const;  // memory of all layers' pages
@@ -40,7 +40,8 @@ class KvPool {
   const TensorView& k(int64_t layer) const { return k_[static_cast<size_t>(layer)].view(); }
   const TensorView& v(int64_t layer) const { return v_[static_cast<size_t>(layer)].view(); }
 
-  // n pages with count 1, or nullopt (nothing taken) when fewer than n are free.
+  // n pages with count 1, or nullopt (nothing taken) when fewer than n are free. A run of n
+  // consecutive pages when there is one (first fit), else the lowest free pages.
   std::optional<std::vector<int32_t>> allocate(int64_t n);
   void retain(std::span<const int32_t> pages);
   // Throws (kInternal) on a page that is not in use: a double free is a bug, never ignored.
@@ -52,7 +53,7 @@ class KvPool {
   KvGeometry geometry_;
   int64_t units_ = 0, num_pages_ = 0, high_water_ = 0;
   std::vector<Tensor> k_, v_;
-  std::vector<int32_t> free_;
+  int64_t free_ = 0;
   std::vector<int> refs_;
 };
 

@@ -37,6 +37,7 @@
 #include "distattn/parallel/sequence_parallel.h"
 #include "distattn/serving/kv_pool.h"
 #include "distattn/serving/sharding.h"
+#include "distattn/serving/transfer.h"
 
 namespace distattn::serving {
 
@@ -121,8 +122,13 @@ struct ModelWeights {
 //   GQA: k [rows, kv_heads, D], v [rows, kv_heads, Dv] in cfg.dtype, this rank's local rows
 //        (sequence shardings: token_positions() order; padding rows at the end are included)
 //   MLA: k = rows [tokens, latent + rope] fp32 (normalized latent | RoPE'd k_pe), v empty
-// The views are valid only during the call.
-using KvSink = std::function<void(int64_t layer, const TensorView& k, const TensorView& v)>;
+// The views are valid during the call; `owners` keep their memory alive for longer (a send
+// from it still in flight).
+struct LayerKv {
+  LayerKvView view;
+  Tensor owner_k, owner_v;
+};
+using KvSink = std::function<void(int64_t layer, const LayerKv& kv)>;
 
 struct PrefillHooks {
   // Called on every rank at the start of each layer. An exception thrown here on ANY rank
