@@ -7,7 +7,8 @@
 # --test (scripts/test.sh passes it) also installs Debian's slurm-wlm and munge for the SLURM
 # launch test (tests/slurm_launch.sh starts daemons of its own, not the packages' services),
 # except where a SLURM not from Debian's packages is on PATH (a cluster's own: left alone);
-# where they cannot be installed, that test skips.
+# where they cannot be installed, that test skips. --test also installs Debian's
+# python3-matplotlib for the serving plots test (scripts/plot_serve.py; skips without it).
 set -euo pipefail
 
 WITH_SLURM=0
@@ -38,6 +39,17 @@ ensure_slurm() {
     echo "[setup-deps] ${missing[*]} not installed: the SLURM launch test will skip" >&2
 }
 
+ensure_matplotlib() {
+  [ "$WITH_SLURM" = 1 ] || return 0
+  dpkg -s python3-matplotlib >/dev/null 2>&1 && return 0
+  local sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  echo "[setup-deps] installing for the serving plots test: python3-matplotlib"
+  "${sudo[@]}" apt-get update && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y --no-install-recommends python3-matplotlib ||
+    echo "[setup-deps] python3-matplotlib not installed: the plot_serve test will skip" >&2
+}
+
 PACKAGES=(
   cmake ninja-build g++
   openmpi-bin libopenmpi-dev
@@ -54,6 +66,8 @@ done
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "[setup-deps] all build dependencies are installed"
   ensure_slurm
+ensure_matplotlib
+  ensure_matplotlib
   ensure_numpy
   exit 0
 fi
@@ -79,5 +93,6 @@ export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update
 "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
 ensure_slurm
+ensure_matplotlib
 ensure_numpy
 echo "[setup-deps] done"

@@ -144,6 +144,10 @@ void compute_metrics(const std::vector<RequestRecord>& records, const Slo& slo, 
   m.throughput_rps = static_cast<double>(m.completed) / dur;
   m.output_tok_s = static_cast<double>(tokens) / dur;
   m.goodput_rps = static_cast<double>(good) / dur;
+  m.slo = slo;
+  m.slo_attainment = m.requests > 0 ? static_cast<double>(good) / static_cast<double>(m.requests) : 0;
+  m.ttft_all_ms = ttft;
+  m.tpot_all_ms = tpot;
   m.ttft_ms = summarize(ttft);
   m.tpot_ms = summarize(tpot);
   m.itl_ms = summarize(itl);
@@ -168,6 +172,15 @@ std::string metrics_json(const RunMetrics& m) {
      << ", \"kv_exposed_ms\": " << num(m.kv_exposed_ms)
      << ", \"kv_pages_leaked\": " << m.kv_pages_leaked;
   if (!std::isnan(m.max_rel_err)) os << ", \"max_rel_err\": " << num(m.max_rel_err);
+  os << ", \"slo_ttft_ms\": " << num(m.slo.ttft_ms) << ", \"slo_tpot_ms\": " << num(m.slo.tpot_ms)
+     << ", \"slo_attainment\": " << num(m.slo_attainment);
+  auto list = [&](const char* key, const std::vector<double>& v) {
+    os << ", \"" << key << "\": [";
+    for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << num(v[i]);
+    os << "]";
+  };
+  list("requests_ttft_ms", m.ttft_all_ms);
+  list("requests_tpot_ms", m.tpot_all_ms);
   os << "}";
   return os.str();
 }

@@ -51,7 +51,7 @@ struct Slo {
 // "ttft:MS tpot:MS" (either or both, space or comma separated). Throws naming the format.
 Slo parse_goodput(const std::string& text);
 
-struct RunMetrics {
+struct RunMetrics {  // the JSON keys are these names (serving metrics, docs/SERVING.md)
   std::string mode;  // "disagg" | "colocated"
   std::string model;
   int prefill_ranks = 0, decode_ranks = 0;
@@ -67,6 +67,11 @@ struct RunMetrics {
   double kv_exposed_ms = 0;       // mean (KV ready - prefill end): the transfer not hidden
   int64_t kv_pages_leaked = 0;    // pages (and prefill send buffers) still held at the end
   double max_rel_err = std::numeric_limits<double>::quiet_NaN();  // --check
+  // For plots (scripts/plot_serve.py): every completed request's TTFT and TPOT, the SLOs and
+  // the fraction of requests meeting all of them.
+  std::vector<double> ttft_all_ms, tpot_all_ms;
+  Slo slo;
+  double slo_attainment = 0;
 };
 
 // Fills the latency/throughput fields from the records (the rest is the caller's).
