@@ -8,6 +8,8 @@
 
 #include "distattn/config.h"
 #include "kernels/cpu/dense_cpu.h"
+#include "kernels/cpu/dense_small_m.h"
+#include "kernels/cpu/flash_cpu.h"
 #if DISTATTN_WITH_BLAS
 #include <cblas.h>
 #endif
@@ -57,7 +59,15 @@ void gemm_nt_portable(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
     }
 }
 
+// Rows up to which the streaming small-m kernel beats packing b (OpenBLAS).
+constexpr int64_t kSmallM = 32;
+
 }  // namespace
+
+#if DISTATTN_WITH_AVX512
+void sgemm_small_m_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+#endif
 
 bool sgemm_uses_blas() {
   return DISTATTN_WITH_BLAS != 0;
@@ -79,6 +89,13 @@ void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const f
     if (!accumulate)
       for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
     return;
+  }
+  if (m <= kSmallM && !transpose_b) {
+#if DISTATTN_WITH_AVX512
+    if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx512)
+      return sgemm_small_m_avx512(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+    return small_m::gemm(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
   }
 #if DISTATTN_WITH_BLAS
   // BLAS ints are 32-bit here; the shapes of this project's models are far below that.

@@ -5,9 +5,10 @@
 
 namespace distattn::kernels::cpu {
 
-// c[m, n] (+)= a[m, k] b[k, n], or a[m, k] b[n, k]^T when transpose_b. OpenBLAS cblas_sgemm
-// when the build found it (its own threads: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS), else a
-// cache-blocked OpenMP loop.
+// c[m, n] (+)= a[m, k] b[k, n], or a[m, k] b[n, k]^T when transpose_b. A few rows (m <= 32,
+// decode batches): a register-blocked kernel that streams b once (dense_small_m.h; AVX-512
+// when the CPU has it). Else OpenBLAS cblas_sgemm when the build found it (its own threads:
+// OPENBLAS_NUM_THREADS / OMP_NUM_THREADS), else a cache-blocked OpenMP loop.
 void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
            int64_t ldb, float* c, int64_t ldc, bool accumulate, bool transpose_b);
 bool sgemm_uses_blas();

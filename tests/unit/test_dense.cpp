@@ -26,31 +26,37 @@ TensorView matrix(std::vector<float>& buf, int64_t rows, int64_t cols, int64_t l
 }
 
 TEST(DenseOps, MatmulMatchesFp64OnStridedViewsWithAndWithoutTranspose) {
-  const int64_t m = 37, n = 53, k = 70, lda = 75, ldb = 60, ldc = 61;
-  for (bool tb : {false, true}) {
-    for (bool acc : {false, true}) {
-      std::vector<float> a = values(m * lda, 1), b = values((tb ? n : k) * (tb ? k + 3 : ldb), 2);
-      std::vector<float> c = values(m * ldc, 3);
-      const std::vector<float> c0 = c;
-      const int64_t ldb_eff = tb ? k + 3 : ldb;
-      ops::matmul(matrix(a, m, k, lda), matrix(b, tb ? n : k, tb ? k : n, ldb_eff),
-                  matrix(c, m, n, ldc), {.accumulate = acc, .transpose_b = tb});
-      double worst = 0;
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < n; ++j) {
-          double ref = acc ? c0[static_cast<size_t>(i * ldc + j)] : 0.0;
-          for (int64_t p = 0; p < k; ++p)
-            ref += static_cast<double>(a[static_cast<size_t>(i * lda + p)]) *
-                   b[static_cast<size_t>(tb ? j * ldb_eff + p : p * ldb_eff + j)];
-          worst = std::max(worst, std::abs(ref - c[static_cast<size_t>(i * ldc + j)]));
+  // m 1, 5 and 32 take the small-m streaming kernel (decode batches), 37 the general one.
+  for (int64_t m : {1, 5, 32, 37})
+    for (int64_t n : {53, 130}) {
+      const int64_t k = 70, lda = 75, ldb = 140, ldc = 141;
+      for (bool tb : {false, true}) {
+        for (bool acc : {false, true}) {
+          std::vector<float> a = values(m * lda, 1),
+                             b = values((tb ? n : k) * (tb ? k + 3 : ldb), 2);
+          std::vector<float> c = values(m * ldc, 3);
+          const std::vector<float> c0 = c;
+          const int64_t ldb_eff = tb ? k + 3 : ldb;
+          ops::matmul(matrix(a, m, k, lda), matrix(b, tb ? n : k, tb ? k : n, ldb_eff),
+                      matrix(c, m, n, ldc), {.accumulate = acc, .transpose_b = tb});
+          double worst = 0;
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j) {
+              double ref = acc ? c0[static_cast<size_t>(i * ldc + j)] : 0.0;
+              for (int64_t p = 0; p < k; ++p)
+                ref += static_cast<double>(a[static_cast<size_t>(i * lda + p)]) *
+                       b[static_cast<size_t>(tb ? j * ldb_eff + p : p * ldb_eff + j)];
+              worst = std::max(worst, std::abs(ref - c[static_cast<size_t>(i * ldc + j)]));
+            }
+          EXPECT_LT(worst, 1e-4) << "m=" << m << " n=" << n << " transpose_b=" << tb
+                                 << " accumulate=" << acc;
+          // Padding between rows is never written.
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = n; j < ldc; ++j)
+              ASSERT_EQ(c[static_cast<size_t>(i * ldc + j)], c0[static_cast<size_t>(i * ldc + j)]);
         }
-      EXPECT_LT(worst, 1e-4) << "transpose_b=" << tb << " accumulate=" << acc;
-      // Padding between rows is never written.
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = n; j < ldc; ++j)
-          ASSERT_EQ(c[static_cast<size_t>(i * ldc + j)], c0[static_cast<size_t>(i * ldc + j)]);
+      }
     }
-  }
 }
 
 TEST(DenseOps, RmsNormRopeSiluMatchFp64) {
