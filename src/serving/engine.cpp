@@ -90,6 +90,7 @@ void validate(const EngineOptions& o, int world_size) {
                  "): start the job with mpirun -np ", p + d, " or change the split");
   DISTATTN_CHECK(o.kv_pages >= 1, "--kv-pages must be >= 1; got ", o.kv_pages);
   DISTATTN_CHECK(o.max_batch >= 1, "--max-batch must be >= 1; got ", o.max_batch);
+  DISTATTN_CHECK(o.transfer_window >= 1, "--transfer-window must be >= 1; got ", o.transfer_window);
   DISTATTN_CHECK(o.decode.page_size >= 1, "--page-size must be >= 1; got ", o.decode.page_size);
   DISTATTN_CHECK(o.admission_timeout_s > 0 && o.kv_timeout_s > 0,
                  "--admission-timeout-ms and --kv-timeout-ms must be > 0");

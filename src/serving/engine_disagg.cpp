@@ -338,7 +338,10 @@ class DecodeSide {
       }
       // 3. Admission of the head of the queue (all-or-nothing over the ranks) and the
       //    arrival of transfers, agreed on in one all-reduce.
-      DecodeRequest* head = waiting_.empty() ? nullptr : reqs_.at(waiting_.front()).get();
+      // At most --transfer-window granted requests wait for their prefill and KV at a time:
+      // pages are reserved just ahead of the prefill, not for the whole queue.
+      DecodeRequest* head =
+          waiting_.empty() || window_full() ? nullptr : reqs_.at(waiting_.front()).get();
       if (head != nullptr && head->pages.empty()) {
         const bool refuse = has_fault(o_, Fault::Kind::kRefuse, head->id, -1) &&
                             refusing_rank(head->id) == eng_.rank();
@@ -395,6 +398,10 @@ class DecodeSide {
   int64_t pages_in_use() const { return eng_.pool().used_pages(); }
 
  private:
+  bool window_full() const {
+    return static_cast<int64_t>(transferring_.size()) >= o_.transfer_window;
+  }
+
   int refusing_rank(int64_t id) const {
     for (const Fault& f : o_.faults)
       if (f.kind == Fault::Kind::kRefuse && f.request == id)
@@ -459,7 +466,8 @@ class DecodeSide {
       // The admission wait counts from when the request reached the head of the queue (the
       // requests behind a blocked head are not the ones without room).
       const DecodeRequest& h = *reqs_.at(waiting_.front());
-      if (h.id != head_id_) {
+      if (h.id != head_id_ || window_full()) {
+        // A new head, or one held back by the transfer window (not by missing pages).
         head_id_ = h.id;
         head_since_ = now;
       }

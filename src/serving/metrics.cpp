@@ -145,7 +145,8 @@ void compute_metrics(const std::vector<RequestRecord>& records, const Slo& slo, 
   m.output_tok_s = static_cast<double>(tokens) / dur;
   m.goodput_rps = static_cast<double>(good) / dur;
   m.slo = slo;
-  m.slo_attainment = m.requests > 0 ? static_cast<double>(good) / static_cast<double>(m.requests) : 0;
+  m.slo_attainment =
+      m.requests > 0 ? static_cast<double>(good) / static_cast<double>(m.requests) : 0;
   m.ttft_all_ms = ttft;
   m.tpot_all_ms = tpot;
   m.ttft_ms = summarize(ttft);

@@ -60,10 +60,13 @@ Fault parse_fault(const std::string& text);
 
 struct EngineOptions {
   ModelConfig model;
-  PrefillLayout prefill;            // ranks = the prefill group's size
-  DecodeSetup decode;               // layout.ranks = the decode group's size; page size
-  int64_t kv_pages = 1024;          // pages per decode rank (colocated: per rank)
-  int64_t max_batch = 32;           // requests decoded together at most
+  PrefillLayout prefill;    // ranks = the prefill group's size
+  DecodeSetup decode;       // layout.ranks = the decode group's size; page size
+  int64_t kv_pages = 1024;  // pages per decode rank (colocated: per rank)
+  int64_t max_batch = 32;   // requests decoded together at most
+  // Granted requests whose KV has not arrived, at most (pages are reserved just ahead of the
+  // prefill; the KV timeout then bounds a wait of about one prefill, not a whole queue).
+  int64_t transfer_window = 2;
   double admission_timeout_s = 60;  // a request waiting for pages longer is refused
   double kv_timeout_s = 60;  // a granted request whose KV or completion is not in by then fails
   bool check = false;        // teacher-forced single-rank reference of every step

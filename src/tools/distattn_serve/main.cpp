@@ -33,7 +33,7 @@ struct Args {
   int prefill_ranks = 0, decode_ranks = 0, prefill_ulysses = 0, tpla_groups = 0;
   std::string prefill_sharding = "heads", decode_sharding, tpla_rotation = "hadamard";
   std::string tpla_norm = "exact";
-  int64_t page_size = 16, kv_pages = 1024, max_batch = 32;
+  int64_t page_size = 16, kv_pages = 1024, max_batch = 32, transfer_window = 2;
   int64_t requests = 16, input_len = 512, output_len = 64;
   std::string rate = "inf", trace, goodput, mode = "disagg", json, requests_out;
   double range_ratio = 0;
@@ -88,6 +88,7 @@ EngineOptions engine_options(const Args& a, int world) {
   o.decode.page_size = a.page_size;
   o.kv_pages = a.kv_pages;
   o.max_batch = a.max_batch;
+  o.transfer_window = a.transfer_window;
   o.admission_timeout_s = a.admission_timeout_ms / 1e3;
   o.kv_timeout_s = a.kv_timeout_ms / 1e3;
   o.check = a.check;
@@ -142,6 +143,7 @@ int run(int argc, char** argv) {
     ("page-size", po::value(&a.page_size)->default_value(a.page_size), "tokens per KV page")
     ("kv-pages", po::value(&a.kv_pages)->default_value(a.kv_pages), "pages per decode rank")
     ("max-batch", po::value(&a.max_batch)->default_value(a.max_batch), "requests decoded together at most")
+    ("transfer-window", po::value(&a.transfer_window)->default_value(a.transfer_window), "granted requests waiting for their KV at most (pages reserved just ahead of the prefill)")
     ("requests", po::value(&a.requests)->default_value(a.requests), "requests to generate")
     ("rate", po::value(&a.rate)->default_value(a.rate), "Poisson arrivals, req/s; inf = all at once; a list a,b,c sweeps")
     ("input-len", po::value(&a.input_len)->default_value(a.input_len), "mean prompt tokens")
