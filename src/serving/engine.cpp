@@ -89,6 +89,10 @@ void validate(const EngineOptions& o, int world_size) {
                  ") + --decode-ranks (", d, ") must equal the world size (", world_size,
                  "): start the job with mpirun -np ", p + d, " or change the split");
   DISTATTN_CHECK(o.kv_pages >= 1, "--kv-pages must be >= 1; got ", o.kv_pages);
+  DISTATTN_CHECK_STATUS(o.device.is_cpu() || o.model.family == ModelFamily::kGqa,
+                        Status::kUnsupported,
+                        "--model mla runs on CPU ranks (its prefill is host-only): use --device "
+                        "cpu");
   DISTATTN_CHECK(o.max_batch >= 1, "--max-batch must be >= 1; got ", o.max_batch);
   DISTATTN_CHECK(o.transfer_window >= 1, "--transfer-window must be >= 1; got ", o.transfer_window);
   DISTATTN_CHECK(o.decode.page_size >= 1, "--page-size must be >= 1; got ", o.decode.page_size);
@@ -297,7 +301,7 @@ Tensor BufferCache::get(int64_t bytes) {
     cached_ -= int64_t{1} << c;
     return t;
   }
-  return Tensor::empty({int64_t{1} << c}, DType::kUInt8);
+  return Tensor::empty({int64_t{1} << c}, DType::kUInt8, device_);
 }
 
 void BufferCache::put(Tensor t) {
@@ -314,12 +318,14 @@ TensorView BufferCache::bytes(const Tensor& t, int64_t n) {
   return TensorView(t.data(), DType::kUInt8, t.device(), {n});
 }
 
-KvSender::KvSender(comm::Communicator& kv, int decode_world_offset)
-    : kv_(kv), offset_(decode_world_offset) {}
+KvSender::KvSender(comm::Communicator& kv, int decode_world_offset, Device device)
+    : kv_(kv), offset_(decode_world_offset), device_(device), stream_(device), cache_(device) {}
 
 void KvSender::post(int dst, Out o, const std::vector<comm::P2POp>& ops) {
   (void)dst;
-  o.handle = kv_.igroup(ops);
+  // The sends read what the compute (default stream) wrote and the packing copies enqueued.
+  stream_wait_stream(device_, stream_.get(), nullptr);
+  o.handle = kv_.igroup(ops, stream_.get());
   out_.push_back(std::move(o));
 }
 
@@ -396,8 +402,14 @@ void KvSender::wait_all() {
 
 KvReceiver::KvReceiver(comm::Communicator& kv, std::shared_ptr<const TransferPlan> plan, int dst,
                        int64_t request, KvPool& pool, std::span<const int32_t> pages,
-                       BufferCache& cache)
-    : plan_(std::move(plan)), request_(request), cache_(cache) {
+                       BufferCache& cache, Stream stream)
+    : plan_(std::move(plan)),
+      request_(request),
+      cache_(cache),
+      stream_(stream),
+      device_(pool.k(0).device) {
+  // The receives write pages the default stream may still be reading (a freed request's).
+  stream_wait_stream(device_, stream_, nullptr);
   const TransferPlan& p = *plan_;
   // Posted in (layer, src) order: the order in which each prefill rank sends.
   for (int64_t l = 0; l < p.geometry.layers; ++l)
@@ -419,7 +431,7 @@ KvReceiver::KvReceiver(comm::Communicator& kv, std::shared_ptr<const TransferPla
         ops.push_back(
             comm::P2POp::recv(bytes.data, static_cast<size_t>(part.bytes), DType::kUInt8, src));
       }
-      in.handle = kv.igroup(ops);
+      in.handle = kv.igroup(ops, stream_);
       in_.push_back(std::move(in));
     }
   pending_ = in_.size();
@@ -428,6 +440,8 @@ KvReceiver::KvReceiver(comm::Communicator& kv, std::shared_ptr<const TransferPla
 bool KvReceiver::poll(KvPool& pool, std::span<const int32_t> pages) {
   for (In& in : in_) {
     if (in.done || !in.handle.test()) continue;
+    // The model's stream (and the unpacking below) after the received data.
+    stream_wait_stream(device_, nullptr, stream_);
     // Part 0 is the header (always staged).
     const bool data = check_header(*plan_, in.segs, request_,
                                    BufferCache::bytes(in.staging[0], in.parts[0].bytes));
@@ -449,13 +463,15 @@ bool KvReceiver::poll(KvPool& pool, std::span<const int32_t> pages) {
 
 DecodeEngine::DecodeEngine(const EngineOptions& opts, std::shared_ptr<comm::Communicator> group,
                            std::vector<parallel::TplaReparam> reparams)
-    : opts_(opts), group_(std::move(group)), layout_(opts.decode.layout) {
+    : opts_(opts), group_(std::move(group)), layout_(opts.decode.layout), staging(opts.device) {
   rank_ = group_->rank();
   geometry_ = opts.model.geometry(opts.decode.page_size);
   DecodeSetup setup = opts.decode;
   setup.layout = layout_;
-  model_ = std::make_unique<DecodeModel>(opts.model, setup, group_, std::move(reparams));
-  pool_ = std::make_unique<KvPool>(geometry_, model_->pool_units(), opts.kv_pages);
+  model_ =
+      std::make_unique<DecodeModel>(opts.model, setup, group_, std::move(reparams), opts.device);
+  pool_ = std::make_unique<KvPool>(geometry_, model_->pool_units(), opts.kv_pages, opts.device);
+  transfer_stream_ = OwnedStream(opts.device);
 }
 
 int64_t DecodeEngine::pages_needed(const DecodeRequest& r) const {

@@ -40,8 +40,13 @@ RunResult run_colocated(comm::Communicator& world, const EngineOptions& opts,
     DISTATTN_CHECK(workload[i].id == static_cast<int64_t>(i),
                    "run_colocated: request ids must be 0..N-1 in order");
   std::shared_ptr<comm::Communicator> group(world.split(0, wr));
-  PrefillModel prefill(co.model, co.prefill, group);
-  DecodeEngine eng(co, group, {});
+  // GPU ranks: the models' collectives over device memory; control on the host world.
+  std::shared_ptr<comm::Communicator> model_group = group;
+  if (co.device.is_cuda())
+    model_group = std::shared_ptr<comm::Communicator>(
+        comm::create_world(co.backend, co.device)->split(0, wr));
+  PrefillModel prefill(co.model, co.prefill, model_group, group, co.device);
+  DecodeEngine eng(co, model_group, {});
   const KvGeometry g = co.model.geometry(co.decode.page_size);
   const bool leader = wr == 0;
 

@@ -78,16 +78,19 @@ struct PrefillResultOrError {
 
 class PrefillSide {
  public:
+  // `group`: host control within the group; `model_group`: the model's collectives (device
+  // memory on CUDA; the same communicator on CPU).
   PrefillSide(const EngineOptions& o, const WorkloadSpec& spec, const std::vector<Request>& wl,
-              std::shared_ptr<comm::Communicator> group, comm::Communicator& kv,
+              std::shared_ptr<comm::Communicator> group,
+              std::shared_ptr<comm::Communicator> model_group, comm::Communicator& kv,
               comm::Communicator* ctrl, const std::vector<parallel::TplaReparam>& rps,
               int world_rank, const RunClock& clock)
       : o_(o),
         spec_(spec),
         wl_(wl),
         group_(std::move(group)),
-        model_(o.model, o.prefill, group_),
-        sender_(kv, o.prefill.ranks),
+        model_(o.model, o.prefill, std::move(model_group), group_, o.device),
+        sender_(kv, o.prefill.ranks, o.device),
         rot_(rotation_matrices(rps)),
         world_rank_(world_rank),
         clock_(clock) {
@@ -306,13 +309,13 @@ class PrefillSide {
 class DecodeSide {
  public:
   DecodeSide(const EngineOptions& o, std::shared_ptr<comm::Communicator> group,
-             comm::Communicator& kv, comm::Communicator* ctrl,
-             std::vector<parallel::TplaReparam> rps, int world_rank, const RunClock& clock,
-             size_t n_requests)
+             std::shared_ptr<comm::Communicator> model_group, comm::Communicator& kv,
+             comm::Communicator* ctrl, std::vector<parallel::TplaReparam> rps, int world_rank,
+             const RunClock& clock, size_t n_requests)
       : o_(o),
         group_(group),
         kv_(kv),
-        eng_(o, group, std::move(rps)),
+        eng_(o, std::move(model_group), std::move(rps)),
         world_rank_(world_rank),
         clock_(clock) {
     if (group_->rank() == 0) ch_ = std::make_unique<CtrlChannel>(*ctrl, 0, "prefill leader");
@@ -559,7 +562,7 @@ class DecodeSide {
     r.plan = std::make_shared<TransferPlan>(make_transfer_plan(
         o_.model.geometry(o_.decode.page_size), o_.prefill, o_.decode.layout, r.input_len));
     r.receiver = std::make_unique<KvReceiver>(kv_, r.plan, eng_.rank(), r.id, eng_.pool(), r.pages,
-                                              eng_.staging);
+                                              eng_.staging, eng_.transfer_stream());
     // The transfer holds its own reference until every message is in.
     eng_.pool().retain(r.pages);
     transferring_.push_back(r.id);
@@ -700,8 +703,16 @@ RunResult run_disaggregated(comm::Communicator& world, const EngineOptions& opts
   // communicators, so a posted control receive never matches a KV message).
   std::shared_ptr<comm::Communicator> group(world.split(prefill ? 0 : 1, wr));
   std::unique_ptr<comm::Communicator> ctrl = world.split(0, wr);
-  std::unique_ptr<comm::Communicator> kv = world.split(0, wr);
   std::shared_ptr<comm::Communicator> self(world.split(wr, 0));
+  // GPU ranks: the model's collectives and the KV channel over device memory (NCCL, or MPI
+  // staging); CPU ranks: the host world serves for both.
+  std::unique_ptr<comm::Communicator> device_world;
+  if (opts.device.is_cuda()) device_world = comm::create_world(opts.backend, opts.device);
+  comm::Communicator& data_world = device_world ? *device_world : world;
+  std::shared_ptr<comm::Communicator> model_group =
+      device_world ? std::shared_ptr<comm::Communicator>(data_world.split(prefill ? 0 : 1, wr))
+                   : group;
+  std::unique_ptr<comm::Communicator> kv = data_world.split(0, wr);
 
   // TPLA: each side derives the rotation and mu from the seed on its own; the handshake
   // checks that they agree.
@@ -742,11 +753,11 @@ RunResult run_disaggregated(comm::Communicator& world, const EngineOptions& opts
   std::unique_ptr<PrefillSide> ps;
   std::unique_ptr<DecodeSide> ds;
   if (prefill)
-    ps = std::make_unique<PrefillSide>(opts, spec, workload, group, *kv, ctrl.get(), reparams, wr,
-                                       clock);
+    ps = std::make_unique<PrefillSide>(opts, spec, workload, group, model_group, *kv, ctrl.get(),
+                                       reparams, wr, clock);
   else
-    ds = std::make_unique<DecodeSide>(opts, group, *kv, ctrl.get(), reparams, wr, clock,
-                                      workload.size());
+    ds = std::make_unique<DecodeSide>(opts, group, model_group, *kv, ctrl.get(), reparams, wr,
+                                      clock, workload.size());
   world.barrier();
   clock.start();
   if (ps) ps->run();

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "distattn/comm/communicator.h"
+#include "distattn/core/stream.h"
 #include "distattn/serving/engine.h"
 #include "distattn/serving/kv_pool.h"
 #include "distattn/serving/model.h"
@@ -99,22 +100,26 @@ class CtrlChannel {
 // `max_bytes` in all.
 class BufferCache {
  public:
-  explicit BufferCache(int64_t max_bytes = int64_t{256} << 20) : max_bytes_(max_bytes) {}
-  Tensor get(int64_t bytes);
+  explicit BufferCache(Device device = Device::cpu(), int64_t max_bytes = int64_t{256} << 20)
+      : device_(device), max_bytes_(max_bytes) {}
+  Tensor get(int64_t bytes);  // on the cache's device
   void put(Tensor t);
   // The first `bytes` bytes of a buffer from get().
   static TensorView bytes(const Tensor& t, int64_t bytes);
 
  private:
+  Device device_;
   int64_t max_bytes_, cached_ = 0;
   std::vector<std::vector<Tensor>> by_class_;
 };
 
 // Prefill side: posted KV messages, kept (with their staging buffers and the tensors they are
 // sent from: the prefill side's "pages") until MPI/NCCL is done with them.
+// On CUDA the sends run on a stream of their own, ordered after the compute (default stream)
+// that produced their data, so a transfer never holds up the model's kernels.
 class KvSender {
  public:
-  KvSender(comm::Communicator& kv, int decode_world_offset);
+  KvSender(comm::Communicator& kv, int decode_world_offset, Device device = Device::cpu());
   // Posts every message of `layer` from this prefill rank (`src`) of `plan`; parts that are
   // one run of `kv` go as they are, the others are packed (transfer.h).
   void send_layer(const TransferPlan& plan, int src, int64_t layer, int64_t request,
@@ -135,6 +140,8 @@ class KvSender {
   void post(int dst, Out o, const std::vector<comm::P2POp>& ops);
   comm::Communicator& kv_;
   int offset_;
+  Device device_;
+  OwnedStream stream_;
   BufferCache cache_;
   std::deque<Out> out_;
 };
@@ -143,8 +150,11 @@ class KvSender {
 // directly where they are one run of them, else in staging buffers unpacked on completion.
 class KvReceiver {
  public:
+  // `stream`: where the receives run on CUDA (the decode rank's transfer stream); the default
+  // stream waits for it before unpacking and before the pages are read.
   KvReceiver(comm::Communicator& kv, std::shared_ptr<const TransferPlan> plan, int dst,
-             int64_t request, KvPool& pool, std::span<const int32_t> pages, BufferCache& cache);
+             int64_t request, KvPool& pool, std::span<const int32_t> pages, BufferCache& cache,
+             Stream stream = nullptr);
   // Tests the receives; checks headers and unpacks what completed. True when every message is
   // in. Fillers are accepted and discarded.
   bool poll(KvPool& pool, std::span<const int32_t> pages);
@@ -162,6 +172,8 @@ class KvReceiver {
   std::shared_ptr<const TransferPlan> plan_;
   int64_t request_;
   BufferCache& cache_;
+  Stream stream_;
+  Device device_;
   std::vector<In> in_;
   size_t pending_ = 0;
   bool filler_ = false;
@@ -188,8 +200,10 @@ struct DecodeRequest {
 // The decode group's batch builder and stepper (disaggregated decode group, or colocated world).
 class DecodeEngine {
  public:
+  // `group`: the decode group's communicator for the model (device memory on CUDA).
   DecodeEngine(const EngineOptions& opts, std::shared_ptr<comm::Communicator> group,
                std::vector<parallel::TplaReparam> reparams);
+  Stream transfer_stream() const { return transfer_stream_.get(); }
   KvPool& pool() { return *pool_; }
   const KvPool& pool() const { return *pool_; }
   DecodeModel& model() { return *model_; }
@@ -209,6 +223,7 @@ class DecodeEngine {
   int rank_ = 0;
   std::unique_ptr<DecodeModel> model_;
   std::unique_ptr<KvPool> pool_;
+  OwnedStream transfer_stream_;  // CUDA: the KV receives
 
  public:
   BufferCache staging;  // landing buffers of the parts that cannot be received in place

@@ -250,8 +250,11 @@ uint64_t ModelWeights::layer_seed(const ModelConfig& cfg, int64_t layer) {
   return static_cast<uint64_t>((u + 1.0) * 4503599627370496.0) ^ (cfg.seed * 0x9E37ull);
 }
 
-ModelWeights ModelWeights::generate(const ModelConfig& cfg, const RankSlice& slice) {
+ModelWeights ModelWeights::generate(const ModelConfig& cfg, const RankSlice& slice, Device device) {
   cfg.validate();
+  DISTATTN_CHECK_STATUS(device.is_cpu() || cfg.family == ModelFamily::kGqa, Status::kUnsupported,
+                        "--model mla runs on CPU ranks (its prefill, parallel::mla_prefill_tp, "
+                        "is host-only): use --device cpu");
   ModelWeights w;
   w.config = cfg;
   w.slice = slice;
@@ -289,6 +292,17 @@ ModelWeights ModelWeights::generate(const ModelConfig& cfg, const RankSlice& sli
     put_cols(lw.w_gate_up, fn, uniform_matrix_block(s, kWup, hid, fn, cfg.ffn, 0, f0, bound(hid)));
     lw.w_down = uniform_matrix_block(s, kWdown, fn, hid, hid, f0, 0, bound(cfg.ffn));
     w.layers.push_back(std::move(lw));
+  }
+  if (device.is_cuda()) {
+    auto move = [&](Tensor& t) {
+      if (t.defined()) t = to_device(t, device);
+    };
+    move(w.embed);
+    move(w.final_norm);
+    move(w.lm_head);
+    for (LayerWeights& lw : w.layers)
+      for (Tensor* t : {&lw.attn_norm, &lw.mlp_norm, &lw.w_qkv, &lw.w_o, &lw.w_gate_up, &lw.w_down})
+        move(*t);
   }
   return w;
 }
@@ -338,8 +352,12 @@ void layer_status(comm::Communicator& host, int64_t layer, const std::string& lo
 
 PrefillModel::PrefillModel(const ModelConfig& cfg, const PrefillLayout& layout,
                            std::shared_ptr<comm::Communicator> group,
-                           std::shared_ptr<comm::Communicator> host)
-    : cfg_(cfg), layout_(layout), group_(std::move(group)), host_(std::move(host)) {
+                           std::shared_ptr<comm::Communicator> host, Device device)
+    : cfg_(cfg),
+      layout_(layout),
+      device_(device),
+      group_(std::move(group)),
+      host_(std::move(host)) {
   DISTATTN_CHECK(group_ != nullptr, "PrefillModel: a group communicator is required");
   if (!host_) host_ = group_;
   DISTATTN_CHECK(group_->size() == layout.ranks, "PrefillModel: the layout has ", layout.ranks,
@@ -390,9 +408,10 @@ PrefillOutput PrefillModel::run(std::span<const int32_t> tokens, const KvSink& s
   for (size_t i = 0; i < pos.size(); ++i)
     ids[i] = pos[i] < n ? tokens[static_cast<size_t>(pos[i])] : 0;
 
-  Tensor x = Tensor::empty({rows, hid}, DType::kFloat32);
+  const Device dev = device_;
+  Tensor x = Tensor::empty({rows, hid}, DType::kFloat32, dev);
   ops::embedding(weights_.embed, ids, x);
-  Tensor h = Tensor::empty({rows, hid}, DType::kFloat32);
+  Tensor h = Tensor::empty({rows, hid}, DType::kFloat32, dev);
   auto progress = [&] {
     if (hooks.progress) hooks.progress();
   };
@@ -425,23 +444,23 @@ PrefillOutput PrefillModel::run(std::span<const int32_t> tokens, const KvSink& s
       continue;
     }
     const int64_t d = cfg_.head_dim, qa = sl.attn_heads.size(), ka = sl.kv_heads.size();
-    Tensor qkv = Tensor::empty({rows, (qa + 2 * ka) * d}, DType::kFloat32);
+    Tensor qkv = Tensor::empty({rows, (qa + 2 * ka) * d}, DType::kFloat32, dev);
     ops::matmul(h, lw.w_qkv, qkv);
     const TensorView q32 = heads_view(qkv, 0, qa, d), k32 = heads_view(qkv, qa * d, ka, d);
     const TensorView v32 = heads_view(qkv, (qa + ka) * d, ka, d);
     ops::rope(q32, pos, cfg_.rope_theta);
     ops::rope(k32, pos, cfg_.rope_theta);
-    Tensor q = Tensor::empty({1, rows, qa, d}, cfg_.dtype);
-    Tensor k = Tensor::empty({1, rows, ka, d}, cfg_.dtype);
-    Tensor v = Tensor::empty({1, rows, ka, d}, cfg_.dtype);
+    Tensor q = Tensor::empty({1, rows, qa, d}, cfg_.dtype, dev);
+    Tensor k = Tensor::empty({1, rows, ka, d}, cfg_.dtype, dev);
+    Tensor v = Tensor::empty({1, rows, ka, d}, cfg_.dtype, dev);
     ops::tensor_copy(q.view().reshape({rows, qa, d}), q32);
     ops::tensor_copy(k.view().reshape({rows, ka, d}), k32);
     ops::tensor_copy(v.view().reshape({rows, ka, d}), v32);
     if (sink)
       sink(l, LayerKv{{k.view().reshape({rows, ka, d}), v.view().reshape({rows, ka, d})}, k, v});
     progress();
-    Tensor out = Tensor::empty({1, rows, qa, d}, DType::kFloat32);
-    Tensor lse = Tensor::empty({1, qa, rows}, DType::kFloat32);
+    Tensor out = Tensor::empty({1, rows, qa, d}, DType::kFloat32, dev);
+    Tensor lse = Tensor::empty({1, qa, rows}, DType::kFloat32, dev);
     parallel::SpOptions so;
     so.causal = true;
     so.heads_q = cfg_.heads;
@@ -611,6 +630,7 @@ void validate_decode(const ModelConfig& cfg, const DecodeSetup& setup) {
 
 struct DecodeModel::Impl {
   ModelConfig cfg;
+  Device device;
   DecodeSetup setup;
   std::shared_ptr<comm::Communicator> group;
   // MLA
@@ -623,7 +643,7 @@ struct DecodeModel::Impl {
 
 DecodeModel::DecodeModel(const ModelConfig& cfg, const DecodeSetup& setup,
                          std::shared_ptr<comm::Communicator> group,
-                         std::vector<parallel::TplaReparam> reparams)
+                         std::vector<parallel::TplaReparam> reparams, Device device)
     : impl_(std::make_unique<Impl>()) {
   DISTATTN_CHECK(group != nullptr, "DecodeModel: a group communicator is required");
   DISTATTN_CHECK(group->size() == setup.layout.ranks, "DecodeModel: the layout has ",
@@ -634,7 +654,8 @@ DecodeModel::DecodeModel(const ModelConfig& cfg, const DecodeSetup& setup,
   m.setup = setup;
   m.group = group;
   const int rank = group->rank();
-  weights_ = ModelWeights::generate(cfg, decode_slice(cfg, setup.layout, rank));
+  weights_ = ModelWeights::generate(cfg, decode_slice(cfg, setup.layout, rank), device);
+  m.device = device;
   if (cfg.family == ModelFamily::kMla) {
     m.mcfg = cfg.mla(setup.page_size);
     m.msetup.sharding = mla_sharding(setup.layout.sharding);
@@ -682,7 +703,12 @@ DecodeOutput DecodeModel::step(const DecodeBatch& batch, KvPool& pool,
   DecodeOutput res;
   if (b == 0) return res;
   const RankSlice& sl = weights_.slice;
-  const Device dev = Device::cpu();
+  const Device dev = m.device;
+  DISTATTN_CHECK(pool.k(0).device == dev, "DecodeModel::step: the pool is on ",
+                 pool.k(0).device.str(), " but the model on ", dev.str());
+  // Page tables and lengths go where the kernels read them.
+  const Tensor table = dev.is_cpu() ? batch.page_table : to_device(batch.page_table, dev);
+  const Tensor lens = dev.is_cpu() ? batch.seq_lens : to_device(batch.seq_lens, dev);
   Tensor x = Tensor::empty({b, hid}, DType::kFloat32, dev);
   ops::embedding(weights_.embed, batch.tokens, x);
   Tensor h = Tensor::empty({b, hid}, DType::kFloat32, dev);
@@ -697,8 +723,8 @@ DecodeOutput DecodeModel::step(const DecodeBatch& batch, KvPool& pool,
       a.positions = batch.positions;
       a.append_rows = batch.append_rows;
       a.cache.pages = pool.k(l);
-      a.cache.page_table = batch.page_table;
-      a.cache.seq_lens = batch.seq_lens;
+      a.cache.page_table = table;
+      a.cache.seq_lens = lens;
       a.cache.latent_dim = pool.units();
       a.y = y;
       parallel::mla_decode_step(m.mcfg, m.mla[static_cast<size_t>(l)], m.msetup,
@@ -725,7 +751,7 @@ DecodeOutput DecodeModel::step(const DecodeBatch& batch, KvPool& pool,
       ops::tensor_copy(q.view().reshape({b, qa, d}), q32);
       Tensor out = Tensor::empty({b, 1, qa, d}, DType::kFloat32, dev);
       Tensor lse = Tensor::empty({b, qa, 1}, DType::kFloat32, dev);
-      ops::PagedKV cache{pool.k(l), pool.v(l), batch.page_table, batch.seq_lens};
+      ops::PagedKV cache{pool.k(l), pool.v(l), table, lens};
       if (m.setup.layout.sharding == DecodeSharding::kDecodeCp)
         parallel::paged_decode_cp_attention(*m.group, q, cache, out, lse);
       else

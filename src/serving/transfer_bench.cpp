@@ -17,11 +17,13 @@ double seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Random values for a tensor on any device.
 void fill(const Tensor& t, uint64_t stream) {
   Tensor f = uniform_matrix_block(7, stream, 1, t.numel(), t.numel(), 0, 0, 1.0);
   const int64_t n = t.numel();
-  const int64_t shape[] = {n};
-  ops::tensor_copy(TensorView(t.data(), t.dtype(), t.device(), shape), f.view().reshape({n}));
+  Tensor h = Tensor::empty({n}, t.dtype());
+  ops::tensor_copy(h, f.view().reshape({n}));
+  device_copy(t.data(), t.device(), h.data(), Device::cpu(), t.nbytes());
 }
 
 }  // namespace
@@ -34,7 +36,10 @@ TransferBenchResult bench_transfer(comm::Communicator& world, const EngineOption
   const int P = opts.prefill.ranks, wr = world.rank();
   const bool prefill = wr < P;
   const int me = prefill ? wr : wr - P;
-  std::unique_ptr<comm::Communicator> kv = world.split(0, wr);
+  std::unique_ptr<comm::Communicator> device_world;
+  if (opts.device.is_cuda()) device_world = comm::create_world(opts.backend, opts.device);
+  std::unique_ptr<comm::Communicator> kv = (device_world ? *device_world : world).split(0, wr);
+  const Device dev = opts.device;
   const KvGeometry g = opts.model.geometry(opts.decode.page_size);
   const auto plan = std::make_shared<TransferPlan>(
       make_transfer_plan(g, opts.prefill, opts.decode.layout, tokens));
@@ -51,8 +56,8 @@ TransferBenchResult bench_transfer(comm::Communicator& world, const EngineOption
       } else {
         rows = opts.prefill.padded_length(tokens) / P;
       }
-      k = Tensor::empty({rows, units, g.head_dim}, g.dtype);
-      v = Tensor::empty({rows, units, g.head_dim_v}, g.dtype);
+      k = Tensor::empty({rows, units, g.head_dim}, g.dtype, dev);
+      v = Tensor::empty({rows, units, g.head_dim_v}, g.dtype, dev);
       fill(k, 1);
       fill(v, 2);
     } else {
@@ -61,7 +66,7 @@ TransferBenchResult bench_transfer(comm::Communicator& world, const EngineOption
     }
   } else {
     pool = std::make_unique<KvPool>(g, decode_units(g, opts.decode.layout, me).units(),
-                                    decode_pages_needed(g, opts.decode.layout, me, tokens));
+                                    decode_pages_needed(g, opts.decode.layout, me, tokens), dev);
     pages = *pool->allocate(pool->num_pages());
   }
 
@@ -79,8 +84,9 @@ TransferBenchResult bench_transfer(comm::Communicator& world, const EngineOption
 
   // The engine path: pack, post, receive, unpack (staging buffers and the sender reused
   // across iterations, as the engine reuses them across requests).
-  BufferCache staging;
-  KvSender sender(*kv, P);
+  BufferCache staging(dev);
+  KvSender sender(*kv, P, dev);
+  OwnedStream recv_stream(dev);
   double total = 0;
   for (int it = 0; it < warmup + iters; ++it) {
     world.barrier();
@@ -90,7 +96,7 @@ TransferBenchResult bench_transfer(comm::Communicator& world, const EngineOption
         sender.send_layer(*plan, me, l, it, LayerKv{{k, v}, k, v});
       sender.wait_all();
     } else {
-      KvReceiver recv(*kv, plan, me, it, *pool, pages, staging);
+      KvReceiver recv(*kv, plan, me, it, *pool, pages, staging, recv_stream.get());
       while (!recv.poll(*pool, pages)) {
       }
     }
@@ -110,7 +116,7 @@ TransferBenchResult bench_transfer(comm::Communicator& world, const EngineOption
         const std::vector<size_t> segs = plan->message(l, s, d);
         if (segs.empty() || (prefill ? s != me : d != me)) continue;
         for (const MessagePart& part : message_parts(*plan, segs)) {
-          bufs.push_back(Tensor::zeros({part.bytes}, DType::kUInt8));
+          bufs.push_back(Tensor::zeros({part.bytes}, DType::kUInt8, dev));
           const Tensor& b = bufs.back();
           ops.push_back(prefill ? comm::P2POp::send(b.data(), b.nbytes(), DType::kUInt8, P + d)
                                 : comm::P2POp::recv(b.data(), b.nbytes(), DType::kUInt8, s));

@@ -60,6 +60,11 @@ Fault parse_fault(const std::string& text);
 
 struct EngineOptions {
   ModelConfig model;
+  // Where weights, activations, pools and KV buffers live. CUDA: the groups' and the KV
+  // channel's communicators are created with `backend` (kAuto: NCCL with one GPU per rank,
+  // else MPI staging device buffers); control stays on the host world (MPI).
+  Device device{};
+  comm::Backend backend = comm::Backend::kAuto;
   PrefillLayout prefill;    // ranks = the prefill group's size
   DecodeSetup decode;       // layout.ranks = the decode group's size; page size
   int64_t kv_pages = 1024;  // pages per decode rank (colocated: per rank)

@@ -110,7 +110,9 @@ struct ModelWeights {
   Tensor lm_head;     // [hidden, vocab]
   std::vector<LayerWeights> layers;
 
-  static ModelWeights generate(const ModelConfig& cfg, const RankSlice& slice);
+  // Generated on the host, then copied to `device` (GQA; MLA weights stay on the host).
+  static ModelWeights generate(const ModelConfig& cfg, const RankSlice& slice,
+                               Device device = Device::cpu());
   // The seed of layer `layer`'s parallel::MlaWeights.
   static uint64_t layer_seed(const ModelConfig& cfg, int64_t layer);
 };
@@ -160,9 +162,11 @@ class PrefillModel {
   // Collective over `group` (its ranks must pass equal arguments). `group` must accept the
   // weights' device memory (host: MPI). `host` (optional, else `group`) carries the small
   // host-memory control values (status flags, the first token).
+  // `device`: where weights and activations live (GQA on CUDA needs a `group` that accepts
+  // device memory; MLA prefill is host-only).
   PrefillModel(const ModelConfig& cfg, const PrefillLayout& layout,
                std::shared_ptr<comm::Communicator> group,
-               std::shared_ptr<comm::Communicator> host = nullptr);
+               std::shared_ptr<comm::Communicator> host = nullptr, Device device = Device::cpu());
   ~PrefillModel();
 
   // Exact causal prefill of `tokens` (every rank passes the whole prompt). The group pads
@@ -178,6 +182,7 @@ class PrefillModel {
  private:
   ModelConfig cfg_;
   PrefillLayout layout_;
+  Device device_;
   std::shared_ptr<comm::Communicator> group_, host_;
   std::unique_ptr<comm::DeviceMesh> mesh_;  // hybrid
   parallel::SpGroup sp_;
@@ -224,9 +229,10 @@ struct DecodeOutput {
 class DecodeModel {
  public:
   // Collective over `group` (the decode group). `reparams`: TPLA only (one per layer).
+  // `device` as PrefillModel (the pool passed to step() must live there too).
   DecodeModel(const ModelConfig& cfg, const DecodeSetup& setup,
               std::shared_ptr<comm::Communicator> group,
-              std::vector<parallel::TplaReparam> reparams = {});
+              std::vector<parallel::TplaReparam> reparams = {}, Device device = Device::cpu());
   ~DecodeModel();
 
   // Units (KV heads or latent columns) this rank's pool must store.

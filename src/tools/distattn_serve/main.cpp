@@ -36,6 +36,7 @@ struct Args {
   int64_t page_size = 16, kv_pages = 1024, max_batch = 32, transfer_window = 2;
   int64_t requests = 16, input_len = 512, output_len = 64;
   std::string rate = "inf", trace, goodput, mode = "disagg", json, requests_out;
+  std::string device = "cpu", backend = "auto";
   double range_ratio = 0;
   bool check = false, verbose = false, no_progress = false;
   std::vector<std::string> faults;
@@ -92,6 +93,15 @@ EngineOptions engine_options(const Args& a, int world) {
   o.admission_timeout_s = a.admission_timeout_ms / 1e3;
   o.kv_timeout_s = a.kv_timeout_ms / 1e3;
   o.check = a.check;
+  DISTATTN_CHECK(a.device == "cpu" || a.device == "cuda", "--device takes cpu or cuda; got '",
+                 a.device, "'");
+  if (a.device == "cuda") {
+    DISTATTN_CHECK_STATUS(runtime_info().device.is_cuda(), Status::kUnsupported,
+                          "--device cuda: this rank sees no CUDA device (",
+                          runtime_info().cuda_devices, " visible); use --device cpu");
+    o.device = runtime_info().device;
+  }
+  o.backend = comm::parse_backend(a.backend);
   o.verbose = a.verbose;
   o.progress = !a.no_progress;
   for (const std::string& f : a.faults) o.faults.push_back(parse_fault(f));
@@ -152,6 +162,8 @@ int run(int argc, char** argv) {
     ("trace", po::value(&a.trace)->default_value(""), "JSONL trace (arrival_s, input_len, output_len per line) instead")
     ("goodput", po::value(&a.goodput)->default_value(""), "SLOs 'ttft:MS tpot:MS' for goodput")
     ("mode", po::value(&a.mode)->default_value(a.mode), "disagg|colocated|both")
+    ("device", po::value(&a.device)->default_value(a.device), "cpu|cuda (GQA): where weights, pools and KV live")
+    ("backend", po::value(&a.backend)->default_value(a.backend), "--device cuda: mpi|nccl|auto for the groups and the KV channel")
     ("check", po::bool_switch(&a.check), "recompute every step on one rank (teacher forcing); report max_rel_err")
     ("json", po::value(&a.json)->default_value(""), "write a JSON list, one object per mode run")
     ("requests-out", po::value(&a.requests_out)->default_value(""), "write one JSONL line per request")
@@ -204,6 +216,9 @@ int run(int argc, char** argv) {
   }
 
   if (rank == 0) {
+    std::printf("# device %s", opts.device.str().c_str());
+    if (opts.device.is_cuda()) std::printf(", backend %s", comm::backend_name(opts.backend));
+    std::printf("\n");
     std::printf("# distattn-serve  world %d = %d prefill + %d decode ranks\n", world->size(),
                 opts.prefill.ranks, opts.decode.layout.ranks);
     std::printf("# model: %s\n", opts.model.str().c_str());
@@ -315,7 +330,7 @@ int run(int argc, char** argv) {
 int main(int argc, char** argv) {
   int size = 1;
   try {
-    const auto& info = runtime_init(&argc, &argv);
+    const auto& info = runtime_init(&argc, &argv, {.use_gpu = true});
     size = info.size;
     const int rc = run(argc, argv);
     runtime_finalize();
