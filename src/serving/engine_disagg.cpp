@@ -485,8 +485,10 @@ class DecodeSide {
     }
     for (int64_t id : transferring_) {
       const DecodeRequest& r = *reqs_.at(id);
-      if (!r.completion && !r.prefill_failed && !r.timed_out && now - r.t_grant > o_.kv_timeout_s &&
-          !timeout_sent_.count(id) && s.count < kMaxEvents - 1) {
+      // The completion or the KV itself (a receive still open) not in by the deadline.
+      if ((!r.completion || r.receiver) && !r.prefill_failed && !r.timed_out &&
+          now - r.t_grant > o_.kv_timeout_s && !timeout_sent_.count(id) &&
+          s.count < kMaxEvents - 1) {
         timeout_sent_.insert(id);
         reasons_[id] =
             ::distattn::detail::concat("the KV transfer or its completion message did not ",
@@ -579,6 +581,13 @@ class DecodeSide {
     for (size_t i = 0; i < transferring_.size(); ++i) {
       DecodeRequest& r = *reqs_.at(transferring_[i]);
       const bool all_in = flags[i + 1] == 1;
+      // Timed out with KV messages still open: the KV channel lost a message (a prefill rank
+      // died or a message was dropped). Later messages would land in the wrong receives, so
+      // this is the job's failure, not the request's (every decode rank sees the same flags).
+      DISTATTN_CHECK_STATUS(!(r.timed_out && r.receiver && !all_in), Status::kTimeout,
+                            "serving: the KV of request ", r.id, " did not reach every decode ",
+                            "rank within ", o_.kv_timeout_s * 1e3, " ms of its grant: the KV ",
+                            "channel lost a message; ending the job");
       if (all_in && r.receiver) {
         // Every write into the pages is done: the transfer's reference goes.
         eng_.pool().release(r.pages);
