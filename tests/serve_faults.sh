@@ -31,7 +31,8 @@ done
 printf '%s\n' "$out" | grep -E '^  disagg ' | awk '{ if ($5 != 3 || $6 != 3 || $(NF-1) != 0) exit 1 }' ||
   { echo "FAIL: the table must show 3 completed, 3 failed, 0 pages leaked"; fail=1; }
 
-for fault in exit:1:2 hang:1:2; do
+# exit/hang of the decode leader (world rank 1) and a hang of the prefill leader (world rank 0).
+for fault in exit:1:2 hang:1:2 hang:0:3; do
   start=$(date +%s)
   out=$(DISTATTN_COMM_TIMEOUT_S=2 timeout 60 "$mpiexec" -n 2 "$@" "$serve" $model $load \
     --fault "$fault" 2>&1)
