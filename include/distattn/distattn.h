@@ -1,5 +1,6 @@
 #pragma once
 // Umbrella header.
+#include "distattn/comm/bootstrap.h"
 #include "distattn/comm/communicator.h"
 #include "distattn/comm/mesh.h"
 #include "distattn/config.h"

@@ -753,18 +753,22 @@ std::unique_ptr<MpiCommunicator> MpiCommunicator::dup_world() {
   DISTATTN_CHECK(init,
                  "MPI is not initialized: call distattn::runtime_init(&argc, &argv) "
                  "before creating a communicator");
+  return dup(MPI_COMM_WORLD, "create_world(mpi)");
+}
+
+std::unique_ptr<MpiCommunicator> MpiCommunicator::dup(MPI_Comm comm, const char* what) {
   const size_t max_count = mpi_max_count_from_env();
   int rank = 0, size = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  DISTATTN_MPI_CHECK(MPI_Comm_rank(comm, &rank), what);
+  MPI_Comm_size(comm, &size);
   MPI_Comm dup = MPI_COMM_NULL;
   MPI_Request req = MPI_REQUEST_NULL;
-  DISTATTN_MPI_CHECK(MPI_Comm_idup(MPI_COMM_WORLD, &dup, &req), "create_world(mpi) on rank ", rank);
+  DISTATTN_MPI_CHECK(MPI_Comm_idup(comm, &dup, &req), what, " on rank ", rank);
   const auto timeout = default_timeout();
-  if (!wait_request(&req, timeout, "create_world(mpi)")) {
+  if (!wait_request(&req, timeout, what)) {
     detail::abandon_mpi_requests(std::span<const MPI_Request>(&req, 1),
-                                 "create_world(mpi) timed out on rank " + std::to_string(rank));
-    DISTATTN_THROW(Status::kTimeout, timeout_message("create_world(mpi) (MPI_Comm_idup)", rank,
+                                 std::string(what) + " timed out on rank " + std::to_string(rank));
+    DISTATTN_THROW(Status::kTimeout, timeout_message(std::string(what) + " (MPI_Comm_idup)", rank,
                                                      size, timeout, false));
   }
   return std::make_unique<MpiCommunicator>(dup, max_count);

@@ -43,6 +43,9 @@ class MpiCommunicator final : public Communicator {
  public:
   // Duplicates MPI_COMM_WORLD (MPI_Comm_idup, under the watchdog).
   static std::unique_ptr<MpiCommunicator> dup_world();
+  // Duplicates `comm` (collective over it; MPI_Comm_idup under the watchdog). `what` names
+  // the caller in errors.
+  static std::unique_ptr<MpiCommunicator> dup(MPI_Comm comm, const char* what);
   // Takes ownership of `comm` (freed on destruction); sets MPI_ERRORS_RETURN on it.
   MpiCommunicator(MPI_Comm comm, size_t max_count);
   ~MpiCommunicator() override;

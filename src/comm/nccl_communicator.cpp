@@ -503,6 +503,34 @@ void NcclCommunicator::do_abort() noexcept {
 // ---- world bootstrap
 // ------------------------------------------------------------------------------
 
+namespace {
+// Nonblocking init of one rank, polled until `deadline` (then aborted: Error(kTimeout)).
+std::unique_ptr<Communicator> init_nccl_rank(const ncclUniqueId& id, int rank, int size,
+                                             Device device, Clock::time_point deadline) {
+  DeviceGuard guard(device.index);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclComm_t comm = nullptr;
+  DISTATTN_NCCL_CHECK(ncclCommInitRankConfig(&comm, size, id, rank, &config), "NCCL init of rank ",
+                      rank, " of ", size);
+  const ncclResult_t st = poll_state(comm, deadline);
+  if (st != ncclSuccess) {
+    const std::string text = st == ncclInProgress
+                                 ? std::string("did not finish within the watchdog timeout")
+                                 : nccl_error_text(comm, st);
+    (void)ncclCommAbort(comm);
+    DISTATTN_THROW(st == ncclInProgress ? Status::kTimeout : Status::kNcclError,
+                   "NCCL init of rank ", rank, " of ", size, " on GPU ", device.index, ": ", text);
+  }
+  try {
+    return std::make_unique<NcclCommunicator>(comm, device);
+  } catch (...) {
+    (void)ncclCommAbort(comm);
+    throw;
+  }
+}
+}  // namespace
+
 std::unique_ptr<Communicator> make_nccl_world(Device device) {
   DISTATTN_CHECK(device.is_cuda(), "the NCCL backend needs a CUDA device, got ", device.str(),
                  "; use the mpi backend for CPU buffers");
@@ -566,27 +594,23 @@ std::unique_ptr<Communicator> make_nccl_world(Device device) {
                         ncclGetErrorString(static_cast<ncclResult_t>(msg.rc)));
 
   // 3. Nonblocking init, polled under the watchdog.
-  DeviceGuard guard(device.index);
-  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 0;
-  ncclComm_t comm = nullptr;
-  DISTATTN_NCCL_CHECK(ncclCommInitRankConfig(&comm, size, msg.id, rank, &config),
-                      "NCCL init of rank ", rank, " of ", size);
-  const ncclResult_t st = poll_state(comm, deadline);
-  if (st != ncclSuccess) {
-    const std::string text = st == ncclInProgress
-                                 ? std::string("did not finish within the watchdog timeout")
-                                 : nccl_error_text(comm, st);
-    (void)ncclCommAbort(comm);
-    DISTATTN_THROW(st == ncclInProgress ? Status::kTimeout : Status::kNcclError,
-                   "NCCL init of rank ", rank, " of ", size, " on GPU ", device.index, ": ", text);
-  }
-  try {
-    return std::make_unique<NcclCommunicator>(comm, device);
-  } catch (...) {
-    (void)ncclCommAbort(comm);
-    throw;
-  }
+  return init_nccl_rank(msg.id, rank, size, device, deadline);
+}
+
+std::vector<uint8_t> make_nccl_unique_id() {
+  ncclUniqueId id{};
+  DISTATTN_NCCL_CHECK(ncclGetUniqueId(&id), "nccl_unique_id");
+  const auto* p = reinterpret_cast<const uint8_t*>(&id);
+  return {p, p + sizeof(id)};
+}
+
+std::unique_ptr<Communicator> make_nccl_communicator(std::span<const uint8_t> id, int rank,
+                                                     int size, Device device) {
+  ncclUniqueId uid{};
+  DISTATTN_CHECK(id.size() == sizeof(uid), "create_nccl_communicator: the NCCL unique id has ",
+                 id.size(), " bytes but must have ", sizeof(uid));
+  std::memcpy(&uid, id.data(), sizeof(uid));
+  return init_nccl_rank(uid, rank, size, device, Clock::now() + default_timeout());
 }
 
 }  // namespace distattn::comm
