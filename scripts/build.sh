@@ -6,6 +6,7 @@
 #   DISTATTN_CUDA  AUTO | ON | OFF (default AUTO: CUDA kernels + NCCL when nvcc is found)
 #   CMAKE_ARGS     extra arguments for the configure step (word-split)
 #   JOBS           parallel build jobs (default: number of cores)
+#   DISTATTN_VENV  venv whose Python the extension is built for (default <repo>/.venv, if any)
 # Arguments: build targets (default: all).
 set -euo pipefail
 
@@ -15,6 +16,11 @@ BUILD_TYPE="${BUILD_TYPE:-Release}"
 DISTATTN_CUDA="${DISTATTN_CUDA:-AUTO}"
 JOBS="${JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
 read -r -a EXTRA <<<"${CMAKE_ARGS:-}"
+# The Python extension is built for the venv of scripts/setup-python.sh when there is one.
+VENV="${DISTATTN_VENV:-$REPO/.venv}"
+if [ -x "$VENV/bin/python" ] && [[ " ${EXTRA[*]} " != *" -DPython_EXECUTABLE="* ]]; then
+  EXTRA+=("-DPython_EXECUTABLE=$VENV/bin/python")
+fi
 
 GEN=()
 if command -v ninja >/dev/null 2>&1; then GEN=(-G Ninja); fi

@@ -9,6 +9,7 @@
 # except where a SLURM not from Debian's packages is on PATH (a cluster's own: left alone);
 # where they cannot be installed, that test skips. --test also installs Debian's
 # python3-matplotlib for the serving plots test (scripts/plot_serve.py; skips without it).
+# The Python package builds in the venv of scripts/setup-python.sh (called at the end).
 set -euo pipefail
 
 WITH_SLURM=0
@@ -56,6 +57,8 @@ PACKAGES=(
   libboost-program-options-dev
   libgtest-dev
   libopenblas-dev
+  # the Python package: Debian's CPU torch (see README, "Python"), its test tools
+  python3-dev python3-venv python3-torch python3-numpy python3-pytest python3-mpi4py
 )
 
 missing=()
@@ -69,6 +72,7 @@ if [ "${#missing[@]}" -eq 0 ]; then
 ensure_matplotlib
   ensure_matplotlib
   ensure_numpy
+  bash "$(dirname "${BASH_SOURCE[0]}")/setup-python.sh"
   exit 0
 fi
 
@@ -95,4 +99,5 @@ export DEBIAN_FRONTEND=noninteractive
 ensure_slurm
 ensure_matplotlib
 ensure_numpy
+bash "$(dirname "${BASH_SOURCE[0]}")/setup-python.sh"
 echo "[setup-deps] done"

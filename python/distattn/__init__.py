@@ -72,6 +72,7 @@ from ._distattn import (
     strategies,
     token_positions,
     unshard_into,
+    view_info,
 )
 
 __all__ = [
@@ -81,7 +82,7 @@ __all__ = [
     "finalize", "init", "local_kv_heads", "local_query_heads", "local_seq_len",
     "nccl_unique_id", "parse_strategy", "rank_forward_flops", "runtime_info", "shard",
     "sp_attention_backward", "sp_attention_forward", "split_heads", "strategies",
-    "token_positions", "unshard_into", "world",
+    "token_positions", "unshard_into", "view_info", "world",
 ]
 
 __version__ = "0.1.0"

@@ -35,7 +35,8 @@ import distattn
 from distattn import _distattn as _C
 
 __all__ = [
-    "attention", "nccl_communicator", "position_ids", "shard_batch", "unshard_batch",
+    "attention", "init_process_group", "nccl_communicator", "position_ids", "shard_batch",
+    "unshard_batch",
 ]
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -255,3 +256,28 @@ def nccl_communicator(group: Any = None, device: Optional[int] = None) -> "dista
     dev = torch.cuda.current_device() if device is None else int(device)
     return _C.Communicator.from_nccl_id(uid, dist.get_rank(group), dist.get_world_size(group),
                                         dev)
+
+
+def init_process_group(world: "distattn.Communicator", backend: str = "gloo",
+                       host: Optional[str] = None) -> None:
+    """Initializes ``torch.distributed`` over the ranks of a distattn communicator (an MPI
+    job that also wants torch.distributed, e.g. for a gloo group): rank 0 picks a free TCP
+    port on ``host`` (default: rank 0's hostname) and the address reaches the other ranks
+    through ``world.broadcast``. Collective over ``world``."""
+    import numpy as np
+    import socket
+
+    buf = np.zeros(264, np.uint8)  # port (8 bytes) + host name
+    if world.rank() == 0:
+        host = host or socket.gethostname()
+        with socket.socket() as sk:
+            sk.bind((host, 0))
+            port = sk.getsockname()[1]
+        raw = host.encode()[:256]
+        buf[:8] = np.frombuffer(np.int64(port).tobytes(), np.uint8)
+        buf[8:8 + len(raw)] = np.frombuffer(raw, np.uint8)
+    world.broadcast(buf, root=0)
+    port = int(np.frombuffer(buf[:8].tobytes(), np.int64)[0])
+    host = bytes(buf[8:]).rstrip(b"\0").decode()
+    torch.distributed.init_process_group(backend, init_method=f"tcp://{host}:{port}",
+                                         rank=world.rank(), world_size=world.size())

@@ -350,6 +350,22 @@ void bind_runtime(nb::module_& m) {
         "Finalizes MPI if runtime_init initialized it (bounded by the watchdog).");
   m.def("runtime_initialized", &runtime_initialized);
   m.def("runtime_info", &runtime_info, nb::rv_policy::copy);
+  m.def(
+      "view_info",
+      [](nb::handle array) {
+        const In a(array, "array");
+        nb::dict d;
+        d["data"] = reinterpret_cast<uintptr_t>(a.view.data);
+        d["dtype"] = dtype_name(a.view.dtype);
+        d["device"] = a.view.device.str();
+        d["shape"] = std::vector<int64_t>(a.view.shape.begin(), a.view.shape.begin() + a.view.ndim);
+        d["strides"] =
+            std::vector<int64_t>(a.view.strides.begin(), a.view.strides.begin() + a.view.ndim);
+        return d;
+      },
+      "array"_a,
+      "The TensorView distattn makes of a DLPack array, as a dict (data pointer, dtype, device, "
+      "shape, strides in elements): the caller's memory, never a copy.");
   m.def("built_with_cuda", &built_with_cuda);
   m.def("built_with_nccl", [] { return DISTATTN_WITH_NCCL != 0; });
   m.def("cuda_device_count", &cuda_device_count);
