@@ -14,6 +14,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -275,6 +276,23 @@ parallel::SpOptions options(bool causal, std::optional<float> scale, int64_t hea
   o.drive_progress = drive_progress;
   o.stats = stats;
   return o;
+}
+
+// SpStats of one call, and the wall time of the whole C++ call (checks to return) measured
+// here without the GIL: what the Python layer adds to a call is its wall time minus call_s.
+struct CallStats {
+  parallel::SpStats sp;
+  double call_s = 0;
+};
+
+template <typename F>
+CallStats run_timed(F&& call) {
+  CallStats cs;
+  nb::gil_scoped_release release;
+  const auto t0 = std::chrono::steady_clock::now();
+  call(&cs.sp);
+  cs.call_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return cs;
 }
 
 nb::dict ledger_dict(const comm::Ledger& l) {
@@ -701,16 +719,20 @@ void bind_attention(nb::module_& m) {
           },
           "strategy"_a, "This rank's layout rank (hybrid: ring_rank * U + ulysses_rank).");
 
-  nb::class_<parallel::SpStats>(m, "Stats", "Where the time of one call went on this rank.")
-      .def_ro("total_s", &parallel::SpStats::total_s)
-      .def_ro("exposed_comm_s", &parallel::SpStats::exposed_comm_s)
-      .def_ro("compute_s", &parallel::SpStats::compute_s)
-      .def_ro("steps", &parallel::SpStats::steps)
-      .def_ro("visible_pairs", &parallel::SpStats::visible_pairs)
-      .def("__repr__", [](const parallel::SpStats& s) {
-        return "Stats(total_s=" + std::to_string(s.total_s) +
-               ", exposed_comm_s=" + std::to_string(s.exposed_comm_s) +
-               ", compute_s=" + std::to_string(s.compute_s) + ", steps=" + std::to_string(s.steps) +
+  nb::class_<CallStats>(m, "Stats",
+                        "Where the time of one call went on this rank (SpStats), and call_s.")
+      .def_prop_ro("total_s", [](const CallStats& c) { return c.sp.total_s; })
+      .def_prop_ro("exposed_comm_s", [](const CallStats& c) { return c.sp.exposed_comm_s; })
+      .def_prop_ro("compute_s", [](const CallStats& c) { return c.sp.compute_s; })
+      .def_prop_ro("steps", [](const CallStats& c) { return c.sp.steps; })
+      .def_prop_ro("visible_pairs", [](const CallStats& c) { return c.sp.visible_pairs; })
+      .def_ro("call_s", &CallStats::call_s,
+              "wall seconds of the whole C++ call (checks included), timed by the binding")
+      .def("__repr__", [](const CallStats& c) {
+        return "Stats(total_s=" + std::to_string(c.sp.total_s) +
+               ", exposed_comm_s=" + std::to_string(c.sp.exposed_comm_s) +
+               ", compute_s=" + std::to_string(c.sp.compute_s) +
+               ", steps=" + std::to_string(c.sp.steps) + ", call_s=" + std::to_string(c.call_s) +
                ")";
       });
 
@@ -722,15 +744,11 @@ void bind_attention(nb::module_& m) {
         const Strategy s = parallel::parse_strategy(strategy);
         const In aq(q, "q"), ak(k, "k"), av(v, "v");
         const Out ao(out, "out"), al(lse, "lse");
-        parallel::SpStats st;
-        const parallel::SpOptions o =
-            options(causal, scale, heads_q, heads_kv, stream, drive_progress, &st);
-        {
-          nb::gil_scoped_release release;
-          parallel::sp_attention_forward(s, g.get(), aq.view, ak.view, av.view, ao.view, al.view,
-                                         o);
-        }
-        return st;
+        return run_timed([&](parallel::SpStats* st) {
+          parallel::sp_attention_forward(
+              s, g.get(), aq.view, ak.view, av.view, ao.view, al.view,
+              options(causal, scale, heads_q, heads_kv, stream, drive_progress, st));
+        });
       },
       "strategy"_a, "group"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, nb::kw_only(),
       "causal"_a = false, "softmax_scale"_a = nb::none(), "heads_q"_a = 0, "heads_kv"_a = 0,
@@ -747,15 +765,11 @@ void bind_attention(nb::module_& m) {
         const In aq(q, "q"), ak(k, "k"), av(v, "v"), ao(out, "out"), ado(dout, "dout"),
             al(lse, "lse");
         const Out adq(dq, "dq"), adk(dk, "dk"), adv(dv, "dv");
-        parallel::SpStats st;
-        const parallel::SpOptions o =
-            options(causal, scale, heads_q, heads_kv, stream, drive_progress, &st);
-        {
-          nb::gil_scoped_release release;
-          parallel::sp_attention_backward(s, g.get(), aq.view, ak.view, av.view, ao.view, ado.view,
-                                          al.view, adq.view, adk.view, adv.view, o);
-        }
-        return st;
+        return run_timed([&](parallel::SpStats* st) {
+          parallel::sp_attention_backward(
+              s, g.get(), aq.view, ak.view, av.view, ao.view, ado.view, al.view, adq.view, adk.view,
+              adv.view, options(causal, scale, heads_q, heads_kv, stream, drive_progress, st));
+        });
       },
       "strategy"_a, "group"_a, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a, "dk"_a,
       "dv"_a, nb::kw_only(), "causal"_a = false, "softmax_scale"_a = nb::none(), "heads_q"_a = 0,
