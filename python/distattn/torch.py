@@ -120,7 +120,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: st
     Last dim contiguous, other strides free: views such as ``qkv[:, :, 0]`` of a fused
     ``[B, S, 3, H, D]`` projection, or ``x.transpose(1, 2)`` of a BHSD tensor, are used in
     place. dtype float32, bfloat16 or float16 (partials that cross ranks are fp32). GQA/MQA
-    when ``Hq % Hkv == 0`` (K/V heads are never repeated in memory).
+    when ``Hq % Hkv == 0``: pass K/V with their own head count (no repeat_interleave).
 
     What the LOCAL tensors hold (S = global sequence, P = ranks in ``group``,
     C = S / (2P)); :func:`shard_batch` / :func:`position_ids` give the rows and positions:
