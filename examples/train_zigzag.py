@@ -139,7 +139,7 @@ def train_distattn(args, world: Optional[distattn.Communicator] = None) -> List[
         opt.zero_grad()
         loss.backward()
         flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-        world.all_reduce(dt._to_dlpack(flat))
+        world.all_reduce(flat)
         at = 0
         for p in model.parameters():
             n = p.numel()
@@ -147,7 +147,7 @@ def train_distattn(args, world: Optional[distattn.Communicator] = None) -> List[
             at += n
         opt.step()
         total = torch.tensor([loss.item()], dtype=torch.float64)
-        world.all_reduce(dt._to_dlpack(total))
+        world.all_reduce(total)
         losses.append(total.item())
     return losses
 
@@ -204,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         verdict = "OK" if worst <= args.tol else "FAILED"
         print(f"# max relative difference {worst:.2e} (tolerance {args.tol:.0e}): {verdict}")
     bad = torch.tensor([1.0 if worst > args.tol else 0.0], dtype=torch.float64)
-    world.all_reduce(dt._to_dlpack(bad), op="max")
+    world.all_reduce(bad, op="max")
     return 1 if bad.item() > 0 else 0
 
 

@@ -261,7 +261,7 @@ def cmd_train(args, world):
             opt.zero_grad()
             loss.backward()
             flat = torch.cat([p.grad.reshape(-1) for p in params])
-            world.all_reduce(dt._to_dlpack(flat))
+            world.all_reduce(flat)
             at = 0
             for p in params:
                 p.grad.copy_(flat[at:at + p.numel()].view_as(p))

@@ -36,7 +36,7 @@ def test_gradients_match_finite_differences_of_the_global_loss(world, mesh, stra
 
     def global_sum(x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64)
-        world.all_reduce(dt._to_dlpack(t))
+        world.all_reduce(t)
         return t.item()
 
     qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))

@@ -29,7 +29,7 @@ def test_collectives_numpy_and_torch(world):
     assert np.all(x == p * (p + 1) / 2)
     t = torch.full((3,), float(r))
     m = torch.empty(3)
-    world.all_reduce(dt._to_dlpack(t), dt._to_dlpack(m), op="max")
+    world.all_reduce(t, m, op="max")  # torch tensors through their __dlpack__
     assert torch.all(m == p - 1)
     g = np.empty((p, 2), np.int64)
     world.all_gather(np.array([r, -r], np.int64), g)
