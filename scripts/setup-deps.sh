@@ -69,7 +69,6 @@ done
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "[setup-deps] all build dependencies are installed"
   ensure_slurm
-ensure_matplotlib
   ensure_matplotlib
   ensure_numpy
   bash "$(dirname "${BASH_SOURCE[0]}")/setup-python.sh"
