@@ -200,6 +200,8 @@ std::string request_jsonl(const RequestRecord& r) {
      << ", \"output_tokens\": " << r.token_times.size()
      << ", \"ttft_ms\": " << num(r.ttft_s() * 1e3) << ", \"tpot_ms\": " << num(r.tpot_s() * 1e3)
      << ", \"e2e_ms\": " << num(r.e2e_s() * 1e3)
+     << ", \"prefill_ms\": " << num((r.prefill_end_s - r.prefill_start_s) * 1e3)
+     << ", \"kv_after_prefill_ms\": " << num((r.kv_ready_s - r.prefill_end_s) * 1e3)
      << ", \"status\": " << quote(r.completed ? "completed" : "failed")
      << ", \"reason\": " << quote(r.reason) << "}";
   return os.str();

@@ -82,7 +82,8 @@ std::string metrics_json(const RunMetrics& m);
 // A JSON list of objects.
 std::string metrics_json_list(const std::vector<RunMetrics>& runs);
 // One JSONL line per request: id, arrival_s, input_len, output_len, output_tokens, ttft_ms,
-// tpot_ms, e2e_ms, status, reason.
+// tpot_ms, e2e_ms, prefill_ms, kv_after_prefill_ms (KV complete on the decode side minus the
+// prefill's end: negative when the transfer finished before the prefill did), status, reason.
 std::string request_jsonl(const RequestRecord& r);
 // The table rank 0 prints (one block per run).
 std::string metrics_table(const std::vector<RunMetrics>& runs);
