@@ -525,6 +525,7 @@ struct Writer {
   template <typename T>
   void put_vec(const std::vector<T>& v) {
     put<int64_t>(static_cast<int64_t>(v.size()));
+    if (v.empty()) return;  // data() may be null
     const auto* p = reinterpret_cast<const uint8_t*>(v.data());
     out.insert(out.end(), p, p + v.size() * sizeof(T));
   }
@@ -548,7 +549,7 @@ struct Reader {
     DISTATTN_CHECK_STATUS(n >= 0 && off + static_cast<size_t>(n) * sizeof(T) <= in.size(),
                           Status::kInternal, "serving: truncated record message");
     std::vector<T> v(static_cast<size_t>(n));
-    std::memcpy(v.data(), in.data() + off, static_cast<size_t>(n) * sizeof(T));
+    if (n > 0) std::memcpy(v.data(), in.data() + off, static_cast<size_t>(n) * sizeof(T));
     off += static_cast<size_t>(n) * sizeof(T);
     return v;
   }
