@@ -23,6 +23,7 @@
 #include "distattn/config.h"
 #include "distattn/core/half.h"
 #include "distattn/core/tensor_view.h"
+#include "distattn/runtime.h"
 #if DISTATTN_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -213,13 +214,27 @@ class MpiOpState final : public PendingOp {
     if (done_ || failed_rc_ != MPI_SUCCESS) return done_;
     int flag = 1;
     if (!reqs.empty()) {
-      const int rc =
-          MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &flag, MPI_STATUSES_IGNORE);
+      // Statuses only for ops with receives to check (send_recv groups).
+      if (!recv_checks.empty()) statuses_.resize(reqs.size());
+      MPI_Status* st = recv_checks.empty() ? MPI_STATUSES_IGNORE : statuses_.data();
+      const int rc = MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &flag, st);
       if (rc != MPI_SUCCESS) {
         failed_rc_ = rc;
+        if (rc == MPI_ERR_IN_STATUS && st != MPI_STATUSES_IGNORE) {
+          for (const RecvCheck& c : recv_checks) {
+            const int e = statuses_[c.index].MPI_ERROR;
+            if (e != MPI_SUCCESS && e != MPI_ERR_PENDING) {
+              failed_detail_ = "the receive from peer " + std::to_string(c.peer) +
+                               " failed: " + mpi_error_string(e) +
+                               " (the peer sent a message of another size than this rank posted)";
+              break;
+            }
+          }
+        }
         unregister();
         return false;
       }
+      if (flag) check_received();
     }
     if (flag) {
       done_ = true;
@@ -230,10 +245,20 @@ class MpiOpState final : public PendingOp {
 
   bool test() override {
     const bool done = poll();
-    DISTATTN_CHECK_STATUS(failed_rc_ == MPI_SUCCESS, Status::kMpiError, context_,
-                          " failed: ", mpi_error_string(failed_rc_));
+    if (!failed_detail_.empty() && failed_rc_ == MPI_SUCCESS) failed_rc_ = MPI_ERR_COUNT;
+    DISTATTN_CHECK_STATUS(failed_rc_ == MPI_SUCCESS, Status::kMpiError, context_, " failed: ",
+                          failed_detail_.empty() ? mpi_error_string(failed_rc_) : failed_detail_);
     return done;
   }
+
+  // A receive whose message must have exactly `bytes` bytes (a shorter one completes
+  // without error in MPI: the ranks disagree on the size, which must not pass).
+  struct RecvCheck {
+    size_t index;  // into reqs
+    MPI_Count bytes;
+    int peer;
+  };
+  std::vector<RecvCheck> recv_checks;
 
   // Blocking semantics: after it returns the host sees the results in device memory too.
   // The copies run on the op's stream (not a plain cudaMemcpy, whose legacy default stream
@@ -300,6 +325,8 @@ class MpiOpState final : public PendingOp {
   std::vector<CopyBack> copy_back;          // staged results to device, after `post`
   std::vector<std::unique_ptr<char[]>> scratch;
   std::vector<std::shared_ptr<void>> pinned;
+  // Caller-owned host buffers MPI reads or writes (kept alive on abort: detail::retain_memory).
+  std::vector<std::pair<const void*, size_t>> user_buffers;
 
  private:
   void unregister() noexcept {
@@ -341,7 +368,25 @@ class MpiOpState final : public PendingOp {
   std::shared_ptr<PinnedPool> pool_;
   Stream stream_;  // the op's stream: device inputs were staged on it
   std::string context_;
+  // Statuses of completed receives; a mismatch is reported by test() as a failure.
+  void check_received() noexcept {
+    for (const RecvCheck& c : recv_checks) {
+      MPI_Count got = -1;
+      if (MPI_Get_elements_x(&statuses_[c.index], MPI_BYTE, &got) != MPI_SUCCESS) got = -1;
+      if (got != c.bytes) {
+        failed_detail_ = "the message from peer " + std::to_string(c.peer) + " has " +
+                         std::to_string(static_cast<long long>(got)) +
+                         " bytes but this rank posted a receive of " +
+                         std::to_string(static_cast<long long>(c.bytes)) +
+                         " (the ranks disagree on the message size)";
+        return;
+      }
+    }
+  }
+
   std::chrono::milliseconds timeout_;
+  std::vector<MPI_Status> statuses_;
+  std::string failed_detail_;
   bool registered_ = true;
   bool done_ = false;
   int failed_rc_ = MPI_SUCCESS;
@@ -360,6 +405,18 @@ AbandonedRequests& abandoned() {
 }  // namespace
 
 void abandon_mpi_requests(std::span<const MPI_Request> reqs, const std::string& why) {
+  // runtime_finalize (core, below comm) learns of abandoned requests through a hook that
+  // is registered the first time there are some.
+  static std::once_flag hooked;
+  std::call_once(hooked, [] {
+    distattn::detail::add_finalize_hook(
+        [](std::chrono::steady_clock::time_point deadline, std::string* reason) {
+          const size_t pending = settle_abandoned_mpi_requests(deadline, reason);
+          if (pending > 0 && reason != nullptr)
+            *reason = "MPI request(s) abandoned by a communicator abort: " + *reason;
+          return pending;
+        });
+  });
   AbandonedRequests& a = abandoned();
   std::lock_guard<std::mutex> lock(a.mu);
   for (MPI_Request r : reqs)
@@ -613,6 +670,7 @@ class MpiOpBuilder {
       return h;
     }
 #endif
+    if (bytes > 0) state_->user_buffers.emplace_back(p, bytes);
     return p;
   }
   // Host address MPI may write for an output buffer (copied to the device in finish()).
@@ -677,6 +735,7 @@ class MpiOpBuilder {
     }
 #endif
     (void)read_first;
+    if (bytes > 0) state_->user_buffers.emplace_back(p, bytes);
     return p;
   }
 
@@ -798,9 +857,23 @@ void MpiCommunicator::do_abort() noexcept {
   // process-wide record so that runtime_finalize() knows whether MPI can still finalize.
   std::lock_guard<std::mutex> lock(registry_->mu);
   std::vector<MPI_Request> pending;
-  for (MpiOpState* op : registry_->ops)
-    for (MPI_Request r : op->reqs)
-      if (r != MPI_REQUEST_NULL) pending.push_back(r);
+  for (MpiOpState* op : registry_->ops) {
+    bool in_flight = false;
+    for (MPI_Request r : op->reqs) {
+      if (r != MPI_REQUEST_NULL) {
+        pending.push_back(r);
+        in_flight = true;
+      }
+    }
+    // MPI may still write the caller's buffers of these requests: Tensor storage there must
+    // never be freed and reused (a strategy unwinding from the timeout frees its buffers).
+    if (in_flight) {
+      try {
+        for (const auto& [p, n] : op->user_buffers) distattn::detail::retain_memory(p, n);
+      } catch (...) {
+      }
+    }
+  }
   if (!pending.empty()) {
     try {
       detail::abandon_mpi_requests(
@@ -1040,6 +1113,8 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_group(std::span<const P2POp> o
     const auto c = b.express(p.count, p.dtype);
     DISTATTN_MPI_CHECK(MPI_Irecv(host[i], c.n, c.type, p.peer, kP2PTag, comm_, b.req()), b.ctx(),
                        " (recv from ", p.peer, ")");
+    b.st().recv_checks.push_back(
+        {b.st().reqs.size() - 1, static_cast<MPI_Count>(p.count * dtype_size(p.dtype)), p.peer});
   }
   for (size_t i = 0; i < ops.size(); ++i) {
     const P2POp& p = ops[i];
