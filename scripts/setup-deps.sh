@@ -44,6 +44,9 @@ PACKAGES=(
   libboost-program-options-dev
   libgtest-dev
   libopenblas-dev
+  # sanitizer and fuzz builds (scripts/sanitize.sh): clang, its ASan/UBSan/TSan/libFuzzer
+  # runtimes, LLVM's OpenMP runtime
+  clang libclang-rt-14-dev libomp-14-dev
 )
 
 missing=()

@@ -8,13 +8,16 @@
 #include <cstdlib>
 #include <iomanip>
 #include <limits>
+#include <mutex>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "distattn/config.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/runtime.h"
 #include "src/comm/fault.h"
+#include "src/comm/keep_alive.h"
 #if DISTATTN_WITH_NVTX
 #include <nvtx3/nvToolsExt.h>
 #endif
@@ -211,6 +214,19 @@ std::chrono::milliseconds default_timeout() {
   return watchdog_timeout_from_env();
 }
 
+namespace detail {
+void keep_forever(std::shared_ptr<void> state) noexcept {
+  static auto* kept = new std::vector<std::shared_ptr<void>>;  // never destroyed
+  static std::mutex mu;
+  try {
+    std::lock_guard<std::mutex> lock(mu);
+    kept->push_back(std::move(state));
+  } catch (...) {
+    new std::shared_ptr<void>(std::move(state));  // out of memory: leak it unrecorded
+  }
+}
+}  // namespace detail
+
 // ---- Handle --------------------------------------------------------------------------------
 
 Handle::Handle(Communicator* comm, std::unique_ptr<PendingOp> op, std::string what,
@@ -294,7 +310,7 @@ bool Handle::poll(const Stream* on) {
   if (!op_) return true;
   if (comm_->aborted()) {
     // The backend may still own the buffers of this op: keep its state alive forever.
-    (void)op_.release();
+    detail::keep_forever(std::move(op_));
     end_range();
     DISTATTN_THROW(Status::kRemoteError, what_, " on rank ", comm_->rank(),
                    " cannot complete: the communicator was aborted (an earlier op timed out or "
@@ -305,7 +321,7 @@ bool Handle::poll(const Stream* on) {
     done = op_->test();
   } catch (...) {
     comm_->abort();
-    (void)op_.release();
+    detail::keep_forever(std::move(op_));
     end_range();
     throw;
   }
@@ -327,7 +343,7 @@ void Handle::wait_on(Stream stream) {
     } catch (...) {
       // As a failed test(): the backend may still own the buffers of this op.
       comm_->abort();
-      (void)op_.release();
+      detail::keep_forever(std::move(op_));
       end_range();
       throw;
     }
@@ -350,7 +366,7 @@ void Handle::wait_until_complete(const Stream* on) {
   while (!poll(on)) {
     if (std::chrono::steady_clock::now() >= deadline) {
       comm_->abort();
-      (void)op_.release();
+      detail::keep_forever(std::move(op_));
       end_range();
       std::ostringstream os;
       os << what_ << " on rank " << comm_->rank() << " did not complete within "

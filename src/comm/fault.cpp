@@ -15,6 +15,7 @@
 #include "distattn/core/error.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/runtime.h"
+#include "src/comm/keep_alive.h"
 
 namespace distattn::comm::fault {
 namespace {
@@ -169,7 +170,7 @@ class FailingOp final : public PendingOp {
       : inner_(std::move(inner)), status_(status), message_(std::move(message)) {}
   ~FailingOp() override {
     // The inner op may still own buffers MPI or NCCL writes: as for any failed op, keep it.
-    (void)inner_.release();
+    detail::keep_forever(std::move(inner_));
   }
   bool test() override { DISTATTN_THROW(status_, message_); }
 
@@ -187,8 +188,8 @@ class OwningOp final : public PendingOp {
     // Destroyed unfinished only when the op was abandoned: the backend may still read the
     // resized send buffers, so they are never freed.
     if (!finished_) {
-      for (auto& k : keep_) new std::shared_ptr<void>(std::move(k));
-      (void)inner_.release();
+      for (auto& k : keep_) detail::keep_forever(std::move(k));
+      detail::keep_forever(std::move(inner_));
     }
   }
   bool test() override { return inner_->test(); }

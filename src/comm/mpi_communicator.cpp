@@ -24,6 +24,7 @@
 #include "distattn/core/half.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/runtime.h"
+#include "src/comm/keep_alive.h"
 #if DISTATTN_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -602,7 +603,7 @@ class MpiOpBuilder {
       // Some requests were posted before the failure: MPI may still use their buffers,
       // and the ranks no longer agree on the op sequence. Abandon both.
       comm_.abort();
-      (void)state_.release();
+      detail::keep_forever(std::move(state_));
     }
   }
 

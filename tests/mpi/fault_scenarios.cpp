@@ -5,7 +5,8 @@
 // runtime_finalize (which ends the job with MPI_Abort when a peer is gone or stuck).
 //   fault_scenarios collectives [rounds]   all_reduce, all_gather, reduce_scatter, all_to_all,
 //                                          broadcast, barrier on the world, `rounds` times
-//   fault_scenarios sendrecv [rounds]      batched send/recv to both ring neighbours
+//   fault_scenarios sendrecv [rounds [count]]  batched send/recv of `count` fp32 (default
+//                                          65536) to both ring neighbours
 //   fault_scenarios sp STRATEGY            one sp forward + backward vs the fp64 reference
 // Not a gtest binary: a fault ends the process in ways gtest cannot report.
 #include <algorithm>
@@ -84,10 +85,9 @@ void collectives(Communicator& w, int rounds) {
   }
 }
 
-void sendrecv(Communicator& w, int rounds) {
+void sendrecv(Communicator& w, int rounds, size_t c) {
   const int n = w.size(), me = w.rank();
   const int next = (me + 1) % n, prev = (me - 1 + n) % n;
-  const size_t c = 1 << 16;
   std::vector<float>& a = buffer(c);
   std::vector<float>& b = buffer(c);
   std::vector<float>& from_prev = buffer(c);
@@ -220,12 +220,12 @@ int main(int argc, char** argv) {
     if (what == "collectives")
       collectives(*w, rounds);
     else if (what == "sendrecv")
-      sendrecv(*w, rounds);
+      sendrecv(*w, rounds, args.size() > 2 ? std::strtoul(args[2].c_str(), nullptr, 10) : 65536);
     else if (what == "sp" && args.size() > 1)
       sp(w, args[1]);
     else
       DISTATTN_THROW(Status::kInvalidArgument, "unknown scenario '", what,
-                     "' (collectives [rounds], sendrecv [rounds], sp STRATEGY)");
+                     "' (collectives [rounds], sendrecv [rounds [count]], sp STRATEGY)");
     std::printf("scenario %s OK on rank %d\n", what.c_str(), info.rank);
     std::fflush(stdout);
   } catch (const Error& e) {
