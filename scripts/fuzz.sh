@@ -45,15 +45,15 @@ for h in "${harnesses[@]}"; do
   if (cd "$WORK/$h" && "$BUILD/bin/$h" -max_total_time="$SECONDS_EACH" -timeout=10 \
       -rss_limit_mb=2048 -print_final_stats=1 "${parallel[@]}" \
       "$WORK/$h" "$seeds" "${regressions[@]}" >"$log" 2>&1); then
-    runs=$(grep -h "stat::number_of_executed_units" "$log" "$WORK/$h"/fuzz-*.log 2>/dev/null |
-      awk '{s += $2} END {print s + 0}')
-    cov=$(grep -ohE "cov: [0-9]+" "$log" "$WORK/$h"/fuzz-*.log 2>/dev/null | tail -1)
+    runs=$(cat "$log" "$WORK/$h"/fuzz-*.log 2>/dev/null | grep "stat::number_of_executed_units" |
+      awk '{s += $2} END {print s + 0}' || true)
+    cov=$(cat "$log" "$WORK/$h"/fuzz-*.log 2>/dev/null | grep -oE "cov: [0-9]+" | tail -1 || true)
     echo "[fuzz] $h: OK, $runs inputs executed, $cov, corpus $(ls "$WORK/$h" | wc -l) files"
   else
     rc=1
-    echo "[fuzz] $h: FAILED; the crashing input and report:" >&2
-    ls "$WORK/$h"/crash-* "$WORK/$h"/timeout-* "$WORK/$h"/oom-* 2>/dev/null >&2 || true
-    tail -40 "$log" >&2
+    echo "[fuzz] $h: FAILED; the crashing input and report:"
+    ls "$WORK/$h"/crash-* "$WORK/$h"/timeout-* "$WORK/$h"/oom-* 2>/dev/null || true
+    grep -E "ERROR|runtime error|fuzz_[a-z_]+:|SUMMARY" "$log" | head -20 || true
   fi
 done
 exit $rc

@@ -6,7 +6,7 @@
 #   2. Each libFuzzer harness for FUZZ_SECONDS (default 30) from its seed corpus
 #      (scripts/fuzz.sh).
 #   3. TSan build ($TSAN_BUILD_DIR, default <repo>/build-tsan; only the threaded targets):
-#      communicator, stream, watchdog, runtime, mesh and decode tests at np 1 and 2.
+#      communicator, stream, watchdog, runtime, mesh tests at np 1 and 2, 3 fault cases.
 # Any sanitizer report fails its test (halt_on_error / a non-zero exit). Suppressions:
 # tests/sanitizers/*.supp, for findings inside Open MPI only, each with its reason.
 # Environment: JOBS (build jobs), CTEST_JOBS, SANITIZE_STAGES (default "asan fuzz tsan"),
@@ -66,18 +66,19 @@ for stage in $STAGES; do
       echo "[sanitize] TSan build (threaded targets only): $TSAN_BUILD_DIR"
       # No AVX-512 kernels: TSan looks for races in comm/core, and ASan covers the kernels.
       configure "$TSAN_BUILD_DIR" -DDISTATTN_SANITIZE=thread -DDISTATTN_AVX512=OFF
-      targets=(test_comm_base test_stream test_attention_decode test_collectives test_watchdog
-        test_runtime test_mesh watchdog_never_joins fault_scenarios)
+      # Kernel tests stay out: LLVM's libomp is not TSan-instrumented, and its thread pool's
+      # own allocator shows up as races (ASan covers the kernels).
+      targets=(test_comm_base test_stream test_collectives test_watchdog test_runtime test_mesh
+        watchdog_never_joins fault_scenarios)
       args=()
       for t in "${targets[@]}"; do args+=(--target "$t"); done
       cmake --build "$TSAN_BUILD_DIR" --parallel "${JOBS:-2}" "${args[@]}"
-      # libomp's TSan annotations (Archer) so OpenMP regions are not reported as races.
-      archer="$(clang++ -print-resource-dir)/../../libarcher.so"
-      [ -f "$archer" ] && export OMP_TOOL_LIBRARIES="$archer"
-      echo "[sanitize] TSan: comm, stream, watchdog, runtime, mesh, decode tests at np 1 and 2"
-      (cd "$TSAN_BUILD_DIR" &&
+      # One OpenMP thread (the MPI tests set it too): the threads under test are the
+      # communicator's and the tests' own, not libomp's pool.
+      echo "[sanitize] TSan: comm, stream, watchdog, runtime, mesh tests at np 1 and 2"
+      (cd "$TSAN_BUILD_DIR" && OMP_NUM_THREADS=1 \
         ctest --output-on-failure -j "$CTEST_JOBS" \
-          -R "^(comm_base|stream|attention_decode|collectives_np[12]|watchdog_np[12]|runtime_np[12]|mesh_np[12]|watchdog_never_joins_np2|fault_(hang_reduce_scatter|drop_send_recv|delay_send_recv)_np2)$") ||
+          -R "^(comm_base|stream|collectives_np[12]|watchdog_np[12]|runtime_np[12]|mesh_np[12]|watchdog_never_joins_np2|fault_(hang_reduce_scatter|drop_send_recv|delay_send_recv)_np2)$") ||
         rc=1
       ;;
     *)
