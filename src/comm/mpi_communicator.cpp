@@ -3,8 +3,9 @@
 // Every op is posted as one or more MPI requests held by an MpiOpState; Handle::wait()
 // polls them (MPI_Testall) under the watchdog. Messages longer than max_count() elements
 // are chunked (reductions) or described by one derived datatype (data movement), so
-// counts of 2^31 elements and more work with the int-count MPI-3 API. bf16/fp16
-// reductions are widened to fp32, reduced in fp32 and rounded once at the end.
+// counts of 2^31 elements and more work with the int-count MPI-3 API. bf16/fp16 sums over
+// more than 2 ranks are widened to fp32, reduced in fp32 and rounded once at the end; other
+// bf16/fp16 reductions combine in fp32 per element on the 16-bit data (the same result).
 #include "src/comm/mpi_communicator.h"
 
 #include <algorithm>
@@ -497,6 +498,45 @@ bool is_half(DType t) {
   return t == DType::kBFloat16 || t == DType::kFloat16;
 }
 
+// Reductions of 16-bit floats can travel in their own format: each combine widens both
+// operands to fp32 and rounds the result once. That equals fp32 accumulation whenever every
+// element is combined once (a sum over 2 ranks) or the combine never rounds (max, min), and
+// moves half the bytes. A sum over more ranks would round at every step (losing ~log2(n)
+// bits), so it is widened to fp32 for the whole reduction instead.
+bool half_on_wire(ReduceOp op, int ranks) {
+  return op != ReduceOp::kSum || ranks <= 2;
+}
+
+template <typename Half, int kOp>
+void half_combine(void* in, void* inout, int* len, MPI_Datatype*) {
+  const auto* a = static_cast<const uint16_t*>(in);
+  auto* b = static_cast<uint16_t*>(inout);
+  for (int i = 0; i < *len; ++i) {
+    // in (x) combined into inout (y) as Open MPI combines floats for MPI_SUM/MAX/MIN
+    // (out = out > in ? out : in), so even NaNs end where the widened fp32 reduction puts them.
+    const float x = Half::to_float(a[i]), y = Half::to_float(b[i]);
+    b[i] = Half::from_float(kOp == 0 ? y + x : kOp == 1 ? (y > x ? y : x) : (y < x ? y : x));
+  }
+}
+
+// The MPI_Op for a 16-bit float reduction (created once per process, never freed: MPI frees
+// user ops at MPI_Finalize).
+MPI_Op half_op(DType t, ReduceOp op) {
+  static MPI_Op ops[6] = {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL,
+                          MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL};
+  static std::once_flag once;
+  static int rc = MPI_SUCCESS;
+  std::call_once(once, [] {
+    MPI_User_function* const fns[6] = {half_combine<bf16_t, 0>, half_combine<bf16_t, 1>,
+                                       half_combine<bf16_t, 2>, half_combine<fp16_t, 0>,
+                                       half_combine<fp16_t, 1>, half_combine<fp16_t, 2>};
+    for (int i = 0; i < 6 && rc == MPI_SUCCESS; ++i) rc = MPI_Op_create(fns[i], 1, &ops[i]);
+  });
+  DISTATTN_MPI_CHECK(rc, "creating the 16-bit float reduction ops");
+  const int k = op == ReduceOp::kSum ? 0 : op == ReduceOp::kMax ? 1 : 2;
+  return ops[(t == DType::kBFloat16 ? 0 : 3) + k];
+}
+
 void widen(const void* src, float* dst, size_t n, DType t) {
   const uint16_t* s = static_cast<const uint16_t*>(src);
   if (t == DType::kBFloat16) {
@@ -893,7 +933,8 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_reduce(const void* send, v
                                                              Stream s) {
   MpiOpBuilder b(*this, "all_reduce", s);
   if (count == 0) return b.done();
-  const MPI_Op mop = mpi_op(op);
+  const bool widen_fp32 = is_half(dtype) && !half_on_wire(op, size_);
+  const MPI_Op mop = is_half(dtype) && !widen_fp32 ? half_op(dtype, op) : mpi_op(op);
   const size_t elt = dtype_size(dtype), bytes = count * elt;
   const bool in_place = send == recv;
   void* hr = in_place ? b.inout(recv, bytes) : b.out(recv, bytes);
@@ -902,7 +943,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_reduce(const void* send, v
   MPI_Datatype type = mpi_type(dtype);
   size_t tsize = elt;
   bool mpi_in_place = in_place;
-  if (is_half(dtype)) {
+  if (widen_fp32) {
     // Accumulate in fp32 and round once: pairwise bf16 rounding loses ~log2(n) bits.
     float* acc = b.scratch_floats(count);
     b.host_ready();
@@ -942,7 +983,8 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter(const void* sen
                                                                  ReduceOp op, Stream s) {
   MpiOpBuilder b(*this, "reduce_scatter", s);
   if (recv_count == 0) return b.done();
-  const MPI_Op mop = mpi_op(op);
+  const bool widen_fp32 = is_half(dtype) && !half_on_wire(op, size_);
+  const MPI_Op mop = is_half(dtype) && !widen_fp32 ? half_op(dtype, op) : mpi_op(op);
   const size_t n = static_cast<size_t>(size_);
   const size_t elt = dtype_size(dtype), block = recv_count * elt, total = block * n;
   const void* hs = b.in(send, total);
@@ -951,7 +993,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter(const void* sen
   void* dst = hr;
   MPI_Datatype type = mpi_type(dtype);
   size_t tsize = elt;
-  if (is_half(dtype)) {
+  if (widen_fp32) {
     float* acc = b.scratch_floats(recv_count * n);
     b.host_ready();
     widen(hs, acc, recv_count * n, dtype);
