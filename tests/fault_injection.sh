@@ -5,6 +5,7 @@
 # DISTATTN_COMM_TIMEOUT_S of the environment) under `timeout`, then checks how it ended:
 #   EXPECT=pass  exit 0 and every rank printed "scenario ... OK" (a delay below the
 #                watchdog timeout changes nothing but time)
+#   (a scenario that prints "skipped: no GPU" makes the test skip: exit 77)
 #   EXPECT=fail  a non-zero exit that is not the outer timeout (the job did not hang), and
 #                every PATTERN (grep -E) is in the output (which rank, op and peer failed)
 # Both: the job ended within LIMIT_S seconds and left no process of its own behind.
@@ -47,6 +48,10 @@ if [ -n "$left" ]; then
   fail "processes left behind: $left"
 fi
 [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && fail "the job hung (killed by timeout after 120 s)"
+if printf '%s\n' "$out" | grep -q "^skipped: no GPU"; then
+  echo "skipped: no GPU"
+  exit 77
+fi
 [ "$elapsed" -le "$limit" ] || fail "the job took $elapsed s (limit $limit s)"
 if [ "$expect" = pass ]; then
   [ "$rc" -eq 0 ] || fail "exit code $rc; expected 0 (a fault that must change nothing but time)"

@@ -8,6 +8,8 @@
 //   fault_scenarios sendrecv [rounds [count]]  batched send/recv of `count` fp32 (default
 //                                          65536) to both ring neighbours
 //   fault_scenarios sp STRATEGY            one sp forward + backward vs the fp64 reference
+//   fault_scenarios nccl [rounds]          all_reduce of device buffers over the NCCL backend
+//                                          (one GPU per rank; exit 77 "skipped: no GPU" else)
 // Not a gtest binary: a fault ends the process in ways gtest cannot report.
 #include <algorithm>
 #include <cmath>
@@ -109,6 +111,34 @@ void sendrecv(Communicator& w, int rounds, size_t c) {
   }
 }
 
+// NCCL backend: all_reduce of a device buffer, `rounds` times, checked on the host.
+void nccl(int rounds) {
+  const int world = runtime_info().size;
+  if (!built_with_cuda() || cuda_device_count() < world) {
+    std::printf("skipped: no GPU (the nccl scenario needs one GPU per rank)\n");
+    runtime_finalize();
+    std::exit(77);
+  }
+  std::unique_ptr<Communicator> w = comm::create_world(comm::Backend::kNccl, runtime_info().device);
+  const int n = w->size(), me = w->rank();
+  const size_t c = 1 << 16;
+  std::vector<float>& host = buffer(c);
+  const Device dev = runtime_info().device;
+  void* d = device_alloc(c * sizeof(float), dev);  // never freed: an aborted op may write it
+  for (int round = 0; round < rounds; ++round) {
+    for (size_t i = 0; i < c; ++i) host[i] = value(me, i);
+    device_copy(d, dev, host.data(), Device::cpu(), c * sizeof(float));
+    w->all_reduce(d, d, c, DType::kFloat32, comm::ReduceOp::kSum);
+    device_copy(host.data(), Device::cpu(), d, dev, c * sizeof(float));
+    for (size_t i = 0; i < c; ++i) {
+      float want = 0;
+      for (int r = 0; r < n; ++r) want += value(r, i);
+      expect(host[i] == want, "nccl all_reduce element " + std::to_string(i));
+    }
+  }
+  (void)w.release();  // an aborted NCCL communicator is not destroyed under a pending kernel
+}
+
 double max_rel_err(const std::vector<double>& got, const Tensor& ref) {
   const auto st = testing::compare(
       got, std::vector<double>(ref.data_as<double>(), ref.data_as<double>() + ref.numel()));
@@ -207,7 +237,7 @@ void sp(const std::shared_ptr<Communicator>& w, const std::string& name) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const RuntimeInfo& info = runtime_init(&argc, &argv);
+  const RuntimeInfo& info = runtime_init(&argc, &argv, {.use_gpu = true});
   std::vector<std::string> args;
   for (int i = 1; i < argc; ++i)
     if (std::strncmp(argv[i], "--tag=", 6) != 0) args.emplace_back(argv[i]);  // for pgrep
@@ -223,9 +253,12 @@ int main(int argc, char** argv) {
       sendrecv(*w, rounds, args.size() > 2 ? std::strtoul(args[2].c_str(), nullptr, 10) : 65536);
     else if (what == "sp" && args.size() > 1)
       sp(w, args[1]);
+    else if (what == "nccl")
+      nccl(rounds);
     else
-      DISTATTN_THROW(Status::kInvalidArgument, "unknown scenario '", what,
-                     "' (collectives [rounds], sendrecv [rounds [count]], sp STRATEGY)");
+      DISTATTN_THROW(
+          Status::kInvalidArgument, "unknown scenario '", what,
+          "' (collectives [rounds], sendrecv [rounds [count]], sp STRATEGY, nccl [rounds])");
     std::printf("scenario %s OK on rank %d\n", what.c_str(), info.rank);
     std::fflush(stdout);
   } catch (const Error& e) {
