@@ -6,10 +6,18 @@
 # (PROCESSORS), so multi-rank runs never stack up on a small machine), SKIP_SETUP=1,
 # SKIP_BUILD=1.
 # GPU tests skip cleanly ("skipped: no GPU") on machines without one.
+# --sanitize (first argument, or SANITIZE=1): afterwards also the ASan+UBSan, libFuzzer and
+# TSan stage, scripts/sanitize.sh. Not part of the default CI run: on 2 loaded cores it took
+# 30 minutes, twice the CI budget left after the normal build and suite (docs/RELIABILITY.md).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export BUILD_DIR="${BUILD_DIR:-$REPO/build}"
+sanitize="${SANITIZE:-0}"
+if [ "${1:-}" = "--sanitize" ]; then
+  sanitize=1
+  shift
+fi
 
 start=$(date +%s)
 if [ "${SKIP_SETUP:-0}" != 1 ]; then bash "$REPO/scripts/setup-deps.sh" --test; fi
@@ -21,7 +29,12 @@ echo "[test] ctest -j$CTEST_JOBS in $BUILD_DIR${*:+ (args: $*)}"
 rc=0
 (cd "$BUILD_DIR" && ctest --output-on-failure -j "$CTEST_JOBS" "$@") || rc=$?
 end=$(date +%s)
+san=""
+if [ "$sanitize" = 1 ]; then
+  CTEST_JOBS="$CTEST_JOBS" bash "$REPO/scripts/sanitize.sh" || rc=$?
+  san=", sanitizers+fuzz $(($(date +%s) - end)) s"
+fi
 verdict="PASSED"
 if [ "$rc" -ne 0 ]; then verdict="FAILED (rc=$rc)"; fi
-echo "[test] setup+build $((built - start)) s, tests $((end - built)) s: $verdict"
+echo "[test] setup+build $((built - start)) s, tests $((end - built)) s$san: $verdict"
 exit "$rc"

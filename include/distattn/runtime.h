@@ -1,6 +1,9 @@
 #pragma once
 // Process bootstrap: MPI init, rank/size/local rank, GPU binding. Public headers never
 // include mpi.h; only src/comm knows MPI.
+#include <chrono>
+#include <cstddef>
+#include <functional>
 #include <string>
 
 #include "distattn/core/device.h"
@@ -31,5 +34,21 @@ bool runtime_initialized();
 const RuntimeInfo& runtime_info();  // throws if not initialized
 // Ends the whole job with `code` (MPI_Abort), for unrecoverable errors.
 [[noreturn]] void runtime_abort(int code, const std::string& why);
+
+// The watchdog timeout as DISTATTN_COMM_TIMEOUT_S gives it (seconds, may be fractional),
+// else 300 s. comm::default_timeout() returns the same value; runtime_finalize() bounds its
+// own waits by it.
+std::chrono::milliseconds watchdog_timeout_from_env();
+
+namespace detail {
+// Work a layer above core (the MPI backend) must finish before MPI_Finalize: called by
+// runtime_finalize() once every rank reached it, with the deadline it must meet. Returns
+// how many items are still pending (then the job is ended with MPI_Abort instead of an
+// MPI_Finalize that could block forever) and, in `why`, what they are. Hooks are kept for
+// the life of the process; registering is thread-safe.
+using FinalizeHook =
+    std::function<size_t(std::chrono::steady_clock::time_point deadline, std::string* why)>;
+void add_finalize_hook(FinalizeHook hook);
+}  // namespace detail
 
 }  // namespace distattn

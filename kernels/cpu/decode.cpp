@@ -334,8 +334,11 @@ void decode_paged(const TensorView& q, const ops::PagedKV& cache, const TensorVi
           ops::AttentionOptions o = o_in;
           o.q_offset = len - Sq;  // the queries are the sequence's last Sq positions
           const std::vector<int64_t> cuts = mask_cuts(o, len - Sq, len);
-          for (const auto& [a, e] : split_at(0, ntok, tok0, cuts)) {
-            auto piece = [&](const TensorView& pool) {
+          for (const auto& cut : split_at(0, ntok, tok0, cuts)) {
+            // Plain locals, not a structured binding: lambdas capture those only from C++20
+            // compilers newer than clang 14 (the sanitizer and fuzz builds use it).
+            const int64_t a = cut.first, e = cut.second;
+            auto piece = [&, b = b](const TensorView& pool) {
               const int64_t shape[4] = {1, e - a, pool.size(2), pool.size(3)};
               const int64_t strides[4] = {pool.stride(0), pool.stride(1), pool.stride(2), 1};
               const int64_t idx[4] = {page_id(b, j), a, 0, 0};  // a may run past page j

@@ -3,8 +3,9 @@
 // Every op is posted as one or more MPI requests held by an MpiOpState; Handle::wait()
 // polls them (MPI_Testall) under the watchdog. Messages longer than max_count() elements
 // are chunked (reductions) or described by one derived datatype (data movement), so
-// counts of 2^31 elements and more work with the int-count MPI-3 API. bf16/fp16
-// reductions are widened to fp32, reduced in fp32 and rounded once at the end.
+// counts of 2^31 elements and more work with the int-count MPI-3 API. bf16/fp16 sums over
+// more than 2 ranks are widened to fp32, reduced in fp32 and rounded once at the end; other
+// bf16/fp16 reductions combine in fp32 per element on the 16-bit data (the same result).
 #include "src/comm/mpi_communicator.h"
 
 #include <algorithm>
@@ -23,6 +24,8 @@
 #include "distattn/config.h"
 #include "distattn/core/half.h"
 #include "distattn/core/tensor_view.h"
+#include "distattn/runtime.h"
+#include "src/comm/keep_alive.h"
 #if DISTATTN_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -213,13 +216,27 @@ class MpiOpState final : public PendingOp {
     if (done_ || failed_rc_ != MPI_SUCCESS) return done_;
     int flag = 1;
     if (!reqs.empty()) {
-      const int rc =
-          MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &flag, MPI_STATUSES_IGNORE);
+      // Statuses only for ops with receives to check (send_recv groups).
+      if (!recv_checks.empty()) statuses_.resize(reqs.size());
+      MPI_Status* st = recv_checks.empty() ? MPI_STATUSES_IGNORE : statuses_.data();
+      const int rc = MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &flag, st);
       if (rc != MPI_SUCCESS) {
         failed_rc_ = rc;
+        if (rc == MPI_ERR_IN_STATUS && st != MPI_STATUSES_IGNORE) {
+          for (const RecvCheck& c : recv_checks) {
+            const int e = statuses_[c.index].MPI_ERROR;
+            if (e != MPI_SUCCESS && e != MPI_ERR_PENDING) {
+              failed_detail_ = "the receive from peer " + std::to_string(c.peer) +
+                               " failed: " + mpi_error_string(e) +
+                               " (the peer sent a message of another size than this rank posted)";
+              break;
+            }
+          }
+        }
         unregister();
         return false;
       }
+      if (flag) check_received();
     }
     if (flag) {
       done_ = true;
@@ -230,10 +247,20 @@ class MpiOpState final : public PendingOp {
 
   bool test() override {
     const bool done = poll();
-    DISTATTN_CHECK_STATUS(failed_rc_ == MPI_SUCCESS, Status::kMpiError, context_,
-                          " failed: ", mpi_error_string(failed_rc_));
+    if (!failed_detail_.empty() && failed_rc_ == MPI_SUCCESS) failed_rc_ = MPI_ERR_COUNT;
+    DISTATTN_CHECK_STATUS(failed_rc_ == MPI_SUCCESS, Status::kMpiError, context_, " failed: ",
+                          failed_detail_.empty() ? mpi_error_string(failed_rc_) : failed_detail_);
     return done;
   }
+
+  // A receive whose message must have exactly `bytes` bytes (a shorter one completes
+  // without error in MPI: the ranks disagree on the size, which must not pass).
+  struct RecvCheck {
+    size_t index;  // into reqs
+    MPI_Count bytes;
+    int peer;
+  };
+  std::vector<RecvCheck> recv_checks;
 
   // Blocking semantics: after it returns the host sees the results in device memory too.
   // The copies run on the op's stream (not a plain cudaMemcpy, whose legacy default stream
@@ -300,6 +327,8 @@ class MpiOpState final : public PendingOp {
   std::vector<CopyBack> copy_back;          // staged results to device, after `post`
   std::vector<std::unique_ptr<char[]>> scratch;
   std::vector<std::shared_ptr<void>> pinned;
+  // Caller-owned host buffers MPI reads or writes (kept alive on abort: detail::retain_memory).
+  std::vector<std::pair<const void*, size_t>> user_buffers;
 
  private:
   void unregister() noexcept {
@@ -341,7 +370,25 @@ class MpiOpState final : public PendingOp {
   std::shared_ptr<PinnedPool> pool_;
   Stream stream_;  // the op's stream: device inputs were staged on it
   std::string context_;
+  // Statuses of completed receives; a mismatch is reported by test() as a failure.
+  void check_received() noexcept {
+    for (const RecvCheck& c : recv_checks) {
+      MPI_Count got = -1;
+      if (MPI_Get_elements_x(&statuses_[c.index], MPI_BYTE, &got) != MPI_SUCCESS) got = -1;
+      if (got != c.bytes) {
+        failed_detail_ = "the message from peer " + std::to_string(c.peer) + " has " +
+                         std::to_string(static_cast<long long>(got)) +
+                         " bytes but this rank posted a receive of " +
+                         std::to_string(static_cast<long long>(c.bytes)) +
+                         " (the ranks disagree on the message size)";
+        return;
+      }
+    }
+  }
+
   std::chrono::milliseconds timeout_;
+  std::vector<MPI_Status> statuses_;
+  std::string failed_detail_;
   bool registered_ = true;
   bool done_ = false;
   int failed_rc_ = MPI_SUCCESS;
@@ -360,6 +407,18 @@ AbandonedRequests& abandoned() {
 }  // namespace
 
 void abandon_mpi_requests(std::span<const MPI_Request> reqs, const std::string& why) {
+  // runtime_finalize (core, below comm) learns of abandoned requests through a hook that
+  // is registered the first time there are some.
+  static std::once_flag hooked;
+  std::call_once(hooked, [] {
+    distattn::detail::add_finalize_hook(
+        [](std::chrono::steady_clock::time_point deadline, std::string* reason) {
+          const size_t pending = settle_abandoned_mpi_requests(deadline, reason);
+          if (pending > 0 && reason != nullptr)
+            *reason = "MPI request(s) abandoned by a communicator abort: " + *reason;
+          return pending;
+        });
+  });
   AbandonedRequests& a = abandoned();
   std::lock_guard<std::mutex> lock(a.mu);
   for (MPI_Request r : reqs)
@@ -437,6 +496,45 @@ MPI_Op mpi_op(ReduceOp op) {
 
 bool is_half(DType t) {
   return t == DType::kBFloat16 || t == DType::kFloat16;
+}
+
+// Reductions of 16-bit floats can travel in their own format: each combine widens both
+// operands to fp32 and rounds the result once. That equals fp32 accumulation whenever every
+// element is combined once (a sum over 2 ranks) or the combine never rounds (max, min), and
+// moves half the bytes. A sum over more ranks would round at every step (losing ~log2(n)
+// bits), so it is widened to fp32 for the whole reduction instead.
+bool half_on_wire(ReduceOp op, int ranks) {
+  return op != ReduceOp::kSum || ranks <= 2;
+}
+
+template <typename Half, int kOp>
+void half_combine(void* in, void* inout, int* len, MPI_Datatype*) {
+  const auto* a = static_cast<const uint16_t*>(in);
+  auto* b = static_cast<uint16_t*>(inout);
+  for (int i = 0; i < *len; ++i) {
+    // in (x) combined into inout (y) as Open MPI combines floats for MPI_SUM/MAX/MIN
+    // (out = out > in ? out : in), so even NaNs end where the widened fp32 reduction puts them.
+    const float x = Half::to_float(a[i]), y = Half::to_float(b[i]);
+    b[i] = Half::from_float(kOp == 0 ? y + x : kOp == 1 ? (y > x ? y : x) : (y < x ? y : x));
+  }
+}
+
+// The MPI_Op for a 16-bit float reduction (created once per process, never freed: MPI frees
+// user ops at MPI_Finalize).
+MPI_Op half_op(DType t, ReduceOp op) {
+  static MPI_Op ops[6] = {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL,
+                          MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL};
+  static std::once_flag once;
+  static int rc = MPI_SUCCESS;
+  std::call_once(once, [] {
+    MPI_User_function* const fns[6] = {half_combine<bf16_t, 0>, half_combine<bf16_t, 1>,
+                                       half_combine<bf16_t, 2>, half_combine<fp16_t, 0>,
+                                       half_combine<fp16_t, 1>, half_combine<fp16_t, 2>};
+    for (int i = 0; i < 6 && rc == MPI_SUCCESS; ++i) rc = MPI_Op_create(fns[i], 1, &ops[i]);
+  });
+  DISTATTN_MPI_CHECK(rc, "creating the 16-bit float reduction ops");
+  const int k = op == ReduceOp::kSum ? 0 : op == ReduceOp::kMax ? 1 : 2;
+  return ops[(t == DType::kBFloat16 ? 0 : 3) + k];
 }
 
 void widen(const void* src, float* dst, size_t n, DType t) {
@@ -545,7 +643,7 @@ class MpiOpBuilder {
       // Some requests were posted before the failure: MPI may still use their buffers,
       // and the ranks no longer agree on the op sequence. Abandon both.
       comm_.abort();
-      (void)state_.release();
+      detail::keep_forever(std::move(state_));
     }
   }
 
@@ -613,6 +711,7 @@ class MpiOpBuilder {
       return h;
     }
 #endif
+    if (bytes > 0) state_->user_buffers.emplace_back(p, bytes);
     return p;
   }
   // Host address MPI may write for an output buffer (copied to the device in finish()).
@@ -677,6 +776,7 @@ class MpiOpBuilder {
     }
 #endif
     (void)read_first;
+    if (bytes > 0) state_->user_buffers.emplace_back(p, bytes);
     return p;
   }
 
@@ -802,9 +902,23 @@ void MpiCommunicator::do_abort() noexcept {
   // process-wide record so that runtime_finalize() knows whether MPI can still finalize.
   std::lock_guard<std::mutex> lock(registry_->mu);
   std::vector<MPI_Request> pending;
-  for (MpiOpState* op : registry_->ops)
-    for (MPI_Request r : op->reqs)
-      if (r != MPI_REQUEST_NULL) pending.push_back(r);
+  for (MpiOpState* op : registry_->ops) {
+    bool in_flight = false;
+    for (MPI_Request r : op->reqs) {
+      if (r != MPI_REQUEST_NULL) {
+        pending.push_back(r);
+        in_flight = true;
+      }
+    }
+    // MPI may still write the caller's buffers of these requests: Tensor storage there must
+    // never be freed and reused (a strategy unwinding from the timeout frees its buffers).
+    if (in_flight) {
+      try {
+        for (const auto& [p, n] : op->user_buffers) distattn::detail::retain_memory(p, n);
+      } catch (...) {
+      }
+    }
+  }
   if (!pending.empty()) {
     try {
       detail::abandon_mpi_requests(
@@ -823,7 +937,8 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_reduce(const void* send, v
                                                              Stream s) {
   MpiOpBuilder b(*this, "all_reduce", s);
   if (count == 0) return b.done();
-  const MPI_Op mop = mpi_op(op);
+  const bool widen_fp32 = is_half(dtype) && !half_on_wire(op, size_);
+  const MPI_Op mop = is_half(dtype) && !widen_fp32 ? half_op(dtype, op) : mpi_op(op);
   const size_t elt = dtype_size(dtype), bytes = count * elt;
   const bool in_place = send == recv;
   void* hr = in_place ? b.inout(recv, bytes) : b.out(recv, bytes);
@@ -832,7 +947,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_reduce(const void* send, v
   MPI_Datatype type = mpi_type(dtype);
   size_t tsize = elt;
   bool mpi_in_place = in_place;
-  if (is_half(dtype)) {
+  if (widen_fp32) {
     // Accumulate in fp32 and round once: pairwise bf16 rounding loses ~log2(n) bits.
     float* acc = b.scratch_floats(count);
     b.host_ready();
@@ -872,7 +987,8 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter(const void* sen
                                                                  ReduceOp op, Stream s) {
   MpiOpBuilder b(*this, "reduce_scatter", s);
   if (recv_count == 0) return b.done();
-  const MPI_Op mop = mpi_op(op);
+  const bool widen_fp32 = is_half(dtype) && !half_on_wire(op, size_);
+  const MPI_Op mop = is_half(dtype) && !widen_fp32 ? half_op(dtype, op) : mpi_op(op);
   const size_t n = static_cast<size_t>(size_);
   const size_t elt = dtype_size(dtype), block = recv_count * elt, total = block * n;
   const void* hs = b.in(send, total);
@@ -881,7 +997,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter(const void* sen
   void* dst = hr;
   MPI_Datatype type = mpi_type(dtype);
   size_t tsize = elt;
-  if (is_half(dtype)) {
+  if (widen_fp32) {
     float* acc = b.scratch_floats(recv_count * n);
     b.host_ready();
     widen(hs, acc, recv_count * n, dtype);
@@ -1044,6 +1160,8 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_group(std::span<const P2POp> o
     const auto c = b.express(p.count, p.dtype);
     DISTATTN_MPI_CHECK(MPI_Irecv(host[i], c.n, c.type, p.peer, kP2PTag, comm_, b.req()), b.ctx(),
                        " (recv from ", p.peer, ")");
+    b.st().recv_checks.push_back(
+        {b.st().reqs.size() - 1, static_cast<MPI_Count>(p.count * dtype_size(p.dtype)), p.peer});
   }
   for (size_t i = 0; i < ops.size(); ++i) {
     const P2POp& p = ops[i];

@@ -103,8 +103,9 @@ size_t mpi_max_count_from_env();
 namespace detail {
 // Process-wide record of MPI requests that an abort or a watchdog timeout left behind.
 // MPI cannot cancel them (collectives never), and MPI_Finalize with requests that never
-// complete may block forever, so runtime_finalize() asks settle_abandoned_mpi_requests()
-// and calls MPI_Abort instead of MPI_Finalize when some are still pending.
+// complete may block forever, so the first abandon registers a finalize hook (runtime.h)
+// through which runtime_finalize() asks settle_abandoned_mpi_requests() and calls
+// MPI_Abort instead of MPI_Finalize when some are still pending.
 void abandon_mpi_requests(std::span<const MPI_Request> reqs, const std::string& why);
 // Drives the abandoned requests (MPI_Testall) until all completed or `deadline` passed.
 // Returns how many are still pending; `why` gets the first reason recorded.

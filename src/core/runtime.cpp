@@ -7,17 +7,17 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
-#include "distattn/comm/communicator.h"
 #include "distattn/config.h"
 #include "distattn/core/error.h"
-#include "src/comm/mpi_communicator.h"
 #if DISTATTN_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -36,6 +36,15 @@ struct RuntimeState {
 RuntimeState& state() {
   static RuntimeState s;
   return s;
+}
+
+struct FinalizeHooks {
+  std::mutex mu;
+  std::vector<detail::FinalizeHook> hooks;
+};
+FinalizeHooks& finalize_hooks() {
+  static auto* h = new FinalizeHooks;  // never destroyed: used from runtime_finalize
+  return *h;
 }
 
 int env_int(const char* name, int fallback) {
@@ -158,7 +167,7 @@ namespace {
 // MPI_Abort so that it exits non-zero instead of hanging. Returns only when MPI_Finalize
 // is safe.
 void bounded_finalize_or_abort(int rank, int size) {
-  const auto timeout = comm::default_timeout();
+  const auto timeout = watchdog_timeout_from_env();
   char secs[32];
   std::snprintf(secs, sizeof(secs), "%.1f", std::chrono::duration<double>(timeout).count());
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -180,16 +189,24 @@ void bounded_finalize_or_abort(int rank, int size) {
       }
     }
   }
-  // Every rank is here: requests abandoned by a late-but-alive peer complete now.
-  std::string why;
-  const size_t pending = comm::detail::settle_abandoned_mpi_requests(
-      std::max(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(1)), &why);
-  if (pending > 0) {
-    runtime_abort(
-        1, "runtime_finalize on rank " + std::to_string(rank) + ": " + std::to_string(pending) +
-               " MPI request(s) abandoned by a communicator abort never completed (" + why +
-               "); MPI cannot recover from that and MPI_Finalize could block "
-               "forever, so the job is aborted");
+  // Every rank is here: work a higher layer left behind (MPI requests abandoned by a
+  // communicator abort, whose late-but-alive peer is here now) completes now.
+  std::vector<detail::FinalizeHook> hooks;
+  {
+    FinalizeHooks& h = finalize_hooks();
+    std::lock_guard<std::mutex> lock(h.mu);
+    hooks = h.hooks;
+  }
+  for (const detail::FinalizeHook& hook : hooks) {
+    std::string why;
+    const size_t pending =
+        hook(std::max(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(1)), &why);
+    if (pending > 0) {
+      runtime_abort(1, "runtime_finalize on rank " + std::to_string(rank) + ": " +
+                           std::to_string(pending) + " item(s) never completed (" + why +
+                           "); MPI cannot recover from that and MPI_Finalize could block "
+                           "forever, so the job is aborted");
+    }
   }
 }
 
@@ -234,5 +251,28 @@ void runtime_abort(int code, const std::string& why) {
   if (init && !fin) MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code == 0 ? 1 : code);
 }
+
+std::chrono::milliseconds watchdog_timeout_from_env() {
+  const char* v = std::getenv("DISTATTN_COMM_TIMEOUT_S");
+  if (v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const double s = std::strtod(v, &end);
+    if (end != v && *end == '\0' && s > 0 && std::isfinite(s))
+      return std::chrono::milliseconds(static_cast<int64_t>(std::ceil(s * 1000.0)));
+    std::fprintf(stderr,
+                 "[distattn] ignoring DISTATTN_COMM_TIMEOUT_S='%s' (want positive seconds); "
+                 "using 300\n",
+                 v);
+  }
+  return std::chrono::milliseconds(300'000);
+}
+
+namespace detail {
+void add_finalize_hook(FinalizeHook hook) {
+  FinalizeHooks& h = finalize_hooks();
+  std::lock_guard<std::mutex> lock(h.mu);
+  h.hooks.push_back(std::move(hook));
+}
+}  // namespace detail
 
 }  // namespace distattn

@@ -1,9 +1,13 @@
 #include "distattn/core/tensor_view.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "distattn/config.h"
 #include "distattn/core/half.h"
@@ -251,6 +255,39 @@ void reset_peak_memory(DeviceType type) {
   counter(type).peak.store(counter(type).current.load());
 }
 
+namespace {
+struct RetainedMemory {
+  std::atomic<bool> any{false};
+  std::mutex mu;
+  std::vector<std::pair<uintptr_t, size_t>> ranges;
+  std::vector<std::pair<void*, Device>> kept;  // reachable, so leak checkers see no leak
+};
+RetainedMemory& retained() {
+  static auto* r = new RetainedMemory;  // never destroyed: Tensors may die at exit
+  return *r;
+}
+}  // namespace
+
+namespace detail {
+void retain_memory(const void* ptr, size_t bytes) {
+  if (ptr == nullptr || bytes == 0) return;
+  RetainedMemory& r = retained();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.ranges.emplace_back(reinterpret_cast<uintptr_t>(ptr), bytes);
+  r.any.store(true, std::memory_order_release);
+}
+
+bool memory_retained(const void* ptr, size_t bytes) noexcept {
+  RetainedMemory& r = retained();
+  if (!r.any.load(std::memory_order_acquire)) return false;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
+  std::lock_guard<std::mutex> lock(r.mu);
+  for (const auto& [b, n] : r.ranges)
+    if (a < b + n && b < a + std::max<size_t>(bytes, 1)) return true;
+  return false;
+}
+}  // namespace detail
+
 Tensor Tensor::empty(std::span<const int64_t> shape, DType dtype, Device device) {
   Tensor t;
   TensorView probe(nullptr, dtype, device, shape);
@@ -258,8 +295,18 @@ Tensor Tensor::empty(std::span<const int64_t> shape, DType dtype, Device device)
   void* p = device_alloc(probe.nbytes(), device);
   counter(device.type).add(bytes);
   t.buffer_ = std::shared_ptr<void>(p, [device, bytes](void* q) {
-    device_free(q, device);
     counter(device.type).add(-bytes);
+    if (detail::memory_retained(q, static_cast<size_t>(bytes))) {
+      RetainedMemory& r = retained();
+      std::lock_guard<std::mutex> lock(r.mu);
+      try {
+        r.kept.emplace_back(q, device);
+      } catch (...) {
+        // Out of memory: the storage leaks unrecorded, which is what it must do anyway.
+      }
+      return;
+    }
+    device_free(q, device);
   });
   t.view_ = TensorView(p, dtype, device, shape);
   return t;

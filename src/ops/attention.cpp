@@ -152,8 +152,17 @@ void check_out_lse(const char* op, const Dims& d, const TensorView& q, const Ten
 }
 
 void check_options(const char* op, const AttentionOptions& o, int64_t head_dim) {
-  (void)op;
   (void)o.scale_for(head_dim);  // validates softmax_scale
+  // Masks add and subtract positions, offsets and window widths: bounded by 2^60 each, every
+  // such sum fits in int64 (found by fuzz/fuzz_attention: q_offset near 2^63 overflowed).
+  constexpr int64_t kMaxPosition = int64_t{1} << 60;
+  const auto in_range = [](int64_t v) { return v >= -kMaxPosition && v <= kMaxPosition; };
+  DISTATTN_CHECK(in_range(o.q_offset) && in_range(o.k_offset), op, ": q_offset ", o.q_offset,
+                 " / k_offset ", o.k_offset, " out of range: each must lie in [-2^60, 2^60] ",
+                 "(global token positions)");
+  DISTATTN_CHECK(o.window_left <= kMaxPosition && o.window_right <= kMaxPosition, op,
+                 ": window_left ", o.window_left, " / window_right ", o.window_right,
+                 " out of range: use at most 2^60, or a negative value for an unlimited side");
 }
 
 #if !DISTATTN_WITH_CUDA

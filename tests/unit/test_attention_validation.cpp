@@ -40,6 +40,31 @@ struct Bundle {
         dv(Tensor::empty({B, Sk, Hkv, Dv}, dt)) {}
 };
 
+// Found by fuzz/fuzz_attention (regression input fuzz/regressions/fuzz_attention/offset_overflow):
+// a q_offset near 2^63 overflowed the mask's position arithmetic (UBSan) instead of being
+// rejected; offsets and windows up to 2^60 still run.
+TEST(AttentionValidation, RejectsOffsetsAndWindowsBeyondTwoToThe60) {
+  Bundle t;
+  ops::AttentionOptions o;
+  o.causal = true;
+  o.q_offset = int64_t{1} << 62;
+  expect_error([&] { ops::attention_forward(t.q, t.k, t.v, t.out, t.lse, o); },
+               {"attention_forward", "q_offset", "out of range", "2^60"});
+  o.q_offset = 0;
+  o.k_offset = -(int64_t{1} << 61);
+  expect_error(
+      [&] { ops::attention_backward(t.q, t.k, t.v, t.out, t.dout, t.lse, t.dq, t.dk, t.dv, o); },
+      {"k_offset", "out of range"});
+  o.k_offset = 0;
+  o.window_left = std::numeric_limits<int64_t>::max();
+  expect_error([&] { ops::attention_forward(t.q, t.k, t.v, t.out, t.lse, o); },
+               {"window_left", "out of range"});
+  o.window_left = int64_t{1} << 60;
+  o.q_offset = int64_t{1} << 60;
+  o.k_offset = int64_t{1} << 60;
+  ops::attention_forward(t.q, t.k, t.v, t.out, t.lse, o);  // at the bound: runs
+}
+
 TEST(AttentionValidation, ForwardRejectsInconsistentShapes) {
   Bundle t;
   expect_error(

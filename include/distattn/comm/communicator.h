@@ -269,8 +269,11 @@ class Communicator {
                     DType dtype) const;
   // Contiguous, on an accepted device; returns numel().
   size_t check_tensor(const char* op, const char* name, const TensorView& t) const;
+  // Starts an op through the backend; `group_ops` are a send_recv group's ops (passed to
+  // `start`, after fault injection may have rewritten them; empty for collectives).
+  using StartFn = std::function<std::unique_ptr<PendingOp>(std::span<const P2POp> group_ops)>;
   Handle launch(OpKind kind, std::string what, std::string peers, uint64_t bytes_sent,
-                uint64_t bytes_recv, const std::function<std::unique_ptr<PendingOp>()>& start);
+                uint64_t bytes_recv, const StartFn& start, std::span<const P2POp> group_ops = {});
 
   Ledger ledger_;
   std::chrono::milliseconds timeout_;

@@ -118,4 +118,14 @@ void convert_dtype_cpu(const TensorView& src, const TensorView& dst);
 // without CUDA).
 DeviceType pointer_device_type(const void* ptr);
 
+namespace detail {
+// Memory a communication backend may still write after an abort (the buffers of requests
+// MPI cannot cancel). A Tensor whose storage overlaps it is never freed: its storage is kept
+// for the life of the process instead, so an op abandoned by the watchdog cannot write into
+// memory that was reused (a strategy unwinding after a timeout frees its receive buffers).
+// Thread-safe; free of cost (one relaxed load per Tensor free) while nothing is retained.
+void retain_memory(const void* ptr, size_t bytes);
+bool memory_retained(const void* ptr, size_t bytes) noexcept;
+}  // namespace detail
+
 }  // namespace distattn

@@ -7,7 +7,8 @@
 //                 full problem run by one rank alone with the same cores (measured in this run
 //                 after -w warm-up runs, at least one: every rank runs it at once on its own
 //                 core(s), so contention matches), TP the strategy's time. 1.0 = perfect
-//                 scaling; values are in [0, 1] up to timing noise.
+//                 scaling; values are in [0, 1] up to timing noise: a value above 1, or one
+//                 from a call under 1 ms, is printed with a trailing "*" (noise).
 //   eff_cpu       the same ratio with process CPU times (busy-polling MPI waits count as CPU):
 //                 steadier than wall clock when other processes share the cores.
 //   comm_MB       bytes this rank sent per call (ledger; max over ranks)
@@ -18,6 +19,8 @@
 //   max_abs_err   with -c: max |out - fp64 reference| over sampled query rows of every rank
 //   grad_err      with -c --backward: max |dq, dk, dv - fp64 reference| (dq on the sampled
 //                 query rows; dk, dv on sampled key rows of one KV head per rank)
+// A figure that was not measured (max_abs_err without -c, grad_err without --backward,
+// par_eff with --baseline-iters 0) prints "-" (JSON null).
 // --json FILE writes one row per (strategy, seq) with keys strategy, ranks, seq, time_ms, tflops,
 // parallel_efficiency, comm_bytes_per_rank, exposed_comm_ms, max_abs_err (+ extra keys, among
 // them max_grad_abs_err).
@@ -359,6 +362,26 @@ struct Baseline {
   double wall_s = kNaN, cpu_s = kNaN;
 };
 
+// Calls shorter than this are dominated by timer and scheduling noise on a shared node.
+constexpr double kNoiseMs = 1.0;
+
+// "-" for a figure that was not measured (NaN), else printf("%.3g").
+std::string number_cell(double v) {
+  if (std::isnan(v)) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3g", v);
+  return buf;
+}
+
+// An efficiency: "-" when not measured, a trailing "*" when it is timing noise (above 1,
+// which scaling cannot give, or from a call under kNoiseMs).
+std::string efficiency_cell(double v, bool tiny) {
+  if (std::isnan(v)) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3f%s", v, tiny || v > 1.0 ? "*" : "");
+  return buf;
+}
+
 // T1: the full problem on one rank (every rank at once, same threads), mean of iterations:
 // wall time (max over ranks) and CPU time (mean over ranks). It is warmed up like the
 // strategies (-w runs, at least one, untimed): a cold first call pays page faults on the
@@ -697,6 +720,7 @@ int sp_main(int argc, char** argv) {
                            : dtype == DType::kFloat16 ? 1e-2
                                                       : 1e-4;
   bool all_ok = true;
+  bool noisy_rows = false;
   for (int64_t seq = minseq; seq <= maxseq; seq *= a.factor) {
     SpShape sh{a.batch, seq, a.heads, a.kv_heads, a.dim, 0};
     const Baseline base = baseline(sh, a, dtype, dev, *ctl);
@@ -722,11 +746,15 @@ int sp_main(int argc, char** argv) {
       const double eff = std::isnan(t1) ? kNaN : t1 / (p * r.time_s);
       const double eff_cpu = std::isnan(base.cpu_s) ? kNaN : base.cpu_s / (p * r.cpu_s);
       if (rank == 0) {
-        std::printf(
-            "  %-10s %9lld %10.3f %11.4f %8.3f %8.3f %12.3f %11.3f %7.1f%% %9.1f %12.3g %9.3g\n",
-            parallel::strategy_name(s), static_cast<long long>(seq), r.time_s * 1e3, tflops, eff,
-            eff_cpu, r.bytes / 1e6, r.exposed_s * 1e3, 100.0 * r.exposed_s / r.time_s, r.peak / 1e6,
-            r.err, r.grad_err);
+        // A figure that was not measured (no -c, no --backward, --baseline-iters 0) prints
+        // "-"; an efficiency above 1 or from a call under kNoiseMs is timing noise ("*").
+        const bool tiny = r.time_s * 1e3 < kNoiseMs;
+        noisy_rows = noisy_rows || tiny || eff > 1.0 || eff_cpu > 1.0;
+        std::printf("  %-10s %9lld %10.3f %11.4f %8s %8s %12.3f %11.3f %7.1f%% %9.1f %12s %9s\n",
+                    parallel::strategy_name(s), static_cast<long long>(seq), r.time_s * 1e3, tflops,
+                    efficiency_cell(eff, tiny).c_str(), efficiency_cell(eff_cpu, tiny).c_str(),
+                    r.bytes / 1e6, r.exposed_s * 1e3, 100.0 * r.exposed_s / r.time_s, r.peak / 1e6,
+                    number_cell(r.err).c_str(), number_cell(r.grad_err).c_str());
         std::fflush(stdout);
       }
       JsonRow row;
@@ -761,6 +789,11 @@ int sp_main(int argc, char** argv) {
     JsonRow header;
     header.set("ranks", p).set("device", a.device).set("dtype", dtype_name(dtype));
     write_json(a.json, "sp", header, rows);
+    if (noisy_rows)
+      std::printf(
+          "# *: timing noise, not scaling: par_eff/eff_cpu above 1, or a call under %.0f ms "
+          "(run larger -b/-e or more -n for a figure that means something)\n",
+          kNoiseMs);
     if (a.check)
       std::printf("# check vs fp64 reference (limit %.0e): %s\n", tolerance,
                   all_ok ? "OK" : "FAILED");
