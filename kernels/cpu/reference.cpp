@@ -68,23 +68,69 @@ Dims check_dims(const TensorView& q, const TensorView& k, const TensorView& v) {
   return d;
 }
 
-bool visible(const ops::AttentionOptions& o, int64_t qpos, int64_t kpos) {
+// Document and document-relative position of every query row and key row.
+struct Tokens {
+  std::vector<int64_t> qdoc, qpos, kdoc, kpos;
+};
+
+Tokens tokens_of(const ops::AttentionOptions& o, int64_t Sq, int64_t Sk) {
+  Tokens t;
+  t.qdoc.assign(static_cast<size_t>(Sq), 0);
+  t.kdoc.assign(static_cast<size_t>(Sk), 0);
+  t.qpos.resize(static_cast<size_t>(Sq));
+  t.kpos.resize(static_cast<size_t>(Sk));
+  if (o.cu_seqlens.empty()) {
+    for (int64_t i = 0; i < Sq; ++i) t.qpos[i] = o.q_offset + i;
+    for (int64_t j = 0; j < Sk; ++j) t.kpos[j] = o.k_offset + j;
+    return t;
+  }
+  const auto& cq = o.cu_seqlens;
+  const auto& ck = o.cu_seqlens_k.empty() ? o.cu_seqlens : o.cu_seqlens_k;
+  DISTATTN_CHECK(cq.size() == ck.size() && cq.back() == Sq && ck.back() == Sk,
+                 "reference attention: cu_seqlens must end at seq_q and cu_seqlens_k at seq_k");
+  for (size_t d = 0; d + 1 < cq.size(); ++d) {
+    const int64_t lq = cq[d + 1] - cq[d], lk = ck[d + 1] - ck[d];
+    for (int64_t i = 0; i < lq; ++i) {
+      t.qdoc[cq[d] + i] = static_cast<int64_t>(d);
+      t.qpos[cq[d] + i] = lk - lq + i;
+    }
+    for (int64_t j = 0; j < lk; ++j) {
+      t.kdoc[ck[d] + j] = static_cast<int64_t>(d);
+      t.kpos[ck[d] + j] = j;
+    }
+  }
+  return t;
+}
+
+bool visible(const ops::AttentionOptions& o, const Tokens& t, int64_t i, int64_t j) {
+  if (t.qdoc[i] != t.kdoc[j]) return false;
+  const int64_t qpos = t.qpos[i], kpos = t.kpos[j];
   if (o.causal && kpos > qpos) return false;
+  if (kpos < o.sink_tokens) return true;  // sink token: the window does not apply
   if (o.window_left >= 0 && kpos < qpos - o.window_left) return false;
   if (o.window_right >= 0 && kpos > qpos + o.window_right) return false;
   return true;
+}
+
+// The learned sink logit of head h (-inf: none).
+double sink_of(const ops::AttentionOptions& o, int64_t h) {
+  if (o.sinks.data == nullptr) return -std::numeric_limits<double>::infinity();
+  Tensor s = to_device(o.sinks, Device::cpu());
+  return s.data_as<const float>()[h];
 }
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 // Scores and probabilities of one (b, h, i) row. p[j] = exp(s_j - lse), 0 where masked.
 // Returns lse (-inf when no key is visible).
+// With a sink logit (> -inf) the denominator gains e^sink; a row with no visible key then
+// has lse = sink and all p = 0.
 double row_probs(const double* qrow, const double* kbase, int64_t k_tok_stride, int64_t Sk,
-                 int64_t D, double scale, const ops::AttentionOptions& o, int64_t qpos,
-                 std::vector<double>& p) {
-  double m = kNegInf;
+                 int64_t D, double scale, const ops::AttentionOptions& o, const Tokens& t,
+                 int64_t qi, double sink, std::vector<double>& p) {
+  double m = sink;
   for (int64_t j = 0; j < Sk; ++j) {
-    if (!visible(o, qpos, o.k_offset + j)) {
+    if (!visible(o, t, qi, j)) {
       p[j] = kNegInf;
       continue;
     }
@@ -98,7 +144,7 @@ double row_probs(const double* qrow, const double* kbase, int64_t k_tok_stride, 
     std::fill(p.begin(), p.begin() + Sk, 0.0);
     return kNegInf;
   }
-  double l = 0;
+  double l = sink == kNegInf ? 0.0 : std::exp(sink - m);
   for (int64_t j = 0; j < Sk; ++j) l += p[j] == kNegInf ? 0.0 : std::exp(p[j] - m);
   const double lse = m + std::log(l);
   for (int64_t j = 0; j < Sk; ++j) p[j] = p[j] == kNegInf ? 0.0 : std::exp(p[j] - lse);
@@ -123,15 +169,17 @@ ReferenceForward reference_attention_forward(const TensorView& q, const TensorVi
   double* L = r.lse.data_as<double>();
   const int64_t group = d.Hq / d.Hkv;
   std::vector<double> p(static_cast<size_t>(std::max<int64_t>(d.Sk, 1)));
+  const Tokens tok = tokens_of(opts, d.Sq, d.Sk);
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < d.Hq; ++h) {
+      const double sink = sink_of(opts, h);
       const int64_t hk = h / group;
       const double* kbase = K + (b * d.Sk * d.Hkv + hk) * d.D;
       const double* vbase = V + (b * d.Sk * d.Hkv + hk) * d.Dv;
       for (int64_t i = 0; i < d.Sq; ++i) {
         const double* qrow = Q + ((b * d.Sq + i) * d.Hq + h) * d.D;
         const double lse =
-            row_probs(qrow, kbase, d.Hkv * d.D, d.Sk, d.D, scale, opts, opts.q_offset + i, p);
+            row_probs(qrow, kbase, d.Hkv * d.D, d.Sk, d.D, scale, opts, tok, i, sink, p);
         L[(b * d.Hq + h) * d.Sq + i] = lse;
         double* orow = O + ((b * d.Sq + i) * d.Hq + h) * d.Dv;
         for (int64_t j = 0; j < d.Sk; ++j) {
@@ -159,6 +207,9 @@ ReferenceBackward reference_attention_backward(const TensorView& q, const Tensor
   r.dq = Tensor::zeros({d.B, d.Sq, d.Hq, d.D}, DType::kFloat64);
   r.dk = Tensor::zeros({d.B, d.Sk, d.Hkv, d.D}, DType::kFloat64);
   r.dv = Tensor::zeros({d.B, d.Sk, d.Hkv, d.Dv}, DType::kFloat64);
+  r.dsinks = Tensor::zeros({d.Hq}, DType::kFloat64);
+  double* dS = r.dsinks.data_as<double>();
+  const Tokens tok = tokens_of(opts, d.Sq, d.Sk);
   const double* Q = qh.data_as<double>();
   const double* K = kh.data_as<double>();
   const double* V = vh.data_as<double>();
@@ -171,6 +222,7 @@ ReferenceBackward reference_attention_backward(const TensorView& q, const Tensor
   std::vector<double> dp(p.size());
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < d.Hq; ++h) {
+      const double sink = sink_of(opts, h);
       const int64_t hk = h / group;
       const int64_t kv_row0 = b * d.Sk * d.Hkv + hk;  // token j at kv_row0 + j * Hkv
       for (int64_t i = 0; i < d.Sq; ++i) {
@@ -178,7 +230,7 @@ ReferenceBackward reference_attention_backward(const TensorView& q, const Tensor
         const double* qrow = Q + qrow_idx * d.D;
         const double* dorow = dO + qrow_idx * d.Dv;
         const double lse = row_probs(qrow, K + kv_row0 * d.D, d.Hkv * d.D, d.Sk, d.D, scale, opts,
-                                     opts.q_offset + i, p);
+                                     tok, i, sink, p);
         if (lse == kNegInf) continue;  // fully masked row: no gradient flows
         // dP_ij = dout_i . v_j ; Delta_i = sum_j P_ij dP_ij ; dS_ij = P_ij (dP_ij - Delta_i)
         double delta = 0;
@@ -191,6 +243,8 @@ ReferenceBackward reference_attention_backward(const TensorView& q, const Tensor
           dp[j] = s;
           delta += p[j] * s;
         }
+        // dL/dsink = -p_sink * Delta (the sink's value is 0, so its dP is 0).
+        if (sink != kNegInf) dS[h] -= std::exp(sink - lse) * delta;
         double* dqrow = dQ + qrow_idx * d.D;
         for (int64_t j = 0; j < d.Sk; ++j) {
           if (p[j] == 0.0) continue;

@@ -17,9 +17,10 @@ ReferenceForward reference_attention_forward(const TensorView& q, const TensorVi
                                              const ops::AttentionOptions& opts = {});
 
 struct ReferenceBackward {
-  Tensor dq;  // fp64, q's shape
-  Tensor dk;  // fp64, k's shape
-  Tensor dv;  // fp64, v's shape
+  Tensor dq;      // fp64, q's shape
+  Tensor dk;      // fp64, k's shape
+  Tensor dv;      // fp64, v's shape
+  Tensor dsinks;  // fp64 [Hq] (zeros without AttentionOptions::sinks)
 };
 ReferenceBackward reference_attention_backward(const TensorView& q, const TensorView& k,
                                                const TensorView& v, const TensorView& dout,

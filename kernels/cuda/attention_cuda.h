@@ -36,6 +36,12 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
 void merge(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,
            const TensorView& lse_b, const TensorView& out, const TensorView& lse, Stream stream);
 
+void apply_sinks(const TensorView& out, const TensorView& lse, const TensorView& sinks,
+                 Stream stream);
+void sinks_backward(const TensorView& out, const TensorView& dout, const TensorView& lse,
+                    const TensorView& sinks, const TensorView& dsinks, bool accumulate,
+                    Stream stream);
+
 void decode(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
             const TensorView& lse, const ops::AttentionOptions& opts,
             const ops::DecodeOptions& dopts);

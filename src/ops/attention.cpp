@@ -13,6 +13,7 @@
 #include "distattn/core/stream.h"
 #include "distattn/ops/elementwise.h"
 #include "kernels/cpu/attention_cpu.h"
+#include "src/ops/doc_mask.h"
 #if DISTATTN_WITH_CUDA
 #include "kernels/cuda/attention_cuda.h"
 #endif
@@ -200,6 +201,184 @@ Tensor host_ints(const char* op, const char* name, const TensorView& t) {
   return to_device(t, Device::cpu());
 }
 
+// ---- packed documents, sink tokens, learned sinks ----
+
+bool has_doc_features(const AttentionOptions& o) {
+  return !o.cu_seqlens.empty() || !o.cu_seqlens_k.empty() || o.sink_tokens > 0 ||
+         o.sinks.data != nullptr;
+}
+
+void check_cu(const char* op, const char* name, std::span<const int32_t> cu, int64_t rows,
+              const char* rows_name) {
+  DISTATTN_CHECK(cu.size() >= 2, op, ": ", name, " must hold n_docs + 1 >= 2 offsets, got ",
+                 cu.size());
+  DISTATTN_CHECK(cu[0] == 0, op, ": ", name, "[0] must be 0, got ", cu[0]);
+  for (size_t i = 1; i < cu.size(); ++i)
+    DISTATTN_CHECK(cu[i] >= cu[i - 1], op, ": ", name, " must be non-decreasing, but ", name, "[",
+                   i, "] = ", cu[i], " < ", name, "[", i - 1, "] = ", cu[i - 1]);
+  DISTATTN_CHECK(cu.back() == rows, op, ": ", name, "[", cu.size() - 1, "] = ", cu.back(),
+                 " must equal ", rows_name, " (", rows, ")");
+}
+
+void check_doc_features(const char* op, const AttentionOptions& o, const Dims& d,
+                        const TensorView& q) {
+  DISTATTN_CHECK(o.sink_tokens >= 0, op, ": sink_tokens must be >= 0, got ", o.sink_tokens);
+  if (!o.cu_seqlens.empty() || !o.cu_seqlens_k.empty()) {
+    DISTATTN_CHECK(!o.cu_seqlens.empty(), op,
+                   ": cu_seqlens_k is set but cu_seqlens is empty; set both (or only "
+                   "cu_seqlens for self-attention)");
+    DISTATTN_CHECK(d.B == 1, op, ": packed documents (cu_seqlens) need batch 1 (THD layout), got ",
+                   "batch ", d.B);
+    DISTATTN_CHECK(o.q_offset == 0 && o.k_offset == 0, op,
+                   ": q_offset/k_offset must be 0 with cu_seqlens (positions restart at 0 in each "
+                   "document)");
+    check_cu(op, "cu_seqlens", o.cu_seqlens, d.Sq, "seq_q");
+    if (o.cu_seqlens_k.empty()) {
+      DISTATTN_CHECK(d.Sq == d.Sk, op, ": cu_seqlens without cu_seqlens_k needs seq_q == seq_k, ",
+                     "got ", d.Sq, " and ", d.Sk, "; pass cu_seqlens_k for cross shapes");
+    } else {
+      DISTATTN_CHECK(o.cu_seqlens_k.size() == o.cu_seqlens.size(), op, ": cu_seqlens_k has ",
+                     o.cu_seqlens_k.size(), " offsets but cu_seqlens has ", o.cu_seqlens.size(),
+                     " (one document count for both)");
+      check_cu(op, "cu_seqlens_k", o.cu_seqlens_k, d.Sk, "seq_k");
+    }
+  }
+  if (o.sinks.data != nullptr) {
+    DISTATTN_CHECK(o.sinks.ndim == 1 && o.sinks.size(0) == d.Hq && o.sinks.dtype == DType::kFloat32,
+                   op, ": sinks must be fp32 [heads_q = ", d.Hq, "], got ", o.sinks.str());
+    check_device(op, "sinks", o.sinks, q.device);
+  }
+}
+
+struct DocPlan {
+  std::vector<docmask::Piece> pieces;
+  int64_t max_q = 0;
+};
+
+DocPlan doc_plan(const AttentionOptions& o, const Dims& d) {
+  std::vector<docmask::Run> qr, kr;
+  if (o.cu_seqlens.empty()) {
+    qr.push_back({0, d.Sq, 0, o.q_offset});
+    kr.push_back({0, d.Sk, 0, o.k_offset});
+  } else {
+    const auto& cq = o.cu_seqlens;
+    const auto& ck = o.cu_seqlens_k.empty() ? o.cu_seqlens : o.cu_seqlens_k;
+    for (size_t i = 0; i + 1 < cq.size(); ++i) {
+      const int64_t lq = cq[i + 1] - cq[i], lk = ck[i + 1] - ck[i];
+      qr.push_back({cq[i], lq, static_cast<int64_t>(i), lk - lq});
+      kr.push_back({ck[i], lk, static_cast<int64_t>(i), 0});
+    }
+  }
+  docmask::Mask m{o.causal, o.window_left, o.window_right, o.sink_tokens};
+  DocPlan p;
+  docmask::pieces(qr, kr, m, p.pieces);
+  for (const auto& x : p.pieces) p.max_q = std::max(p.max_q, x.q_len);
+  return p;
+}
+
+// The plain kernel options of one piece (no documents, sinks or sink tokens).
+AttentionOptions piece_options(const AttentionOptions& o, const docmask::Piece& x) {
+  AttentionOptions po = o;
+  po.cu_seqlens = {};
+  po.cu_seqlens_k = {};
+  po.sink_tokens = 0;
+  po.sinks = TensorView();
+  po.q_offset = x.q_pos;
+  po.k_offset = x.k_pos;
+  if (!x.window) po.window_left = po.window_right = -1;
+  return po;
+}
+
+TensorView rows_of(const TensorView& t, int64_t b, int64_t n) {
+  return t.slice(1, b, n);
+}
+TensorView lse_rows_of(const TensorView& t, int64_t b, int64_t n) {
+  return t.slice(2, b, n);
+}
+
+void forward_docs(const TensorView& q, const TensorView& k, const TensorView& v,
+                  const TensorView& out, const TensorView& lse, const AttentionOptions& o,
+                  const Dims& d) {
+  const DocPlan plan = doc_plan(o, d);
+  Tensor acc_t;
+  TensorView acc = out;
+  if (out.dtype != DType::kFloat32) {
+    acc_t = Tensor::empty({d.B, d.Sq, d.Hq, d.Dv}, DType::kFloat32, q.device);
+    acc = acc_t.view();
+  }
+  tensor_zero(acc, o.stream);
+  tensor_fill(lse, -std::numeric_limits<double>::infinity(), o.stream);
+  Tensor po, pl;
+  if (plan.max_q > 0) {
+    po = Tensor::empty({d.B, plan.max_q, d.Hq, d.Dv}, DType::kFloat32, q.device);
+    pl = Tensor::empty({d.B, d.Hq, plan.max_q}, DType::kFloat32, q.device);
+  }
+  std::vector<char> touched(static_cast<size_t>(d.Sq), 0);
+  for (const auto& x : plan.pieces) {
+    const AttentionOptions xo = piece_options(o, x);
+    const TensorView qx = rows_of(q, x.q_row, x.q_len);
+    const TensorView kx = rows_of(k, x.k_row, x.k_len);
+    const TensorView vx = rows_of(v, x.k_row, x.k_len);
+    bool fresh = true;
+    for (int64_t i = x.q_row; i < x.q_row + x.q_len && fresh; ++i) fresh = !touched[i];
+    std::fill(touched.begin() + x.q_row, touched.begin() + x.q_row + x.q_len, 1);
+    const TensorView ao = rows_of(acc, x.q_row, x.q_len);
+    const TensorView al = lse_rows_of(lse, x.q_row, x.q_len);
+    if (fresh) {
+      attention_forward(qx, kx, vx, ao, al, xo);
+    } else {
+      const TensorView px = rows_of(po.view(), 0, x.q_len);
+      const TensorView lx = lse_rows_of(pl.view(), 0, x.q_len);
+      attention_forward(qx, kx, vx, px, lx, xo);
+      attention_merge(ao, al, px, lx, ao, al, o.stream);
+    }
+  }
+  if (o.sinks.data != nullptr) attention_apply_sinks(acc, lse, o.sinks, o.stream);
+  if (acc_t.defined()) tensor_copy(out, acc, o.stream);
+}
+
+void backward_docs(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& out, const TensorView& dout, const TensorView& lse,
+                   const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                   const AttentionOptions& o, const BackwardOptions& bo, const Dims& d) {
+  const DocPlan plan = doc_plan(o, d);
+  // fp32 accumulators across pieces (a low-precision gradient is written once at the end).
+  Tensor hold[3];
+  const TensorView grads[3] = {dq, dk, dv};
+  TensorView acc[3];
+  for (int i = 0; i < 3; ++i) {
+    const TensorView& g = grads[i];
+    if (g.dtype == DType::kFloat32) {
+      acc[i] = g;  // pieces add straight into the caller's fp32 gradient
+      if (!bo.accumulate) tensor_zero(g, o.stream);
+    } else {
+      hold[i] =
+          Tensor::empty(std::span<const int64_t>(g.shape.data(), 4), DType::kFloat32, g.device);
+      acc[i] = hold[i].view();
+      tensor_zero(acc[i], o.stream);
+    }
+  }
+  BackwardOptions pb;
+  pb.accumulate = true;
+  for (const auto& x : plan.pieces) {
+    const AttentionOptions xo = piece_options(o, x);
+    attention_backward(rows_of(q, x.q_row, x.q_len), rows_of(k, x.k_row, x.k_len),
+                       rows_of(v, x.k_row, x.k_len), rows_of(out, x.q_row, x.q_len),
+                       rows_of(dout, x.q_row, x.q_len), lse_rows_of(lse, x.q_row, x.q_len),
+                       rows_of(acc[0], x.q_row, x.q_len), rows_of(acc[1], x.k_row, x.k_len),
+                       rows_of(acc[2], x.k_row, x.k_len), xo, pb);
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (!hold[i].defined()) continue;
+    if (bo.accumulate)
+      tensor_add(grads[i], acc[i], o.stream);
+    else
+      tensor_copy(grads[i], acc[i], o.stream);
+  }
+  if (o.sinks.data != nullptr)
+    attention_sinks_backward(out, dout, lse, o.sinks, bo.dsinks, bo.accumulate, o.stream);
+}
+
 }  // namespace
 
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -208,7 +387,14 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   const Dims d = check_qkv(op, q, k, v);
   check_out_lse(op, d, q, out, lse);
   check_options(op, opts, d.D);
+  check_doc_features(op, opts, d, q);
   if (d.B == 0 || d.Sq == 0 || d.Hq == 0) return;
+  if (has_doc_features(opts)) {
+#if !DISTATTN_WITH_CUDA
+    if (q.device.is_cuda()) cuda_unsupported(op);
+#endif
+    return forward_docs(q, k, v, out, lse, opts, d);
+  }
   if (d.Sk == 0) return fill_fully_masked(op, out, lse, opts.stream);
   if (q.device.is_cuda()) {
 #if DISTATTN_WITH_CUDA
@@ -245,7 +431,22 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
     check_last_contiguous(op, g.name, g.t);
   }
   check_options(op, opts, d.D);
+  check_doc_features(op, opts, d, q);
+  if (opts.sinks.data != nullptr) {
+    const TensorView& ds = bopts.dsinks;
+    DISTATTN_CHECK(
+        ds.data != nullptr && ds.ndim == 1 && ds.size(0) == d.Hq && ds.dtype == DType::kFloat32, op,
+        ": with sinks set, BackwardOptions::dsinks must be fp32 [heads_q = ", d.Hq, "], got ",
+        ds.str());
+    check_device(op, "dsinks", ds, q.device);
+  }
   if (d.B == 0) return;
+  if (has_doc_features(opts) && d.Sq > 0 && d.Hq > 0) {
+#if !DISTATTN_WITH_CUDA
+    if (q.device.is_cuda()) cuda_unsupported(op);
+#endif
+    return backward_docs(q, k, v, out, dout, lse, dq, dk, dv, opts, bopts, d);
+  }
   if (d.Sq == 0 || d.Sk == 0 || d.Hq == 0) {
     // No (query, key) pair: every gradient contribution is zero.
     if (!bopts.accumulate) {
@@ -305,6 +506,72 @@ void attention_merge(const TensorView& out_a, const TensorView& lse_a, const Ten
   kernels::cpu::merge(out_a, lse_a, out_b, lse_b, out, lse);
 }
 
+void attention_apply_sinks(const TensorView& out, const TensorView& lse, const TensorView& sinks,
+                           Stream stream) {
+  constexpr const char* op = "attention_apply_sinks";
+  DISTATTN_CHECK(out.ndim == 4 && out.dtype == DType::kFloat32, op,
+                 ": out must be fp32 [batch, seq_q, heads, head_dim_v], got ", out.str());
+  const int64_t B = out.size(0), Sq = out.size(1), H = out.size(2);
+  check_shape(op, "lse", lse, {B, H, Sq});
+  check_shape(op, "sinks", sinks, {H});
+  DISTATTN_CHECK(lse.dtype == DType::kFloat32 && sinks.dtype == DType::kFloat32, op,
+                 ": lse and sinks must be fp32, got ", dtype_name(lse.dtype), " and ",
+                 dtype_name(sinks.dtype));
+  check_device(op, "lse", lse, out.device);
+  check_device(op, "sinks", sinks, out.device);
+  check_data(op, "out", out);
+  check_data(op, "lse", lse);
+  check_data(op, "sinks", sinks);
+  check_last_contiguous(op, "out", out);
+  if (out.numel() == 0 && lse.numel() == 0) return;
+  if (out.device.is_cuda()) {
+#if DISTATTN_WITH_CUDA
+    return kernels::cuda::apply_sinks(out, lse, sinks, stream);
+#else
+    cuda_unsupported(op);
+#endif
+  }
+  (void)stream;
+  kernels::cpu::apply_sinks(out, lse, sinks);
+}
+
+void attention_sinks_backward(const TensorView& out, const TensorView& dout, const TensorView& lse,
+                              const TensorView& sinks, const TensorView& dsinks, bool accumulate,
+                              Stream stream) {
+  constexpr const char* op = "attention_sinks_backward";
+  DISTATTN_CHECK(out.ndim == 4, op, ": out must be 4-D [batch, seq_q, heads, head_dim_v], got ",
+                 out.str());
+  const int64_t B = out.size(0), Sq = out.size(1), H = out.size(2), Dv = out.size(3);
+  check_shape(op, "dout", dout, {B, Sq, H, Dv});
+  check_shape(op, "lse", lse, {B, H, Sq});
+  check_shape(op, "sinks", sinks, {H});
+  check_shape(op, "dsinks", dsinks, {H});
+  DISTATTN_CHECK(is_storage_float(out.dtype) && is_storage_float(dout.dtype), op,
+                 ": out and dout must be fp32, bf16 or fp16, got ", dtype_name(out.dtype), " and ",
+                 dtype_name(dout.dtype));
+  DISTATTN_CHECK(lse.dtype == DType::kFloat32 && sinks.dtype == DType::kFloat32 &&
+                     dsinks.dtype == DType::kFloat32,
+                 op, ": lse, sinks and dsinks must be fp32");
+  for (const auto* t : {&dout, &lse, &sinks, &dsinks}) check_device(op, "argument", *t, out.device);
+  check_data(op, "out", out);
+  check_data(op, "dout", dout);
+  check_data(op, "lse", lse);
+  check_data(op, "sinks", sinks);
+  check_data(op, "dsinks", dsinks);
+  check_last_contiguous(op, "out", out);
+  check_last_contiguous(op, "dout", dout);
+  if (H == 0) return;
+  if (out.device.is_cuda()) {
+#if DISTATTN_WITH_CUDA
+    return kernels::cuda::sinks_backward(out, dout, lse, sinks, dsinks, accumulate, stream);
+#else
+    cuda_unsupported(op);
+#endif
+  }
+  (void)stream;
+  kernels::cpu::sinks_backward(out, dout, lse, sinks, dsinks, accumulate);
+}
+
 void attention_decode(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView& out, const TensorView& lse, const AttentionOptions& opts,
                       const DecodeOptions& dopts) {
@@ -317,7 +584,16 @@ void attention_decode(const TensorView& q, const TensorView& k, const TensorView
                  "; use attention_forward for prefill");
   DISTATTN_CHECK(dopts.num_splits >= 0, op, ": num_splits must be >= 0 (0 = choose), got ",
                  dopts.num_splits);
+  check_doc_features(op, opts, d, q);
   if (d.B == 0 || d.Sq == 0 || d.Hq == 0) return;
+  if (has_doc_features(opts)) {
+    // Packed documents, sink tokens and learned sinks: the forward's piece decomposition
+    // (exact; a few queries per document make these small kernel calls).
+#if !DISTATTN_WITH_CUDA
+    if (q.device.is_cuda()) cuda_unsupported(op);
+#endif
+    return forward_docs(q, k, v, out, lse, opts, d);
+  }
   if (d.Sk == 0) return fill_fully_masked(op, out, lse, opts.stream);
   if (q.device.is_cuda()) {
 #if DISTATTN_WITH_CUDA
@@ -364,6 +640,10 @@ void attention_decode_paged(const TensorView& q, const PagedKV& cache, const Ten
   DISTATTN_CHECK(opts.q_offset == 0 && opts.k_offset == 0, op,
                  ": q_offset/k_offset must be 0 for a paged cache (positions are per sequence: "
                  "keys at 0..seq_lens[b]-1, queries are the last seq_q positions)");
+  DISTATTN_CHECK(!has_doc_features(opts), op,
+                 ": cu_seqlens, sink_tokens and sinks are not taken by the paged decode (each "
+                 "sequence of the batch already is one document); use attention_decode over a "
+                 "contiguous cache");
 #if !DISTATTN_WITH_CUDA
   if (q.device.is_cuda()) cuda_unsupported(op);
 #endif

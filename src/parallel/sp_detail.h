@@ -26,6 +26,7 @@
 #include "distattn/core/tensor_view.h"
 #include "distattn/ops/attention.h"
 #include "distattn/parallel/sequence_parallel.h"
+#include "src/ops/doc_mask.h"
 
 namespace distattn::parallel::detail {
 
@@ -45,6 +46,25 @@ Tensor zeros_on(std::initializer_list<int64_t> shape, DType dtype, Device device
 // Where fp32 partials accumulate: `t` itself when it is fp32, else a packed fp32 scratch of
 // t's shape owned by `holder` (the caller converts it into t at the end).
 TensorView fp32_accumulator(const TensorView& t, Tensor& holder);
+
+// ---- packed documents, windows, sinks ----
+using Runs = std::vector<ops::docmask::Run>;
+using Pieces = std::vector<ops::docmask::Piece>;
+// A global token range of a rank's local rows: rows [begin, begin+len) of the packed
+// sequence, document `doc`, document positions from `pos`.
+struct TokenRange {
+  int64_t begin = 0, len = 0, doc = 0, pos = 0;
+};
+std::vector<TokenRange> token_ranges(const SpLayout& l, const SpShape& sh, int rank);
+// The same as runs over the rank's LOCAL rows (row 0 = its first local row).
+Runs local_runs(const SpLayout& l, const SpShape& sh, int rank);
+// Rows a runs list covers (max row + len).
+int64_t runs_rows(const Runs& runs);
+// Runs shifted by `rows` (a block placed at row offset `rows` of a bigger tensor).
+Runs shifted(const Runs& runs, int64_t rows);
+// True when the call needs the piece-decomposed (generic) path: documents, window, sink
+// tokens or learned sinks.
+bool uses_pieces(const SpOptions& o);
 
 // ---- GQA head mapping ----
 // Local query heads [q_begin, q_end) all use local KV head `kv`.
@@ -116,11 +136,38 @@ class Tracker {
   void finish();
 
   ops::AttentionOptions attn_options(int64_t q_offset, int64_t k_offset, bool causal) const;
+
+  // Generic (piece) path. The call's mask (causal, window, sink tokens).
+  ops::docmask::Mask mask() const;
+  // Pieces of query rows `qr` x key rows `kr` under the call's mask.
+  Pieces pieces(const Runs& qr, const Runs& kr) const;
+  // Attends every piece into fp32 accumulators acc/acc_lse (rows with no piece keep what
+  // they hold: initialize with out = 0, lse = -inf). fresh: acc holds no result yet, so the
+  // first piece of each query row writes directly instead of merging.
+  void forward_pieces(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& acc, const TensorView& acc_lse, const Pieces& ps,
+                      const std::vector<HeadSegment>& segs, bool fresh);
+  // Adds every piece's dq/dk/dv (fp32 accumulators) given the final out/lse.
+  void backward_pieces(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const TensorView& out, const TensorView& dout, const TensorView& lse,
+                       const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                       const Pieces& ps, const std::vector<HeadSegment>& segs);
   // The compute stream: the caller's SpOptions::stream. Kernels and tensor helpers go here.
   Stream stream() const { return opts_.stream; }
   Device device() const { return device_; }
 
  private:
+  void run_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& out, const TensorView& lse, const ops::AttentionOptions& o,
+                   const std::vector<HeadSegment>& segs);
+  void run_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                    const TensorView& out, const TensorView& dout, const TensorView& lse,
+                    const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                    const ops::AttentionOptions& o, bool accumulate,
+                    const std::vector<HeadSegment>& segs);
+  ops::AttentionOptions piece_options(const ops::docmask::Piece& x) const;
+  Tensor scratch_out_, scratch_lse_;  // forward_pieces partials (grown on demand)
+
   const SpOptions& opts_;
   comm::Communicator* progress_comm_;
   Device device_;
@@ -168,5 +215,43 @@ void ulysses_backward(comm::Communicator& ucomm, comm::Communicator* ring, const
                       const TensorView& k, const TensorView& v, const TensorView& out,
                       const TensorView& dout, const TensorView& lse, const TensorView& dq,
                       const TensorView& dk, const TensorView& dv, bool causal, Tracker& tr);
+
+// ---- generic (piece) strategy bodies: documents, windows, sink tokens, learned sinks ----
+// `sinks`: learned sink logits of the LOCAL query heads (data == nullptr: none); applied to
+// the final result of each local query row.
+// Ring over `comm`; maps[j] = runs of ring rank j's block (its local rows), so blocks may
+// have different lengths. Steps after the last one in which any rank sees a key are not run.
+void ring_forward_pieces(comm::Communicator& comm, const std::vector<Runs>& maps,
+                         const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const TensorView& lse,
+                         const std::vector<HeadSegment>& segs, const TensorView& sinks,
+                         Tracker& tr);
+void ring_backward_pieces(comm::Communicator& comm, const std::vector<Runs>& maps,
+                          const TensorView& q, const TensorView& k, const TensorView& v,
+                          const TensorView& out, const TensorView& dout, const TensorView& lse,
+                          const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                          const std::vector<HeadSegment>& segs, Tracker& tr);
+// The number of ring steps the generic ring runs for these blocks (1 .. P).
+int ring_steps_needed(const std::vector<Runs>& maps, const Tracker& tr);
+void allgather_forward_pieces(comm::Communicator& comm, const std::vector<Runs>& maps,
+                              const TensorView& q, const TensorView& k, const TensorView& v,
+                              const TensorView& out, const TensorView& lse, const TensorView& sinks,
+                              Tracker& tr);
+void allgather_backward_pieces(comm::Communicator& comm, const std::vector<Runs>& maps,
+                               const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView& out, const TensorView& dout, const TensorView& lse,
+                               const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                               Tracker& tr);
+// Ulysses over `uc` (maps[j]: runs of Ulysses peer j's local rows); hybrid when `ring` is set
+// (ring_maps[i][j]: runs of peer j of ring rank i's Ulysses group).
+void ulysses_forward_pieces(comm::Communicator& uc, comm::Communicator* ring,
+                            const std::vector<std::vector<Runs>>& group_maps, const TensorView& q,
+                            const TensorView& k, const TensorView& v, const TensorView& out,
+                            const TensorView& lse, const TensorView& sinks_all, Tracker& tr);
+void ulysses_backward_pieces(comm::Communicator& uc, comm::Communicator* ring,
+                             const std::vector<std::vector<Runs>>& group_maps, const TensorView& q,
+                             const TensorView& k, const TensorView& v, const TensorView& out,
+                             const TensorView& dout, const TensorView& lse, const TensorView& dq,
+                             const TensorView& dk, const TensorView& dv, Tracker& tr);
 
 }  // namespace distattn::parallel::detail

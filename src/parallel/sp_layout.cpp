@@ -1,5 +1,7 @@
 // Strategy names, layouts (which global tokens and heads a rank holds), shard/unshard.
 #include <array>
+#include <climits>
+#include <cmath>
 #include <string>
 
 #include "distattn/parallel/sequence_parallel.h"
@@ -46,11 +48,93 @@ std::vector<Range> seq_ranges(const SpLayout& l, int64_t s, int rank) {
   return {};
 }
 
+// Bounds of part `i` of `n` of [a, b): as even as possible (sizes differ by at most one).
+int64_t split_at(int64_t a, int64_t b, int64_t i, int64_t n) {
+  return a + (b - a) * i / n;
+}
+
+// Packed documents: the token ranges (global rows, with document and document position) of a
+// rank's local rows, in local order. Contiguous strategies split the packed sequence evenly;
+// zigzag, all-gather and hybrid split EVERY document into 2P (2R, then U) chunks as evenly as
+// possible, so each rank holds its two chunks of each document (lengths need no padding;
+// chunks of short documents may be empty).
+std::vector<detail::TokenRange> packed_ranges(const SpLayout& l, std::span<const int32_t> cu,
+                                              int rank) {
+  std::vector<detail::TokenRange> out;
+  const int p = l.ranks;
+  const int64_t total = cu.back();
+  const size_t docs = cu.size() - 1;
+  auto push = [&](int64_t a, int64_t b, size_t d) {
+    if (b > a) out.push_back({a, b - a, static_cast<int64_t>(d), a - cu[d]});
+  };
+  switch (l.strategy) {
+    case Strategy::kHeads:
+      for (size_t d = 0; d < docs; ++d) push(cu[d], cu[d + 1], d);
+      break;
+    case Strategy::kRing:
+    case Strategy::kUlysses: {
+      const int64_t lo = split_at(0, total, rank, p), hi = split_at(0, total, rank + 1, p);
+      for (size_t d = 0; d < docs; ++d)
+        push(std::max<int64_t>(lo, cu[d]), std::min<int64_t>(hi, cu[d + 1]), d);
+      break;
+    }
+    case Strategy::kZigzag:
+    case Strategy::kAllGather: {
+      const int64_t n = 2 * static_cast<int64_t>(p);
+      for (size_t d = 0; d < docs; ++d) {
+        for (int64_t c : {static_cast<int64_t>(rank), n - 1 - rank})
+          push(split_at(cu[d], cu[d + 1], c, n), split_at(cu[d], cu[d + 1], c + 1, n), d);
+      }
+      break;
+    }
+    case Strategy::kHybrid: {
+      const int u_deg = l.ulysses, r_deg = p / u_deg, rr = rank / u_deg, u = rank % u_deg;
+      const int64_t n = 2 * static_cast<int64_t>(r_deg);
+      for (size_t d = 0; d < docs; ++d) {
+        for (int64_t c : {static_cast<int64_t>(rr), n - 1 - rr}) {
+          const int64_t a = split_at(cu[d], cu[d + 1], c, n),
+                        b = split_at(cu[d], cu[d + 1], c + 1, n);
+          push(split_at(a, b, u, u_deg), split_at(a, b, u + 1, u_deg), d);
+        }
+      }
+      break;
+    }
+  }
+  return out;
+}
+
 void check_rank(const SpLayout& l, int rank) {
   DISTATTN_CHECK(rank >= 0 && rank < l.ranks, "rank ", rank, " is outside [0, ", l.ranks,
                  ") for a ", strategy_name(l.strategy), " layout over ", l.ranks, " ranks");
 }
 }  // namespace
+
+namespace detail {
+
+std::vector<TokenRange> token_ranges(const SpLayout& l, const SpShape& sh, int rank) {
+  if (!sh.cu_seqlens.empty()) return packed_ranges(l, sh.cu_seqlens, rank);
+  std::vector<TokenRange> out;
+  for (const Range& r : seq_ranges(l, sh.seq, rank)) out.push_back({r.begin, r.len, 0, r.begin});
+  return out;
+}
+
+std::vector<ops::docmask::Run> local_runs(const SpLayout& l, const SpShape& sh, int rank) {
+  std::vector<ops::docmask::Run> runs;
+  int64_t row = 0;
+  for (const TokenRange& t : token_ranges(l, sh, rank)) {
+    runs.push_back({row, t.len, t.doc, t.pos});
+    row += t.len;
+  }
+  return runs;
+}
+
+int64_t runs_rows(const std::vector<ops::docmask::Run>& runs) {
+  int64_t n = 0;
+  for (const auto& r : runs) n = std::max(n, r.row + r.len);
+  return n;
+}
+
+}  // namespace detail
 
 const char* strategy_name(Strategy s) {
   switch (s) {
@@ -91,7 +175,23 @@ void check_layout(const SpLayout& l, const SpShape& sh) {
   DISTATTN_CHECK(sh.heads_kv >= 1 && sh.heads_q >= 1 && sh.heads_q % sh.heads_kv == 0, name,
                  ": query heads (", sh.heads_q, ") must be a positive multiple of KV heads (",
                  sh.heads_kv, ")");
+  if (!sh.cu_seqlens.empty()) {
+    const auto& cu = sh.cu_seqlens;
+    DISTATTN_CHECK(cu.size() >= 2 && cu[0] == 0, name,
+                   ": cu_seqlens must hold n_docs + 1 >= 2 offsets starting at 0 (got ", cu.size(),
+                   " offsets", cu.empty() ? "" : ", first " + std::to_string(cu[0]), ")");
+    for (size_t i = 1; i < cu.size(); ++i)
+      DISTATTN_CHECK(cu[i] >= cu[i - 1], name,
+                     ": cu_seqlens must be non-decreasing, but cu_seqlens[", i, "] = ", cu[i],
+                     " < cu_seqlens[", i - 1, "] = ", cu[i - 1]);
+    DISTATTN_CHECK(cu.back() == sh.seq, name, ": cu_seqlens ends at ", cu.back(),
+                   " but the packed sequence has ", sh.seq, " tokens (SpShape::seq)");
+    DISTATTN_CHECK(sh.batch == 1, name, ": packed documents (cu_seqlens) need batch 1, got ",
+                   sh.batch);
+  }
+  const bool packed = !sh.cu_seqlens.empty();
   auto need_multiple = [&](int64_t m, const char* what) {
+    if (packed) return;  // documents are split evenly per rank: no multiple needed
     // Only end padding is offered: under the causal mask keys after every real query never
     // reach a real row, so the result is exact. There is no key-length/key-mask option, so
     // padded keys WOULD leak into non-causal rows; say so instead of hinting at a mask.
@@ -135,6 +235,47 @@ void check_layout(const SpLayout& l, const SpShape& sh) {
 
 int64_t local_seq_len(const SpLayout& l, int64_t s) {
   return l.strategy == Strategy::kHeads ? s : s / l.ranks;
+}
+
+int64_t local_seq_len(const SpLayout& l, const SpShape& sh, int rank) {
+  check_rank(l, rank);
+  if (sh.cu_seqlens.empty()) return local_seq_len(l, sh.seq);
+  int64_t n = 0;
+  for (const auto& t : detail::token_ranges(l, sh, rank)) n += t.len;
+  return n;
+}
+
+namespace {
+// The token ranges of `rank` for packed documents alone (heads do not matter), validated.
+std::vector<detail::TokenRange> packed_token_ranges(const char* op, const SpLayout& l,
+                                                    std::span<const int32_t> cu, int rank) {
+  check_rank(l, rank);
+  DISTATTN_CHECK(!cu.empty(), op,
+                 ": cu_seqlens is empty (for one document use the overload that takes the "
+                 "sequence length)");
+  SpShape sh;
+  sh.seq = cu.back();
+  sh.cu_seqlens.assign(cu.begin(), cu.end());
+  sh.heads_q = sh.heads_kv = l.strategy == Strategy::kHybrid ? l.ulysses : l.ranks;
+  check_layout(l, sh);
+  return detail::token_ranges(l, sh, rank);
+}
+}  // namespace
+
+std::vector<int64_t> token_positions(const SpLayout& l, std::span<const int32_t> cu_seqlens,
+                                     int rank) {
+  std::vector<int64_t> pos;
+  for (const auto& t : packed_token_ranges("token_positions", l, cu_seqlens, rank))
+    for (int64_t i = 0; i < t.len; ++i) pos.push_back(t.pos + i);
+  return pos;
+}
+
+std::vector<int32_t> token_documents(const SpLayout& l, std::span<const int32_t> cu_seqlens,
+                                     int rank) {
+  std::vector<int32_t> docs;
+  for (const auto& t : packed_token_ranges("token_documents", l, cu_seqlens, rank))
+    for (int64_t i = 0; i < t.len; ++i) docs.push_back(static_cast<int32_t>(t.doc));
+  return docs;
 }
 
 std::vector<int64_t> token_positions(const SpLayout& l, int64_t s, int rank) {
@@ -218,7 +359,7 @@ Tensor shard(const SpLayout& l, const SpShape& sh, int rank, ShardRole role,
   check_rank(l, rank);
   check_full("shard", sh, role, full);
   const HeadRange h = role_heads(l, sh, rank, role);
-  const int64_t sl = local_seq_len(l, sh.seq);
+  const int64_t sl = local_seq_len(l, sh, rank);
   std::vector<int64_t> shape(full.shape.begin(), full.shape.begin() + full.ndim);
   if (role == ShardRole::kLse) {
     shape[1] = h.size();
@@ -230,7 +371,7 @@ Tensor shard(const SpLayout& l, const SpShape& sh, int rank, ShardRole role,
   Tensor out = Tensor::empty(shape, full.dtype, full.device);
   const TensorView src = head_slice(full, role, h);
   int64_t at = 0;
-  for (const Range& r : seq_ranges(l, sh.seq, rank)) {
+  for (const auto& r : detail::token_ranges(l, sh, rank)) {
     detail::copy_view(seq_slice(out.view(), role, at, r.len), seq_slice(src, role, r.begin, r.len),
                       nullptr);
     at += r.len;
@@ -246,7 +387,7 @@ void unshard_into(const SpLayout& l, const SpShape& sh, int rank, ShardRole role
   check_rank(l, rank);
   check_full("unshard_into", sh, role, full);
   const HeadRange h = role_heads(l, sh, rank, role);
-  const int64_t sl = local_seq_len(l, sh.seq);
+  const int64_t sl = local_seq_len(l, sh, rank);
   const int sd = role == ShardRole::kLse ? 2 : 1, hd = role == ShardRole::kLse ? 1 : 2;
   DISTATTN_CHECK(local.ndim == full.ndim && local.size(0) == sh.batch && local.size(sd) == sl &&
                      local.size(hd) == h.size() &&
@@ -265,7 +406,7 @@ void unshard_into(const SpLayout& l, const SpShape& sh, int rank, ShardRole role
     src = staged.view();
   }
   int64_t at = 0;
-  for (const Range& r : seq_ranges(l, sh.seq, rank)) {
+  for (const auto& r : detail::token_ranges(l, sh, rank)) {
     const TensorView d = seq_slice(dst, role, r.begin, r.len);
     const TensorView s = seq_slice(src, role, at, r.len);
     if (accumulate) {
@@ -335,6 +476,63 @@ int SpGroup::layout_rank(Strategy strategy) const {
   }
   DISTATTN_CHECK(seq != nullptr, "SpGroup has no sequence communicator");
   return seq->rank();
+}
+
+}  // namespace distattn::parallel
+
+namespace distattn::parallel {
+
+double rank_visible_pairs(const SpLayout& l, const SpShape& sh, int rank, const SpOptions& o) {
+  check_layout(l, sh);
+  check_rank(l, rank);
+  const ops::docmask::Mask m{o.causal, o.window_left, o.window_right, o.sink_tokens};
+  const detail::Runs mine = detail::local_runs(l, sh, rank);
+  const detail::Runs all = detail::local_runs(SpLayout{Strategy::kHeads, l.ranks, 1}, sh, 0);
+  std::vector<ops::docmask::Piece> ps;
+  ops::docmask::pieces(mine, all, m, ps);
+  double pairs = 0;
+  for (const auto& x : ps) pairs += x.pairs;
+  return pairs;
+}
+
+}  // namespace distattn::parallel
+
+namespace distattn::parallel {
+
+std::vector<int64_t> longtail_document_lengths(int64_t total, uint64_t seed) {
+  DISTATTN_CHECK(total >= 1, "longtail_document_lengths: total must be >= 1, got ", total);
+  // splitmix64 stream: the same lengths on every platform for a seed.
+  uint64_t state = seed;
+  auto next_uniform = [&state]() {
+    uint64_t x = (state += 0x9e3779b97f4a7c15ull);
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return static_cast<double>(x >> 11) * (1.0 / 9007199254740992.0);  // [0, 1)
+  };
+  std::vector<int64_t> docs;
+  int64_t left = total;
+  while (left > 0) {
+    const double x = 16.0 / std::pow(1.0 - next_uniform(), 1.0 / 1.1);
+    const int64_t l =
+        std::min<int64_t>(left, std::max<int64_t>(1, x >= 9e18 ? left : static_cast<int64_t>(x)));
+    docs.push_back(l);
+    left -= l;
+  }
+  return docs;
+}
+
+std::vector<int32_t> cu_seqlens_of(std::span<const int64_t> lengths) {
+  std::vector<int32_t> cu{0};
+  int64_t at = 0;
+  for (int64_t l : lengths) {
+    DISTATTN_CHECK(l >= 0, "cu_seqlens_of: document lengths must be >= 0, got ", l);
+    at += l;
+    DISTATTN_CHECK(at <= INT32_MAX, "cu_seqlens_of: ", at,
+                   " tokens do not fit int32 cu_seqlens (at most 2^31-1)");
+    cu.push_back(static_cast<int32_t>(at));
+  }
+  return cu;
 }
 
 }  // namespace distattn::parallel

@@ -119,11 +119,9 @@ ops::AttentionOptions Tracker::attn_options(int64_t q_offset, int64_t k_offset, 
   return o;
 }
 
-void Tracker::forward(const TensorView& q, const TensorView& k, const TensorView& v,
-                      const TensorView& out, const TensorView& lse, int64_t q_offset,
-                      int64_t k_offset, bool causal, const std::vector<HeadSegment>& segs) {
-  const auto o = attn_options(q_offset, k_offset, causal);
-  // The softmax scale comes from the full head dim, whatever the slicing.
+void Tracker::run_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                          const TensorView& out, const TensorView& lse,
+                          const ops::AttentionOptions& o, const std::vector<HeadSegment>& segs) {
   const auto t0 = Clock::now();
   if (is_uniform(segs, q.size(2), k.size(2))) {
     ops::attention_forward(q, k, v, out, lse, o);
@@ -135,16 +133,13 @@ void Tracker::forward(const TensorView& q, const TensorView& k, const TensorView
     }
   }
   compute_s_ += seconds_since(t0);
-  pairs_ += static_cast<double>(q.size(0) * q.size(2)) *
-            visible_pairs(q.size(1), k.size(1), q_offset, k_offset, causal);
 }
 
-void Tracker::backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                       const TensorView& out, const TensorView& dout, const TensorView& lse,
-                       const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                       int64_t q_offset, int64_t k_offset, bool causal, bool accumulate,
-                       const std::vector<HeadSegment>& segs) {
-  const auto o = attn_options(q_offset, k_offset, causal);
+void Tracker::run_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                           const TensorView& out, const TensorView& dout, const TensorView& lse,
+                           const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                           const ops::AttentionOptions& o, bool accumulate,
+                           const std::vector<HeadSegment>& segs) {
   ops::BackwardOptions b;
   b.accumulate = accumulate;
   const auto t0 = Clock::now();
@@ -160,8 +155,108 @@ void Tracker::backward(const TensorView& q, const TensorView& k, const TensorVie
     }
   }
   compute_s_ += seconds_since(t0);
+}
+
+void Tracker::forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& out, const TensorView& lse, int64_t q_offset,
+                      int64_t k_offset, bool causal, const std::vector<HeadSegment>& segs) {
+  // The softmax scale comes from the full head dim, whatever the slicing.
+  run_forward(q, k, v, out, lse, attn_options(q_offset, k_offset, causal), segs);
   pairs_ += static_cast<double>(q.size(0) * q.size(2)) *
             visible_pairs(q.size(1), k.size(1), q_offset, k_offset, causal);
+}
+
+void Tracker::backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const TensorView& out, const TensorView& dout, const TensorView& lse,
+                       const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                       int64_t q_offset, int64_t k_offset, bool causal, bool accumulate,
+                       const std::vector<HeadSegment>& segs) {
+  run_backward(q, k, v, out, dout, lse, dq, dk, dv, attn_options(q_offset, k_offset, causal),
+               accumulate, segs);
+  pairs_ += static_cast<double>(q.size(0) * q.size(2)) *
+            visible_pairs(q.size(1), k.size(1), q_offset, k_offset, causal);
+}
+
+ops::docmask::Mask Tracker::mask() const {
+  return {opts_.causal, opts_.window_left, opts_.window_right, opts_.sink_tokens};
+}
+
+Pieces Tracker::pieces(const Runs& qr, const Runs& kr) const {
+  Pieces ps;
+  ops::docmask::pieces(qr, kr, mask(), ps);
+  return ps;
+}
+
+ops::AttentionOptions Tracker::piece_options(const ops::docmask::Piece& x) const {
+  ops::AttentionOptions o = attn_options(x.q_pos, x.k_pos, opts_.causal);
+  if (x.window) {
+    o.window_left = opts_.window_left;
+    o.window_right = opts_.window_right;
+  }
+  return o;
+}
+
+void Tracker::forward_pieces(const TensorView& q, const TensorView& k, const TensorView& v,
+                             const TensorView& acc, const TensorView& acc_lse, const Pieces& ps,
+                             const std::vector<HeadSegment>& segs, bool fresh) {
+  if (ps.empty()) return;
+  int64_t max_q = 0;
+  for (const auto& x : ps) max_q = std::max(max_q, x.q_len);
+  const int64_t b = q.size(0), hq = q.size(2), dv = v.size(3);
+  if (!scratch_out_.defined() || scratch_out_.view().size(1) < max_q ||
+      scratch_out_.view().size(2) != hq || scratch_out_.view().size(3) != dv ||
+      scratch_out_.view().size(0) != b) {
+    scratch_out_ = Tensor::empty({b, max_q, hq, dv}, DType::kFloat32, device_);
+    scratch_lse_ = Tensor::empty({b, hq, max_q}, DType::kFloat32, device_);
+  }
+  const int64_t rows = q.size(1);
+  std::vector<char> touched(fresh ? static_cast<size_t>(rows) : 0, 0);
+  for (const auto& x : ps) {
+    bool direct = fresh;
+    if (fresh) {
+      for (int64_t i = x.q_row; i < x.q_row + x.q_len && direct; ++i) direct = !touched[i];
+      std::fill(touched.begin() + x.q_row, touched.begin() + x.q_row + x.q_len, 1);
+    }
+    const TensorView qx = q.slice(1, x.q_row, x.q_len);
+    const TensorView kx = k.slice(1, x.k_row, x.k_len);
+    const TensorView vx = v.slice(1, x.k_row, x.k_len);
+    const TensorView ao = acc.slice(1, x.q_row, x.q_len);
+    const TensorView al = acc_lse.slice(2, x.q_row, x.q_len);
+    if (direct) {
+      run_forward(qx, kx, vx, ao, al, piece_options(x), segs);
+    } else {
+      const TensorView po = scratch_out_.view().slice(1, 0, x.q_len);
+      const TensorView pl = scratch_lse_.view().slice(2, 0, x.q_len);
+      run_forward(qx, kx, vx, po, pl, piece_options(x), segs);
+      merge(ao, al, po, pl);
+    }
+    pairs_ += static_cast<double>(b * hq) * x.pairs;
+  }
+}
+
+void Tracker::backward_pieces(const TensorView& q, const TensorView& k, const TensorView& v,
+                              const TensorView& out, const TensorView& dout, const TensorView& lse,
+                              const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                              const Pieces& ps, const std::vector<HeadSegment>& segs) {
+  for (const auto& x : ps) {
+    run_backward(q.slice(1, x.q_row, x.q_len), k.slice(1, x.k_row, x.k_len),
+                 v.slice(1, x.k_row, x.k_len), out.slice(1, x.q_row, x.q_len),
+                 dout.slice(1, x.q_row, x.q_len), lse.slice(2, x.q_row, x.q_len),
+                 dq.slice(1, x.q_row, x.q_len), dk.slice(1, x.k_row, x.k_len),
+                 dv.slice(1, x.k_row, x.k_len), piece_options(x), /*accumulate=*/true, segs);
+    pairs_ += static_cast<double>(q.size(0) * q.size(2)) * x.pairs;
+  }
+}
+
+Runs shifted(const Runs& runs, int64_t rows) {
+  Runs out = runs;
+  for (auto& r : out) r.row += rows;
+  return out;
+}
+
+bool uses_pieces(const SpOptions& o) {
+  return !o.cu_seqlens.empty() || o.window_left >= 0 || o.window_right >= 0 || o.sink_tokens > 0 ||
+         o.sinks.data != nullptr;
 }
 
 void Tracker::merge(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,

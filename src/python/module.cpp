@@ -621,8 +621,10 @@ void bind_layout(nb::module_& m) {
   m.def("check_layout", &parallel::check_layout, "layout"_a, "shape"_a,
         "Raises InvalidArgumentError naming the multiple a sequence length must have, or the "
         "bad head counts.");
-  m.def("local_seq_len", &parallel::local_seq_len, "layout"_a, "global_seq"_a,
-        "Local sequence length of every rank.");
+  m.def(
+      "local_seq_len",
+      [](const SpLayout& l, int64_t global_seq) { return parallel::local_seq_len(l, global_seq); },
+      "layout"_a, "global_seq"_a, "Local sequence length of every rank.");
   m.def(
       "token_positions",
       [](const std::string& strategy, int64_t global_seq, int ranks, int rank) {

@@ -14,8 +14,21 @@
 //   window:  key visible iff q_pos - window_left <= k_pos <= q_pos + window_right
 //            (a negative bound means unlimited on that side)
 // A query row with no visible key gets out = 0 and lse = -inf (never NaN).
+//
+// Packed documents, sink tokens and learned sinks (AttentionOptions below):
+//   cu_seqlens  packed variable-length batch (flash-attn's THD convention, batch 1): rows
+//               [cu[d], cu[d+1]) are document d; a query sees only keys of its own document
+//               and positions restart at 0 in each document (keys at 0..Lk_d-1, queries at
+//               Lk_d-Lq_d.. when cu_seqlens_k differs: bottom-right aligned, as decode).
+//   sink_tokens the first n keys of each document stay visible to every query of that
+//               document whatever the window (still subject to causality; StreamingLLM).
+//   sinks       a learned logit per query head (gpt-oss) joins the softmax denominator only:
+//               lse = log(sum_j e^{s_ij} + e^{s_h}), out = sum_j e^{s_ij - lse} v_j; a row
+//               with no visible key gets out = 0, lse = s_h. Backward returns dsinks
+//               (dsink_h = -sum_i e^{s_h - lse_i} (dO_i . O_i)).
 #include <cstdint>
 #include <optional>
+#include <span>
 
 #include "distattn/core/tensor_view.h"
 
@@ -28,7 +41,16 @@ struct AttentionOptions {
   int64_t k_offset = 0;
   int64_t window_left = -1;   // < 0: unlimited
   int64_t window_right = -1;  // < 0: unlimited
-  Stream stream = nullptr;    // CUDA stream for CUDA tensors
+  // Packed documents: host int32 offsets [n_docs + 1], cu_seqlens[0] = 0, non-decreasing,
+  // last = seq_q; needs batch 1 and q_offset = k_offset = 0. Empty: one document.
+  std::span<const int32_t> cu_seqlens;
+  // Key offsets when they differ from the queries' (cross/decode shapes): same document
+  // count, last = seq_k. Empty: cu_seqlens.
+  std::span<const int32_t> cu_seqlens_k;
+  int64_t sink_tokens = 0;  // >= 0: key positions < sink_tokens ignore the window
+  // Learned sink logits: fp32 [Hq] on q's device (data == nullptr: none).
+  TensorView sinks;
+  Stream stream = nullptr;  // CUDA stream for CUDA tensors
   // CPU kernels call progress(progress_ctx) every few tiles from one thread (never
   // concurrently). Strategies pass Communicator::progress here so that host-memory
   // transfers (MPI) advance while the kernel computes. nullptr: no calls.
@@ -47,6 +69,9 @@ struct BackwardOptions {
   // false: dq/dk/dv are overwritten. true: gradients are added to what dq/dk/dv hold
   // (ring backward accumulates contributions of several key blocks / query blocks).
   bool accumulate = false;
+  // With AttentionOptions::sinks: fp32 [Hq] on q's device receives dsinks (overwritten, or
+  // added when accumulate). Required when sinks are set.
+  TensorView dsinks;
 };
 
 // dq, dk, dv from (q, k, v, out, dout, lse). `out` and `lse` are the forward's results over
@@ -64,6 +89,18 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 void attention_merge(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,
                      const TensorView& lse_b, const TensorView& out, const TensorView& lse,
                      Stream stream = nullptr);
+
+// Learned sinks on a finished attention result (after every merge): out fp32 [B, Sq, H, Dv]
+// and lse fp32 [B, H, Sq] are updated in place to include e^{sinks[h]} in each row's
+// denominator. Strategies call it once per query row, after the last merge.
+void attention_apply_sinks(const TensorView& out, const TensorView& lse, const TensorView& sinks,
+                           Stream stream = nullptr);
+// dsinks[h] (+)= -sum_{b,i} e^{sinks[h] - lse[b,h,i]} (dout[b,i,h] . out[b,i,h]) over the rows
+// given (out, dout any float dtype, [B, Sq, H, Dv]; lse fp32 [B, H, Sq], the final lse with
+// the sink included). dsinks fp32 [H].
+void attention_sinks_backward(const TensorView& out, const TensorView& dout, const TensorView& lse,
+                              const TensorView& sinks, const TensorView& dsinks, bool accumulate,
+                              Stream stream = nullptr);
 
 // Paged KV cache: pages of `page_size` tokens.
 //   k_pages [num_pages, page_size, Hkv, D], v_pages [num_pages, page_size, Hkv, Dv]

@@ -36,6 +36,21 @@
 // token_positions() returns the global position of each local row (for RoPE); shard() and
 // unshard_into() convert between full tensors and a rank's local shard in any layout.
 //
+// Packed documents (SpShape::cu_seqlens / SpOptions::cu_seqlens, batch 1), sliding windows,
+// sink tokens and learned sinks work under every strategy, forward and backward. Layout of a
+// packed batch (no padding; local lengths may differ between ranks by a few tokens):
+//   kHeads            the whole packed sequence;
+//   kRing, kUlysses   the packed sequence cut into P contiguous shards of floor(T*r/P)..;
+//   kZigzag, kAllGather  EVERY document cut into 2P chunks as evenly as possible (sizes
+//                     differ by at most one; short documents leave chunks empty); rank r
+//                     holds chunks r and 2P-1-r of each document, documents in order;
+//   kHybrid           every document cut into 2R chunks, each chunk into U pieces: rank
+//                     (r, u) holds piece u of chunks r and 2R-1-r of each document.
+// Without documents the layouts are exactly those above. With any of these features the
+// strategies decompose each block into per-document pieces (see src/ops/doc_mask.h); blocks
+// with no visible pair are skipped, and kRing stops its ring after the last step in which
+// any rank still sees a key (window: compute and bytes shrink with the window).
+//
 // Typical use in a trainer (zigzag over all ranks; hybrid: build a DeviceMesh with axes
 // {{"ring", R}, {"ulysses", U}} and pass SpGroup::from_mesh(mesh)):
 //   auto world = comm::create_world(comm::Backend::kAuto, device);
@@ -124,6 +139,9 @@ struct SpShape {
   int64_t heads_kv = 1;
   int64_t head_dim = 64;
   int64_t head_dim_v = 0;
+  // Packed documents over the global sequence (flash-attn's cu_seqlens: n_docs + 1 offsets,
+  // first 0, last == seq; batch 1). Empty: one document. See "Packed documents" above.
+  std::vector<int32_t> cu_seqlens;
   int64_t dim_v() const { return head_dim_v > 0 ? head_dim_v : head_dim; }
 };
 
@@ -134,12 +152,20 @@ struct SpShape {
 // option for non-causal attention.
 void check_layout(const SpLayout& layout, const SpShape& shape);
 
-// Local sequence length of every rank (same for all ranks).
+// Local sequence length of every rank (same for all ranks; one document).
 int64_t local_seq_len(const SpLayout& layout, int64_t global_seq);
+// Local sequence length of `rank` (packed documents: ranks may differ by a few tokens).
+int64_t local_seq_len(const SpLayout& layout, const SpShape& shape, int rank);
 
 // Global token positions of rank `rank`'s local rows, in local row order.
 std::vector<int64_t> token_positions(Strategy strategy, int64_t global_seq, int ranks, int rank);
 std::vector<int64_t> token_positions(const SpLayout& layout, int64_t global_seq, int rank);
+// Packed documents: the DOCUMENT-relative position of each local row (RoPE restarts at 0 in
+// each document), and the document index of each local row.
+std::vector<int64_t> token_positions(const SpLayout& layout, std::span<const int32_t> cu_seqlens,
+                                     int rank);
+std::vector<int32_t> token_documents(const SpLayout& layout, std::span<const int32_t> cu_seqlens,
+                                     int rank);
 
 struct HeadRange {
   int64_t begin = 0;
@@ -207,6 +233,19 @@ struct SpOptions {
   // kHeads only: global head counts (the local tensors hold a subset).
   int64_t heads_q = 0;
   int64_t heads_kv = 0;
+  // Packed documents: the GLOBAL cu_seqlens (same on every rank, as SpShape::cu_seqlens);
+  // local tensors are shard()s of the packed sequence. Empty: one document.
+  std::span<const int32_t> cu_seqlens;
+  // Sliding window over document positions (< 0: unlimited side), sink tokens (the first
+  // n keys of each document ignore the window) and learned sink logits (fp32 [heads_q
+  // GLOBAL] on the tensors' device; data == nullptr: none). See distattn/ops/attention.h.
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  int64_t sink_tokens = 0;
+  TensorView sinks;
+  // Backward with sinks: fp32 [heads_q GLOBAL] receives dsinks, complete (summed over every
+  // rank's queries) on every rank.
+  TensorView dsinks;
   // Filled when set (overwritten, not accumulated).
   SpStats* stats = nullptr;
 };
@@ -223,9 +262,21 @@ void sp_attention_backward(Strategy strategy, const SpGroup& group, const Tensor
                            const TensorView& dout, const TensorView& lse, const TensorView& dq,
                            const TensorView& dk, const TensorView& dv, const SpOptions& opts = {});
 
+// A packed batch for benchmarks and tests: document lengths drawn from a long-tail law
+// (Pareto, shape 1.1, minimum 16 tokens: many short documents, a few very long ones), from a
+// 64-bit seed, the last one cut so that they sum to exactly `total` tokens.
+std::vector<int64_t> longtail_document_lengths(int64_t total, uint64_t seed);
+// cu_seqlens of document lengths (0, l0, l0+l1, ...). Throws past 2^31-1 tokens.
+std::vector<int32_t> cu_seqlens_of(std::span<const int64_t> lengths);
+
 // Attention FLOPs (4*B*H*Sq*Sk*D per visible pair count, REFERENCE.md) this rank computes
 // in the forward pass of `layout`, counting only visible (unmasked) query-key pairs. Used to
 // check load balance; heads strategy counts its own heads.
 double rank_forward_flops(const SpLayout& layout, const SpShape& shape, int rank, bool causal);
+// Visible (query, key) pairs per batch and head that rank `rank` attends in the forward pass
+// under the mask of `opts` (causal, window, sink tokens; documents from shape.cu_seqlens):
+// the modelled work balance (SpStats::visible_pairs is the measured one, times B*H).
+double rank_visible_pairs(const SpLayout& layout, const SpShape& shape, int rank,
+                          const SpOptions& opts);
 
 }  // namespace distattn::parallel

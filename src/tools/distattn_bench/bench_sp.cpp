@@ -26,8 +26,16 @@
 // them max_grad_abs_err).
 //
 // --inputs DIR --outputs DIR: rank 0 reads q.npy, k.npy, v.npy (float32 [B, S, H, D]) and
-// optionally dout.npy, scatters them in the strategy's layout, runs, gathers and writes
-// out.npy and lse.npy (and dq.npy, dk.npy, dv.npy with dout.npy) in global order.
+// optionally dout.npy, cu_seqlens.npy (int32 [n_docs + 1], packed documents, B = 1) and
+// sinks.npy (float32 [Hq], learned sinks), scatters them in the strategy's layout, runs,
+// gathers and writes out.npy and lse.npy (and dq.npy, dk.npy, dv.npy with dout.npy, and
+// dsinks.npy with sinks) in global order. --window and --sink-tokens apply.
+//
+// Masks: --window L,R, --sink-tokens N, --sinks, and packed documents --doc-lens a,b,c or
+// --doc-dist longtail (seeded): par_eff's T1 runs the same masked problem on one rank, tflops
+// count only visible pairs, and a second line per row gives the balance (max/mean over ranks
+// of the forward's visible pairs) and the ring steps run. JSON rows gain window, sink_tokens,
+// sinks, docs, visible_pairs_max/mean, balance and steps.
 #include <algorithm>
 #include <boost/program_options.hpp>
 #include <cmath>
@@ -92,7 +100,93 @@ struct Args {
   int baseline_iters = -1;  // -1: same as --iters (at least 2)
   bool no_progress = false;
   std::string inputs, outputs;
+  // Masks: --window L,R, --sink-tokens N, --sinks (learned sink logits, synthetic), packed
+  // documents from --doc-lens a,b,c or --doc-dist longtail (--doc-seed).
+  std::string window;
+  int64_t sink_tokens = 0;
+  bool sinks = false;
+  std::string doc_lens, doc_dist;
+  uint64_t doc_seed = 1;
 };
+
+// The mask of one run: documents (cu empty: one sequence), window, sink tokens, sinks.
+struct Mask {
+  std::vector<int32_t> cu;
+  int64_t wl = -1, wr = -1, sink_tokens = 0;
+  bool sinks = false;
+  bool any() const { return !cu.empty() || wl >= 0 || wr >= 0 || sink_tokens > 0 || sinks; }
+};
+
+void parse_window(const std::string& w, Mask& m) {
+  if (w.empty()) return;
+  const size_t comma = w.find(',');
+  DISTATTN_CHECK(comma != std::string::npos,
+                 "--window takes LEFT,RIGHT (e.g. 4096,0 for a causal "
+                 "sliding window; -1 for an unlimited side), got '",
+                 w, "'");
+  try {
+    m.wl = std::stoll(w.substr(0, comma));
+    m.wr = std::stoll(w.substr(comma + 1));
+  } catch (const std::exception&) {
+    DISTATTN_THROW(Status::kInvalidArgument, "--window takes two integers LEFT,RIGHT, got '", w,
+                   "'");
+  }
+}
+
+// Documents of a run with `seq` tokens (empty without --doc-lens / --doc-dist).
+std::vector<int32_t> documents_for(const Args& a, int64_t seq) {
+  if (!a.doc_lens.empty()) {
+    std::vector<int64_t> lens;
+    std::stringstream ss(a.doc_lens);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      int64_t l = 0;
+      try {
+        l = static_cast<int64_t>(parse_size(item));
+      } catch (const std::exception&) {
+        DISTATTN_THROW(Status::kInvalidArgument, "--doc-lens: '", item,
+                       "' is not a length (a,b,c with optional K/M suffix)");
+      }
+      lens.push_back(l);
+    }
+    return parallel::cu_seqlens_of(lens);
+  }
+  if (a.doc_dist.empty()) return {};
+  DISTATTN_CHECK(a.doc_dist == "longtail", "--doc-dist takes 'longtail', got '", a.doc_dist, "'");
+  return parallel::cu_seqlens_of(parallel::longtail_document_lengths(seq, a.doc_seed));
+}
+
+Mask mask_for(const Args& a, int64_t seq) {
+  Mask m;
+  parse_window(a.window, m);
+  m.sink_tokens = a.sink_tokens;
+  m.sinks = a.sinks;
+  m.cu = documents_for(a, seq);
+  return m;
+}
+
+// Synthetic learned sink logits, fp32 [Hq] on `dev`.
+Tensor make_sinks(int64_t heads, Device dev) {
+  Tensor s = Tensor::empty({heads}, DType::kFloat32);
+  for (int64_t h = 0; h < heads; ++h)
+    s.data_as<float>()[h] = 0.25f * static_cast<float>(h % 8) - 0.5f;
+  return dev.is_cpu() ? s : to_device(s.view(), dev);
+}
+
+void apply(const Mask& m, parallel::SpOptions& o, const Tensor& sinks) {
+  o.cu_seqlens = m.cu;
+  o.window_left = m.wl;
+  o.window_right = m.wr;
+  o.sink_tokens = m.sink_tokens;
+  if (m.sinks) o.sinks = sinks.view();
+}
+void apply(const Mask& m, ops::AttentionOptions& o, const Tensor& sinks) {
+  o.cu_seqlens = m.cu;
+  o.window_left = m.wl;
+  o.window_right = m.wr;
+  o.sink_tokens = m.sink_tokens;
+  if (m.sinks) o.sinks = sinks.view();
+}
 
 uint64_t mix(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -109,9 +203,19 @@ float gen(uint64_t id, uint64_t index) {
 
 // This rank's shard of the synthetic full tensor `id` ([B, S, H, dim], global element
 // index ((b*S + pos)*H + h)*dim + d), built without materializing the full tensor.
+// Global rows of a rank's local rows (packed documents: cu[doc] + document position).
+std::vector<int64_t> global_rows(const SpLayout& l, const SpShape& sh, int rank) {
+  if (sh.cu_seqlens.empty()) return parallel::token_positions(l, sh.seq, rank);
+  const auto pos = parallel::token_positions(l, sh.cu_seqlens, rank);
+  const auto doc = parallel::token_documents(l, sh.cu_seqlens, rank);
+  std::vector<int64_t> rows(pos.size());
+  for (size_t i = 0; i < pos.size(); ++i) rows[i] = sh.cu_seqlens[doc[i]] + pos[i];
+  return rows;
+}
+
 Tensor make_shard(const SpLayout& l, const SpShape& sh, int rank, bool kv, uint64_t id, DType dtype,
                   Device dev) {
-  const auto pos = parallel::token_positions(l, sh.seq, rank);
+  const auto pos = global_rows(l, sh, rank);
   const parallel::HeadRange hr =
       kv ? parallel::local_kv_heads(l, sh, rank) : parallel::local_query_heads(l, sh, rank);
   const int64_t H = kv ? sh.heads_kv : sh.heads_q, D = sh.head_dim;
@@ -179,9 +283,21 @@ void reset_ledgers(const Group& g) {
 
 // Max |out - reference| over up to `samples` local query rows (all local heads), each row's
 // reference computed in fp64 against the full K,V (rebuilt locally).
+// Document, position and key range of global row `gr` (one document when cu is empty).
+struct RowDoc {
+  int64_t begin = 0, len = 0, pos = 0;
+};
+RowDoc row_doc(const std::vector<int32_t>& cu, int64_t seq, int64_t gr) {
+  if (cu.empty()) return {0, seq, gr};
+  const auto it = std::upper_bound(cu.begin(), cu.end(), static_cast<int32_t>(gr));
+  const int64_t d = (it - cu.begin()) - 1;
+  return {cu[d], cu[d + 1] - cu[d], gr - cu[d]};
+}
+
 double check_rows(const Group& g, const SpShape& sh, const Tensor& out, DType dtype, bool causal,
-                  int samples) {
-  const auto pos = parallel::token_positions(g.layout, sh.seq, g.rank);
+                  int samples, const Mask& m, const Tensor& sinks) {
+  const auto pos = global_rows(g.layout, sh, g.rank);
+  const Tensor sinks_host = m.sinks ? to_device(sinks.view(), Device::cpu()) : Tensor();
   const parallel::HeadRange hr = parallel::local_query_heads(g.layout, sh, g.rank);
   Tensor kf = make_full(sh, true, 2, dtype, Device::cpu());
   Tensor vf = make_full(sh, true, 3, dtype, Device::cpu());
@@ -200,12 +316,17 @@ double check_rows(const Group& g, const SpShape& sh, const Tensor& out, DType dt
     for (int64_t b = 0; b < sh.batch; ++b)
       for (int64_t h = 0; h < hr.size(); ++h) {
         const int64_t gh = hr.begin + h, kvh = gh / group;
+        const RowDoc rd = row_doc(m.cu, sh.seq, pos[static_cast<size_t>(i)]);
         const TensorView q1 = ql.view().slice(0, b, 1).slice(1, i, 1).slice(2, h, 1);
-        const TensorView k1 = kf.view().slice(0, b, 1).slice(2, kvh, 1);
-        const TensorView v1 = vf.view().slice(0, b, 1).slice(2, kvh, 1);
+        const TensorView k1 = kf.view().slice(0, b, 1).slice(2, kvh, 1).slice(1, rd.begin, rd.len);
+        const TensorView v1 = vf.view().slice(0, b, 1).slice(2, kvh, 1).slice(1, rd.begin, rd.len);
         ops::AttentionOptions o;
         o.causal = causal;
-        o.q_offset = pos[static_cast<size_t>(i)];
+        o.q_offset = rd.pos;
+        o.window_left = m.wl;
+        o.window_right = m.wr;
+        o.sink_tokens = m.sink_tokens;
+        if (m.sinks) o.sinks = sinks_host.view().slice(0, gh, 1);
         const auto ref = kernels::cpu::reference_attention_forward(q1, k1, v1, o);
         const double* r = ref.out.data_as<double>();
         const double* got = o64.data_as<double>() + ((b * sl + i) * hr.size() + h) * sh.head_dim;
@@ -223,8 +344,10 @@ double check_rows(const Group& g, const SpShape& sh, const Tensor& out, DType dt
 // Head parallel: replicated KV heads hold only the local query heads' share, so the reference
 // sums over exactly those heads.
 double check_grads(const Group& g, const SpShape& sh, const Tensor& dq, const Tensor& dk,
-                   const Tensor& dv, DType dtype, bool causal, int samples) {
-  const auto pos = parallel::token_positions(g.layout, sh.seq, g.rank);
+                   const Tensor& dv, DType dtype, bool causal, int samples, const Mask& m,
+                   const Tensor& sinks) {
+  const auto pos = global_rows(g.layout, sh, g.rank);
+  const Tensor sinks_host = m.sinks ? to_device(sinks.view(), Device::cpu()) : Tensor();
   const parallel::HeadRange hr = parallel::local_query_heads(g.layout, sh, g.rank);
   const parallel::HeadRange hrk = parallel::local_kv_heads(g.layout, sh, g.rank);
   Tensor qf = make_full(sh, false, 1, dtype, Device::cpu());
@@ -243,6 +366,9 @@ double check_grads(const Group& g, const SpShape& sh, const Tensor& dq, const Te
   const int64_t group = sh.heads_q / sh.heads_kv;
   ops::AttentionOptions o;
   o.causal = causal;
+  o.window_left = m.wl;
+  o.window_right = m.wr;
+  o.sink_tokens = m.sink_tokens;
   double err = 0;
   const int64_t n = std::min<int64_t>(samples, sl);
   auto sample = [&](int64_t t) { return n > 1 ? t * (sl - 1) / (n - 1) : int64_t{0}; };
@@ -251,10 +377,13 @@ double check_grads(const Group& g, const SpShape& sh, const Tensor& dq, const Te
     for (int64_t b = 0; b < sh.batch; ++b)
       for (int64_t h = 0; h < hr.size(); ++h) {
         const int64_t gh = hr.begin + h, kvh = gh / group;
-        o.q_offset = gi;
+        const RowDoc rd = row_doc(m.cu, sh.seq, gi);
+        o.q_offset = rd.pos;
+        if (m.sinks) o.sinks = sinks_host.view().slice(0, gh, 1);
         const auto ref = kernels::cpu::reference_attention_backward(
             qf.view().slice(0, b, 1).slice(1, gi, 1).slice(2, gh, 1),
-            kf.view().slice(0, b, 1).slice(2, kvh, 1), vf.view().slice(0, b, 1).slice(2, kvh, 1),
+            kf.view().slice(0, b, 1).slice(2, kvh, 1).slice(1, rd.begin, rd.len),
+            vf.view().slice(0, b, 1).slice(2, kvh, 1).slice(1, rd.begin, rd.len),
             df.view().slice(0, b, 1).slice(1, gi, 1).slice(2, gh, 1), o);
         const double* r = ref.dq.data_as<double>();
         const double* got = dq64.data_as<double>() + ((b * sl + i) * hr.size() + h) * D;
@@ -266,6 +395,8 @@ double check_grads(const Group& g, const SpShape& sh, const Tensor& dq, const Te
   const int64_t h0 = std::max(kvh * group, hr.begin), h1 = std::min((kvh + 1) * group, hr.end);
   DISTATTN_CHECK(h0 < h1, "sp -c: KV head ", kvh, " has no local query head on rank ", g.rank);
   o.q_offset = 0;
+  o.cu_seqlens = m.cu;
+  o.sinks = m.sinks ? sinks_host.view().slice(0, h0, h1 - h0) : TensorView();
   const auto ref = kernels::cpu::reference_attention_backward(
       qf.view().slice(0, 0, 1).slice(2, h0, h1 - h0), kf.view().slice(0, 0, 1).slice(2, kvh, 1),
       vf.view().slice(0, 0, 1).slice(2, kvh, 1), df.view().slice(0, 0, 1).slice(2, h0, h1 - h0), o);
@@ -287,12 +418,14 @@ struct Result {
   int64_t peak = 0;
   double err = kNaN;
   double grad_err = kNaN;  // with -c and --backward: max |dq, dk, dv - fp64 reference|
+  double pairs_max = 0, pairs_mean = 0;  // forward visible pairs per rank (SpStats)
+  int steps = 0;                         // ring steps of the forward (max over ranks)
 };
 
 // `ctl`: the host-memory (MPI) world for barriers and reductions of host values; the
 // strategy's communicators (g) may be NCCL, which accepts device memory only.
 Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DType dtype, Device dev,
-                    comm::Communicator& ctl) {
+                    comm::Communicator& ctl, const Mask& m) {
   const SpLayout& l = g.layout;
   Tensor q = make_shard(l, sh, g.rank, false, 1, dtype, dev);
   Tensor k = make_shard(l, sh, g.rank, true, 2, dtype, dev);
@@ -314,6 +447,10 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   o.heads_q = sh.heads_q;
   o.heads_kv = sh.heads_kv;
   o.drive_progress = !a.no_progress;
+  const Tensor sinks = make_sinks(sh.heads_q, dev);
+  Tensor dsinks = Tensor::zeros({sh.heads_q}, DType::kFloat32, dev);
+  apply(m, o, sinks);
+  if (m.sinks) o.dsinks = dsinks.view();
   Result r;
   for (int it = 0; it < a.warmup + a.iters; ++it) {
     const bool timed = it >= a.warmup;
@@ -342,7 +479,12 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
     r.compute_s += fst.compute_s + (a.backward ? bst.compute_s : 0);
     r.bytes = bytes_sent(g);
     r.peak = std::max(r.peak, memory_stats(dev.type).peak_bytes - before);
+    r.pairs_max = fst.visible_pairs;
+    r.steps = fst.steps;
   }
+  r.pairs_mean = sum_over_ranks(ctl, r.pairs_max) / ctl.size();
+  r.pairs_max = max_over_ranks(ctl, r.pairs_max);
+  r.steps = static_cast<int>(max_over_ranks(ctl, static_cast<double>(r.steps)));
   const double n = std::max(a.iters, 1);
   r.time_s = max_over_ranks(ctl, r.time_s / n);
   r.cpu_s = max_over_ranks(ctl, r.cpu_s / n);
@@ -351,9 +493,10 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   r.bytes = static_cast<uint64_t>(max_over_ranks(ctl, static_cast<double>(r.bytes)));
   r.peak = static_cast<int64_t>(max_over_ranks(ctl, static_cast<double>(r.peak)));
   if (a.check) {
-    r.err = max_over_ranks(ctl, check_rows(g, sh, out, dtype, o.causal, 16));
+    r.err = max_over_ranks(ctl, check_rows(g, sh, out, dtype, o.causal, 16, m, sinks));
     if (a.backward)
-      r.grad_err = max_over_ranks(ctl, check_grads(g, sh, dq, dk, dv, dtype, o.causal, 16));
+      r.grad_err =
+          max_over_ranks(ctl, check_grads(g, sh, dq, dk, dv, dtype, o.causal, 16, m, sinks));
   }
   return r;
 }
@@ -387,7 +530,7 @@ std::string efficiency_cell(double v, bool tiny) {
 // strategies (-w runs, at least one, untimed): a cold first call pays page faults on the
 // fresh buffers and one-time setup, which inflated T1 and so par_eff above 1.
 Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
-                  comm::Communicator& ctl) {
+                  comm::Communicator& ctl, const Mask& m) {
   const int iters = a.baseline_iters < 0 ? std::max(a.iters, 2) : a.baseline_iters;
   if (iters == 0) return {};
   Tensor q = make_full(sh, false, 1, dtype, dev);
@@ -405,6 +548,11 @@ Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
   }
   ops::AttentionOptions o;
   o.causal = a.causal != 0;
+  const Tensor sinks = make_sinks(sh.heads_q, dev);
+  Tensor dsinks = Tensor::zeros({sh.heads_q}, DType::kFloat32, dev);
+  apply(m, o, sinks);
+  ops::BackwardOptions bo;
+  if (m.sinks) bo.dsinks = dsinks.view();
   double total = 0, cpu = 0;
   const int warmup = std::max(a.warmup, 1);
   for (int it = 0; it < warmup + iters; ++it) {
@@ -414,7 +562,7 @@ Baseline baseline(const SpShape& sh, const Args& a, DType dtype, Device dev,
     ops::attention_forward(q.view(), k.view(), v.view(), out.view(), lse.view(), o);
     if (a.backward)
       ops::attention_backward(q.view(), k.view(), v.view(), out.view(), dout.view(), lse.view(),
-                              dq.view(), dk.view(), dv.view(), o);
+                              dq.view(), dk.view(), dv.view(), o, bo);
     stream_synchronize(dev, o.stream);
     if (it < warmup) continue;
     total += now_seconds() - t0;
@@ -439,7 +587,7 @@ Tensor recv_tensor(comm::Communicator& w, int peer, std::initializer_list<int64_
 Tensor scatter(comm::Communicator& w, const Group& g, const SpShape& sh, ShardRole role,
                const Tensor& full, DType dtype) {
   const bool kv = role == ShardRole::kKeyValue;
-  const int64_t sl = parallel::local_seq_len(g.layout, sh.seq);
+  const int64_t sl = parallel::local_seq_len(g.layout, sh, g.rank);
   const parallel::HeadRange hr = kv ? parallel::local_kv_heads(g.layout, sh, g.rank)
                                     : parallel::local_query_heads(g.layout, sh, g.rank);
   Tensor local;
@@ -480,7 +628,7 @@ Tensor gather(comm::Communicator& w, const Group& g, const SpShape& sh, ShardRol
       const bool kv = role == ShardRole::kKeyValue;
       const parallel::HeadRange hr =
           kv ? parallel::local_kv_heads(l, sh, r) : parallel::local_query_heads(l, sh, r);
-      const int64_t sl = parallel::local_seq_len(l, sh.seq);
+      const int64_t sl = parallel::local_seq_len(l, sh, r);
       Tensor t = role == ShardRole::kLse
                      ? recv_tensor(w, r, {sh.batch, hr.size(), sl}, DType::kFloat32)
                      : recv_tensor(w, r, {sh.batch, sl, hr.size(), sh.head_dim}, DType::kFloat32);
@@ -506,7 +654,7 @@ int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>
   DISTATTN_CHECK(!a.outputs.empty(), "--inputs needs --outputs DIR");
   Group g = make_group(s, world, a);
   // Rank 0 reads, then broadcasts the shapes.
-  Tensor q, k, v, dout;
+  Tensor q, k, v, dout, cu_t, sinks_t;
   int64_t dims[9] = {0};
   if (w.rank() == 0) {
     NpyReadOptions ro;
@@ -525,13 +673,47 @@ int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>
     if (has_dout)
       DISTATTN_CHECK(dout.view().shape == qv.shape, "dout.npy ", dout.view().shape_str(),
                      " must have q.npy's shape ", qv.shape_str());
+    // Optional: packed documents and learned sinks.
+    int64_t n_cu = 0, n_sinks = 0;
+    if (file_exists(a.inputs + "/cu_seqlens.npy")) {
+      NpyReadOptions co;
+      co.dtype = DType::kInt32;
+      co.rank = 1;
+      cu_t = read_npy(a.inputs + "/cu_seqlens.npy", co);
+      n_cu = cu_t.numel();
+    }
+    if (file_exists(a.inputs + "/sinks.npy")) {
+      NpyReadOptions so;
+      so.dtype = DType::kFloat32;
+      so.rank = 1;
+      sinks_t = read_npy(a.inputs + "/sinks.npy", so);
+      n_sinks = sinks_t.numel();
+      DISTATTN_CHECK(n_sinks == qv.size(2), "sinks.npy has ", n_sinks, " entries but q.npy has ",
+                     qv.size(2), " query heads (float32 [Hq])");
+    }
     int64_t tmp[9] = {qv.size(0),       qv.size(1), qv.size(2), kv.size(2), qv.size(3),
-                      has_dout ? 1 : 0, 0,          0,          0};
+                      has_dout ? 1 : 0, n_cu,       n_sinks,    0};
     std::memcpy(dims, tmp, sizeof(dims));
   }
   w.broadcast(dims, dims, 9, DType::kInt64, 0);
   SpShape sh{dims[0], dims[1], dims[2], dims[3], dims[4], 0};
+  if (dims[6] > 0) {
+    if (w.rank() != 0) cu_t = Tensor::empty({dims[6]}, DType::kInt32);
+    w.broadcast(cu_t.data(), cu_t.data(), static_cast<size_t>(dims[6]), DType::kInt32, 0);
+    sh.cu_seqlens.assign(cu_t.data_as<int32_t>(), cu_t.data_as<int32_t>() + dims[6]);
+  }
+  if (dims[7] > 0) {
+    if (w.rank() != 0) sinks_t = Tensor::empty({dims[7]}, DType::kFloat32);
+    w.broadcast(sinks_t.data(), sinks_t.data(), static_cast<size_t>(dims[7]), DType::kFloat32, 0);
+  }
   parallel::check_layout(g.layout, sh);
+  Mask m;
+  parse_window(a.window, m);
+  m.sink_tokens = a.sink_tokens;
+  m.sinks = dims[7] > 0;
+  m.cu = sh.cu_seqlens;
+  const Tensor sinks_dev = m.sinks ? to_device(sinks_t.view(), dev) : Tensor();
+  Tensor dsinks = Tensor::zeros({sh.heads_q}, DType::kFloat32, dev);
   const bool has_dout = dims[5] != 0;
   Tensor ql = to_device(scatter(w, g, sh, ShardRole::kQuery, q, dtype).view(), dev);
   Tensor kl = to_device(scatter(w, g, sh, ShardRole::kKeyValue, k, dtype).view(), dev);
@@ -544,6 +726,8 @@ int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>
   o.causal = a.causal != 0;
   o.heads_q = sh.heads_q;
   o.heads_kv = sh.heads_kv;
+  apply(m, o, sinks_dev);
+  if (m.sinks) o.dsinks = dsinks.view();
   parallel::sp_attention_forward(s, g.group, ql.view(), kl.view(), vl.view(), out.view(),
                                  lse.view(), o);
   stream_synchronize(dev, o.stream);  // CUDA: the results are read back on the host below
@@ -571,12 +755,15 @@ int run_npy(const Args& a, Strategy s, const std::shared_ptr<comm::Communicator>
       write_npy(a.outputs + "/dq.npy", fdq.view());
       write_npy(a.outputs + "/dk.npy", fdk.view());
       write_npy(a.outputs + "/dv.npy", fdv.view());
+      if (m.sinks)
+        write_npy(a.outputs + "/dsinks.npy", to_device(dsinks.view(), Device::cpu()).view());
     }
   }
   if (w.rank() == 0)
-    std::printf("# sp %s: %lld ranks, wrote %s/out.npy, lse.npy%s\n", parallel::strategy_name(s),
+    std::printf("# sp %s: %lld ranks, wrote %s/out.npy, lse.npy%s%s\n", parallel::strategy_name(s),
                 static_cast<long long>(w.size()), a.outputs.c_str(),
-                has_dout ? ", dq.npy, dk.npy, dv.npy" : "");
+                has_dout ? ", dq.npy, dk.npy, dv.npy" : "",
+                has_dout && m.sinks ? ", dsinks.npy" : "");
   return 0;
 }
 
@@ -631,7 +818,20 @@ int sp_main(int argc, char** argv) {
      "1) untimed ones (-1: same as -n, at least 2; 0: skip)")
     ("no-progress", po::bool_switch(&a.no_progress),
      "do not drive communication progress from inside the kernels (to measure overlap)")
-    ("inputs", po::value(&a.inputs)->default_value(""), "read q.npy, k.npy, v.npy [, dout.npy]")
+    ("window", po::value(&a.window)->default_value(""),
+     "sliding window LEFT,RIGHT over document positions (-1: unlimited side; causal: R = 0)")
+    ("sink-tokens", po::value(&a.sink_tokens)->default_value(0),
+     "the first N keys of each document ignore the window (StreamingLLM sinks)")
+    ("sinks", po::bool_switch(&a.sinks), "learned sink logits per query head (gpt-oss style)")
+    ("doc-lens", po::value(&a.doc_lens)->default_value(""),
+     "packed batch of documents of these lengths a,b,c (K/M suffix; sets the sequence to their "
+     "sum, -b/-e are ignored)")
+    ("doc-dist", po::value(&a.doc_dist)->default_value(""),
+     "longtail: a packed batch of each -b..-e length with long-tail document lengths (Pareto "
+     "shape 1.1, minimum 16 tokens, --doc-seed)")
+    ("doc-seed", po::value(&a.doc_seed)->default_value(1), "seed of --doc-dist")
+    ("inputs", po::value(&a.inputs)->default_value(""),
+     "read q.npy, k.npy, v.npy [, dout.npy, cu_seqlens.npy (int32), sinks.npy (fp32 [Hq])]")
     ("outputs", po::value(&a.outputs)->default_value(""), "write out.npy, lse.npy [, grads]");
   // clang-format on
   po::variables_map vm;
@@ -692,8 +892,11 @@ int sp_main(int argc, char** argv) {
     DISTATTN_CHECK(strategies.size() == 1, "--inputs runs one strategy: pass --strategy NAME");
     return run_npy(a, strategies[0], world, *ctl, dtype, dev);
   }
-  const int64_t minseq = static_cast<int64_t>(parse_size(a.minseq));
-  const int64_t maxseq = static_cast<int64_t>(parse_size(a.maxseq));
+  int64_t minseq = static_cast<int64_t>(parse_size(a.minseq));
+  int64_t maxseq = static_cast<int64_t>(parse_size(a.maxseq));
+  DISTATTN_CHECK(a.doc_lens.empty() || a.doc_dist.empty(),
+                 "--doc-lens and --doc-dist exclude each other: pass one");
+  if (!a.doc_lens.empty()) minseq = maxseq = documents_for(a, 0).back();  // their sum
   DISTATTN_CHECK(minseq >= 1 && maxseq >= minseq && a.factor >= 2,
                  "need 1 <= -b <= -e and -f >= 2");
   if (rank == 0) {
@@ -709,6 +912,17 @@ int sp_main(int argc, char** argv) {
         "rank (same cores, after warm-up, mean of %d runs), TP = the strategy's time; eff_cpu: "
         "the same with process CPU times; exposed = time blocked on communication\n",
         a.baseline_iters < 0 ? std::max(a.iters, 2) : a.baseline_iters);
+    const Mask m0 = mask_for(a, minseq);
+    if (m0.any())
+      std::printf(
+          "# masks: window %s, sink_tokens %lld, learned sinks %d, documents %s; "
+          "balance = max/mean over ranks of the forward's visible pairs\n",
+          a.window.empty() ? "none" : a.window.c_str(), static_cast<long long>(a.sink_tokens),
+          a.sinks ? 1 : 0,
+          !a.doc_lens.empty() ? a.doc_lens.c_str()
+          : !a.doc_dist.empty()
+              ? (a.doc_dist + " (seed " + std::to_string(a.doc_seed) + ")").c_str()
+              : "one sequence");
     std::printf("# %-10s %9s %10s %11s %8s %8s %12s %11s %8s %9s %12s %9s\n", "strategy", "seq",
                 "time_ms", "tflops/rank", "par_eff", "eff_cpu", "comm_MB/rank", "exposed_ms",
                 "exposed%", "peak_MB", "max_abs_err", "grad_err");
@@ -723,11 +937,25 @@ int sp_main(int argc, char** argv) {
   bool noisy_rows = false;
   for (int64_t seq = minseq; seq <= maxseq; seq *= a.factor) {
     SpShape sh{a.batch, seq, a.heads, a.kv_heads, a.dim, 0};
-    const Baseline base = baseline(sh, a, dtype, dev, *ctl);
+    const Mask m = mask_for(a, seq);
+    sh.cu_seqlens = m.cu;
+    DISTATTN_CHECK(m.cu.empty() || a.batch == 1, "packed documents need --batch 1");
+    const Baseline base = baseline(sh, a, dtype, dev, *ctl, m);
     const double t1 = base.wall_s;
-    const double flops =
-        ops::attention_forward_flops(a.batch, a.heads, seq, seq, a.dim, a.causal != 0) *
-        (a.backward ? 3.5 : 1.0);
+    double flops = ops::attention_forward_flops(a.batch, a.heads, seq, seq, a.dim, a.causal != 0) *
+                   (a.backward ? 3.5 : 1.0);
+    if (m.any()) {
+      // Visible pairs of the whole problem under the masks (documents, window, sinks).
+      parallel::SpOptions po;
+      po.causal = a.causal != 0;
+      po.window_left = m.wl;
+      po.window_right = m.wr;
+      po.sink_tokens = m.sink_tokens;
+      const double pairs =
+          parallel::rank_visible_pairs(SpLayout{Strategy::kHeads, 1, 1}, sh, 0, po);
+      flops =
+          4.0 * static_cast<double>(a.batch * a.heads * a.dim) * pairs * (a.backward ? 3.5 : 1.0);
+    }
     for (Strategy s : strategies) {
       Group g = make_group(s, world, a);
       try {
@@ -739,7 +967,7 @@ int sp_main(int argc, char** argv) {
                       static_cast<long long>(seq), e.message().c_str());
         continue;
       }
-      const Result r = run_strategy(s, g, sh, a, dtype, dev, *ctl);
+      const Result r = run_strategy(s, g, sh, a, dtype, dev, *ctl, m);
       if (a.check && (!(r.err <= tolerance) || (a.backward && !(r.grad_err <= tolerance))))
         all_ok = false;
       const double tflops = flops / p / r.time_s / 1e12;
@@ -755,6 +983,13 @@ int sp_main(int argc, char** argv) {
                     efficiency_cell(eff, tiny).c_str(), efficiency_cell(eff_cpu, tiny).c_str(),
                     r.bytes / 1e6, r.exposed_s * 1e3, 100.0 * r.exposed_s / r.time_s, r.peak / 1e6,
                     number_cell(r.err).c_str(), number_cell(r.grad_err).c_str());
+        if (m.any())
+          std::printf(
+              "  %-10s %9lld   balance %.4f (visible pairs per rank max %.4g mean %.4g), "
+              "ring steps %d, documents %zu\n",
+              parallel::strategy_name(s), static_cast<long long>(seq),
+              r.pairs_mean > 0 ? r.pairs_max / r.pairs_mean : 1.0, r.pairs_max, r.pairs_mean,
+              r.steps, m.cu.empty() ? size_t{1} : m.cu.size() - 1);
         std::fflush(stdout);
       }
       JsonRow row;
@@ -780,7 +1015,15 @@ int sp_main(int argc, char** argv) {
           .set("heads", a.heads)
           .set("kv_heads", a.kv_heads)
           .set("dim", a.dim)
-          .set("batch", a.batch);
+          .set("batch", a.batch)
+          .set("window", a.window.empty() ? std::string("none") : a.window)
+          .set("sink_tokens", a.sink_tokens)
+          .set("sinks", a.sinks)
+          .set("docs", static_cast<int64_t>(m.cu.empty() ? 1 : m.cu.size() - 1))
+          .set("visible_pairs_max", r.pairs_max)
+          .set("visible_pairs_mean", r.pairs_mean)
+          .set("balance", r.pairs_mean > 0 ? r.pairs_max / r.pairs_mean : 1.0)
+          .set("steps", r.steps);
       if (s == Strategy::kHybrid) row.set("ulysses", g.layout.ulysses);
       rows.push_back(row);
     }
