@@ -87,6 +87,7 @@ inline void pieces(std::span<const Run> qruns, std::span<const Run> kruns, const
                    std::vector<Piece>& out) {
   for (const Run& qr : qruns) {
     if (qr.doc < 0 || qr.len <= 0) continue;
+    const size_t first_of_run = out.size();  // pieces join only within one query run
     for (const Run& kr : kruns) {
       if (kr.doc != qr.doc || kr.len <= 0) continue;
       // Split the key run at the sink boundary: [pos, sink) without window, the rest with.
@@ -111,6 +112,28 @@ inline void pieces(std::span<const Run> qruns, std::span<const Run> kruns, const
         p.k_pos = ka2;
         p.window = part.window;
         p.pairs = pairs;
+        // Without a window in effect, a piece whose keys directly follow the previous
+        // piece's keys in memory (same query rows) joins it when the previous one is fully
+        // visible and lies wholly at or before this piece's first query: one kernel call with
+        // the previous keys placed at virtual positions just below this piece's (causal stays
+        // exact: every query sees them all, as it does in fact). Zigzag's two own chunks of a
+        // document become one call, as in the plain zigzag ring.
+        const bool unwindowed = !p.window || (m.window_left < 0 && m.window_right < 0);
+        if (unwindowed && !out.empty() && first_of_run < out.size()) {
+          Piece& b = out.back();
+          const bool b_unwindowed = !b.window || (m.window_left < 0 && m.window_right < 0);
+          const bool b_full =
+              b.pairs == static_cast<double>(b.q_len) * static_cast<double>(b.k_len);
+          if (b_unwindowed && b_full && b.q_row == p.q_row && b.q_len == p.q_len &&
+              b.k_row + b.k_len == p.k_row && (!m.causal || p.k_pos - 1 <= p.q_pos)) {
+            b.k_len += p.k_len;
+            b.k_pos = p.k_pos - b.k_len + p.k_len;
+            b.q_pos = p.q_pos;
+            b.window = p.window;
+            b.pairs += p.pairs;
+            continue;
+          }
+        }
         out.push_back(p);
       }
     }

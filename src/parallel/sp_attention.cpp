@@ -169,6 +169,7 @@ PieceSetup piece_setup(const char* op, Strategy s, const SpGroup& g, const Dims&
   ps.shape.head_dim_v = d.dv;
   if (!o.cu_seqlens.empty()) {
     ps.shape.cu_seqlens.assign(o.cu_seqlens.begin(), o.cu_seqlens.end());
+    ps.shape.min_split_chunk = o.min_split_chunk;
     ps.shape.seq = o.cu_seqlens.back();
   } else {
     ps.shape.seq = s == Strategy::kHeads ? d.sl : d.sl * ps.layout.ranks;

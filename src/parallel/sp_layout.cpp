@@ -1,4 +1,5 @@
 // Strategy names, layouts (which global tokens and heads a rank holds), shard/unshard.
+#include <algorithm>
 #include <array>
 #include <climits>
 #include <cmath>
@@ -53,13 +54,54 @@ int64_t split_at(int64_t a, int64_t b, int64_t i, int64_t n) {
   return a + (b - a) * i / n;
 }
 
+// Packed zigzag-family layouts: which documents are split and, for whole ones, which of the
+// `parts` ranks (ring ranks for hybrid) holds each. A document of length L >= 2*parts*
+// min_split_chunk (default 128), or whose work L^2 exceeds 2% of a rank's share, is split into
+// 2*parts chunks as zigzag does for one sequence (balanced causal work by itself); shorter
+// documents are not split (pieces of a few tokens cost more in kernel calls than they
+// balance): they are assigned whole, longest first, each to the rank with the least work so
+// far (work ~ L^2, starting from the split documents' equal shares). Deterministic: every
+// rank computes the same owners. owner[d] = -1: split.
+std::vector<int> packed_owners(std::span<const int32_t> cu, int parts, int64_t min_chunk) {
+  const size_t docs = cu.size() - 1;
+  std::vector<int> owner(docs, -1);
+  std::vector<double> load(static_cast<size_t>(parts), 0.0);
+  std::vector<size_t> whole;
+  double total = 0;
+  for (size_t d = 0; d < docs; ++d) {
+    const double len = static_cast<double>(cu[d + 1] - cu[d]);
+    total += len * len;
+  }
+  // A whole document may carry at most 2% of one rank's share: then the greedy assignment
+  // ends within ~2% of the mean whatever the lengths.
+  const double cap = 0.02 * total / parts;
+  for (size_t d = 0; d < docs; ++d) {
+    const int64_t len = cu[d + 1] - cu[d];
+    const double cost = static_cast<double>(len) * static_cast<double>(len);
+    if (parts == 1 || len >= 2 * parts * min_chunk || cost > cap) {
+      for (double& x : load) x += cost / parts;
+    } else if (len > 0) {
+      whole.push_back(d);
+    }
+  }
+  std::stable_sort(whole.begin(), whole.end(),
+                   [&](size_t a, size_t b) { return cu[a + 1] - cu[a] > cu[b + 1] - cu[b]; });
+  for (size_t d : whole) {
+    const int j = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    owner[d] = j;
+    const double len = static_cast<double>(cu[d + 1] - cu[d]);
+    load[static_cast<size_t>(j)] += len * len;
+  }
+  return owner;
+}
+
 // Packed documents: the token ranges (global rows, with document and document position) of a
-// rank's local rows, in local order. Contiguous strategies split the packed sequence evenly;
-// zigzag, all-gather and hybrid split EVERY document into 2P (2R, then U) chunks as evenly as
-// possible, so each rank holds its two chunks of each document (lengths need no padding;
-// chunks of short documents may be empty).
+// rank's local rows, in local order. Contiguous strategies split the
+// packed sequence evenly; zigzag, all-gather and hybrid split each long document into 2P (2R,
+// then U pieces) chunks as evenly as possible and keep short ones whole (packed_owners), so
+// lengths need no padding and per-rank work stays balanced.
 std::vector<detail::TokenRange> packed_ranges(const SpLayout& l, std::span<const int32_t> cu,
-                                              int rank) {
+                                              int64_t min_chunk, int rank) {
   std::vector<detail::TokenRange> out;
   const int p = l.ranks;
   const int64_t total = cu.back();
@@ -81,22 +123,33 @@ std::vector<detail::TokenRange> packed_ranges(const SpLayout& l, std::span<const
     case Strategy::kZigzag:
     case Strategy::kAllGather: {
       const int64_t n = 2 * static_cast<int64_t>(p);
+      const std::vector<int> owner = packed_owners(cu, p, min_chunk);
+      // Split documents' chunks first, then the whole documents: the rows other ranks attend
+      // are one contiguous range, so transfers carry only those (see sp_pieces.cpp).
       for (size_t d = 0; d < docs; ++d) {
+        if (owner[d] >= 0) continue;
         for (int64_t c : {static_cast<int64_t>(rank), n - 1 - rank})
           push(split_at(cu[d], cu[d + 1], c, n), split_at(cu[d], cu[d + 1], c + 1, n), d);
       }
+      for (size_t d = 0; d < docs; ++d)
+        if (owner[d] == rank) push(cu[d], cu[d + 1], d);
       break;
     }
     case Strategy::kHybrid: {
       const int u_deg = l.ulysses, r_deg = p / u_deg, rr = rank / u_deg, u = rank % u_deg;
       const int64_t n = 2 * static_cast<int64_t>(r_deg);
+      const std::vector<int> owner = packed_owners(cu, r_deg, min_chunk);
       for (size_t d = 0; d < docs; ++d) {
+        if (owner[d] >= 0) continue;
         for (int64_t c : {static_cast<int64_t>(rr), n - 1 - rr}) {
-          const int64_t a = split_at(cu[d], cu[d + 1], c, n),
-                        b = split_at(cu[d], cu[d + 1], c + 1, n);
+          const int64_t a = split_at(cu[d], cu[d + 1], c, n);
+          const int64_t b = split_at(cu[d], cu[d + 1], c + 1, n);
           push(split_at(a, b, u, u_deg), split_at(a, b, u + 1, u_deg), d);
         }
       }
+      for (size_t d = 0; d < docs; ++d)  // whole on ring rank owner[d], in U pieces
+        if (owner[d] == rr)
+          push(split_at(cu[d], cu[d + 1], u, u_deg), split_at(cu[d], cu[d + 1], u + 1, u_deg), d);
       break;
     }
   }
@@ -112,7 +165,7 @@ void check_rank(const SpLayout& l, int rank) {
 namespace detail {
 
 std::vector<TokenRange> token_ranges(const SpLayout& l, const SpShape& sh, int rank) {
-  if (!sh.cu_seqlens.empty()) return packed_ranges(l, sh.cu_seqlens, rank);
+  if (!sh.cu_seqlens.empty()) return packed_ranges(l, sh.cu_seqlens, sh.min_split_chunk, rank);
   std::vector<TokenRange> out;
   for (const Range& r : seq_ranges(l, sh.seq, rank)) out.push_back({r.begin, r.len, 0, r.begin});
   return out;
@@ -122,7 +175,13 @@ std::vector<ops::docmask::Run> local_runs(const SpLayout& l, const SpShape& sh, 
   std::vector<ops::docmask::Run> runs;
   int64_t row = 0;
   for (const TokenRange& t : token_ranges(l, sh, rank)) {
-    runs.push_back({row, t.len, t.doc, t.pos});
+    // Adjacent ranges of one document with consecutive positions (zigzag chunks P-1 and P
+    // on rank P-1) are one run: one kernel call instead of two and a merge.
+    if (!runs.empty() && runs.back().doc == t.doc && runs.back().pos + runs.back().len == t.pos) {
+      runs.back().len += t.len;
+    } else {
+      runs.push_back({row, t.len, t.doc, t.pos});
+    }
     row += t.len;
   }
   return runs;
@@ -188,6 +247,8 @@ void check_layout(const SpLayout& l, const SpShape& sh) {
                    " but the packed sequence has ", sh.seq, " tokens (SpShape::seq)");
     DISTATTN_CHECK(sh.batch == 1, name, ": packed documents (cu_seqlens) need batch 1, got ",
                    sh.batch);
+    DISTATTN_CHECK(sh.min_split_chunk >= 1, name, ": min_split_chunk must be >= 1, got ",
+                   sh.min_split_chunk);
   }
   const bool packed = !sh.cu_seqlens.empty();
   auto need_multiple = [&](int64_t m, const char* what) {
@@ -248,7 +309,8 @@ int64_t local_seq_len(const SpLayout& l, const SpShape& sh, int rank) {
 namespace {
 // The token ranges of `rank` for packed documents alone (heads do not matter), validated.
 std::vector<detail::TokenRange> packed_token_ranges(const char* op, const SpLayout& l,
-                                                    std::span<const int32_t> cu, int rank) {
+                                                    std::span<const int32_t> cu, int rank,
+                                                    int64_t min_chunk) {
   check_rank(l, rank);
   DISTATTN_CHECK(!cu.empty(), op,
                  ": cu_seqlens is empty (for one document use the overload that takes the "
@@ -256,6 +318,7 @@ std::vector<detail::TokenRange> packed_token_ranges(const char* op, const SpLayo
   SpShape sh;
   sh.seq = cu.back();
   sh.cu_seqlens.assign(cu.begin(), cu.end());
+  sh.min_split_chunk = min_chunk;
   sh.heads_q = sh.heads_kv = l.strategy == Strategy::kHybrid ? l.ulysses : l.ranks;
   check_layout(l, sh);
   return detail::token_ranges(l, sh, rank);
@@ -263,17 +326,17 @@ std::vector<detail::TokenRange> packed_token_ranges(const char* op, const SpLayo
 }  // namespace
 
 std::vector<int64_t> token_positions(const SpLayout& l, std::span<const int32_t> cu_seqlens,
-                                     int rank) {
+                                     int rank, int64_t min_split_chunk) {
   std::vector<int64_t> pos;
-  for (const auto& t : packed_token_ranges("token_positions", l, cu_seqlens, rank))
+  for (const auto& t : packed_token_ranges("token_positions", l, cu_seqlens, rank, min_split_chunk))
     for (int64_t i = 0; i < t.len; ++i) pos.push_back(t.pos + i);
   return pos;
 }
 
 std::vector<int32_t> token_documents(const SpLayout& l, std::span<const int32_t> cu_seqlens,
-                                     int rank) {
+                                     int rank, int64_t min_split_chunk) {
   std::vector<int32_t> docs;
-  for (const auto& t : packed_token_ranges("token_documents", l, cu_seqlens, rank))
+  for (const auto& t : packed_token_ranges("token_documents", l, cu_seqlens, rank, min_split_chunk))
     for (int64_t i = 0; i < t.len; ++i) docs.push_back(static_cast<int32_t>(t.doc));
   return docs;
 }

@@ -64,8 +64,91 @@ void rows_to_slots(const TensorView& flat, const TensorView& slots, Stream s) {
   }
 }
 
+// Rows [lo, hi) of a block (a hull: one contiguous range, possibly empty).
+struct Hull {
+  int64_t lo = 0, hi = 0;
+  bool empty() const { return hi <= lo; }
+  int64_t size() const { return empty() ? 0 : hi - lo; }
+  void add(const Hull& o) {
+    if (o.empty()) return;
+    if (empty()) {
+      *this = o;
+      return;
+    }
+    lo = std::min(lo, o.lo);
+    hi = std::max(hi, o.hi);
+  }
+};
+
+// What the generic ring moves, computed identically on every rank from every block's runs.
+// need[b][t]: the rows of block b (owned by ring rank b) that rank (b + t) % P attends (hull of
+// its pieces' key rows). The ring runs steps 0..last, last = the largest t with any need.
+// K,V: the rank at distance t receives kv_rows(b, t) = hull of need[b][t..last] (it relays
+// to the later ones what they need; the closest needs the most under causal windows).
+// dK,dV: the owner keeps its own contribution; the accumulator starts at distance 1 and after
+// distance t holds acc_rows(b, t) = hull of need[b][1..t]; after `last` it goes home.
+// With batch > 1 rows of a block are not contiguous in memory: hulls widen to whole blocks.
+struct RingPlan {
+  int p = 1, last = 0;
+  std::vector<int64_t> len;
+  std::vector<std::vector<Hull>> need;
+
+  Hull kv_rows(int b, int t) const {
+    Hull h;
+    for (int u = t; u <= last; ++u) h.add(need[b][u]);
+    return h;
+  }
+  Hull acc_rows(int b, int t) const {
+    Hull h;
+    for (int u = 1; u <= t; ++u) h.add(need[b][u]);
+    return h;
+  }
+};
+
+RingPlan make_ring_plan(const std::vector<Runs>& maps, const Tracker& tr, int64_t batch) {
+  RingPlan pl;
+  pl.p = static_cast<int>(maps.size());
+  pl.len = lengths(maps);
+  pl.need.assign(static_cast<size_t>(pl.p), std::vector<Hull>(static_cast<size_t>(pl.p)));
+  for (int b = 0; b < pl.p; ++b)
+    for (int t = 0; t < pl.p; ++t) {
+      Hull h;
+      for (const auto& x : tr.pieces(maps[(b + t) % pl.p], maps[b]))
+        h.add({x.k_row, x.k_row + x.k_len});
+      if (batch > 1 && !h.empty()) h = {0, pl.len[b]};
+      pl.need[b][t] = h;
+      if (t > 0 && !h.empty()) pl.last = std::max(pl.last, t);
+    }
+  return pl;
+}
+
+// Rows [h.lo, h.hi) of a [B, L, H, D] view as (pointer, element count) for a transfer.
+void* row_ptr(const TensorView& t, int64_t row) {
+  return static_cast<char*>(t.data) + row * t.stride(1) * static_cast<int64_t>(t.element_size());
+}
+size_t row_elems(const TensorView& t, const Hull& h) {
+  return static_cast<size_t>(h.size() * t.size(0) * t.size(2) * t.size(3));
+}
+
+void add_send(std::vector<comm::P2POp>& ops, const TensorView& t, const Hull& h, int peer) {
+  if (!h.empty())
+    ops.push_back(comm::P2POp::send(row_ptr(t, h.lo), row_elems(t, h), t.dtype, peer));
+}
+void add_recv(std::vector<comm::P2POp>& ops, const TensorView& t, const Hull& h, int peer) {
+  if (!h.empty())
+    ops.push_back(comm::P2POp::recv(row_ptr(t, h.lo), row_elems(t, h), t.dtype, peer));
+}
+
+comm::Handle post(comm::Communicator& comm, const std::vector<comm::P2POp>& ops, Tracker& tr) {
+  if (ops.empty()) return {};
+  tr.comm_after_compute();
+  return comm.igroup(ops, tr.comm_stream());
+}
+
 // The K,V a rank sends on the ring (its own, packed when strided) and the two receive
 // buffers of the double-buffered ring, sized for the longest block; only when `ring`.
+// Received rows land at their block's own row offsets (rows outside the hull stay unset and
+// are never read: no piece covers them).
 struct RingKvBuffers {
   Tensor own_k, own_v, buf_k[2], buf_v[2];
   TensorView k, v;  // the block held now
@@ -76,11 +159,11 @@ struct RingKvBuffers {
     if (!ring) return;
     if (!k_in.is_contiguous()) {
       own_k = packed_copy(k_in, s);
-      k = own_k.view();
+      k = own_k;
     }
     if (!v_in.is_contiguous()) {
       own_v = packed_copy(v_in, s);
-      v = own_v.view();
+      v = own_v;
     }
     const int64_t b = k_in.size(0);
     for (int i = 0; i < 2; ++i) {
@@ -90,33 +173,28 @@ struct RingKvBuffers {
   }
 };
 
-// Posts this step's K,V exchange (send the block held, receive the next of `nlen` rows into
-// slot step % 2); returns the receive views through nk/nv.
-comm::Handle post_kv_exchange(comm::Communicator& comm, RingKvBuffers& kv, int step, int64_t nlen,
-                              TensorView& nk, TensorView& nv, Tracker& tr) {
+// Posts this step's K,V exchange: send the rows of the block held that the next ranks need,
+// receive those of the next block (src - 1) into slot step % 2.
+comm::Handle post_kv_exchange(comm::Communicator& comm, const RingPlan& pl, RingKvBuffers& kv,
+                              int step, int src, TensorView& nk, TensorView& nv, Tracker& tr) {
   const int p = comm.size(), r = comm.rank();
+  const int nsrc = (src + p - 1) % p;
   const int64_t b = kv.k.size(0);
-  nk = head_rows(kv.buf_k[step % 2], b, nlen);
-  nv = head_rows(kv.buf_v[step % 2], b, nlen);
-  const std::vector<comm::P2POp> ops = {
-      comm::P2POp::send(kv.k.data, elems(kv.k), kv.k.dtype, (r + 1) % p),
-      comm::P2POp::send(kv.v.data, elems(kv.v), kv.v.dtype, (r + 1) % p),
-      comm::P2POp::recv(nk.data, elems(nk), nk.dtype, (r + p - 1) % p),
-      comm::P2POp::recv(nv.data, elems(nv), nv.dtype, (r + p - 1) % p)};
-  tr.comm_after_compute();
-  return comm.igroup(ops, tr.comm_stream());
+  nk = head_rows(kv.buf_k[step % 2], b, pl.len[nsrc]);
+  nv = head_rows(kv.buf_v[step % 2], b, pl.len[nsrc]);
+  const Hull send = pl.kv_rows(src, step + 1), recv = pl.kv_rows(nsrc, step + 1);
+  std::vector<comm::P2POp> ops;
+  add_send(ops, kv.k, send, (r + 1) % p);
+  add_send(ops, kv.v, send, (r + 1) % p);
+  add_recv(ops, nk, recv, (r + p - 1) % p);
+  add_recv(ops, nv, recv, (r + p - 1) % p);
+  return post(comm, ops, tr);
 }
 
 }  // namespace
 
 int ring_steps_needed(const std::vector<Runs>& maps, const Tracker& tr) {
-  const int p = static_cast<int>(maps.size());
-  int last = 0;
-  for (int s = 1; s < p; ++s) {
-    for (int r = 0; r < p && last < s; ++r)
-      if (!tr.pieces(maps[r], maps[(r - s + p) % p]).empty()) last = s;
-  }
-  return last + 1;
+  return make_ring_plan(maps, tr, 1).last + 1;
 }
 
 void ring_forward_pieces(comm::Communicator& comm, const std::vector<Runs>& maps,
@@ -126,23 +204,22 @@ void ring_forward_pieces(comm::Communicator& comm, const std::vector<Runs>& maps
                          Tracker& tr) {
   const int p = comm.size(), r = comm.rank();
   const Stream cs = tr.stream();
-  const std::vector<int64_t> len = lengths(maps);
-  const int64_t max_len = *std::max_element(len.begin(), len.end());
-  const int steps = ring_steps_needed(maps, tr);
+  const RingPlan pl = make_ring_plan(maps, tr, q.size(0));
+  const int64_t max_len = *std::max_element(pl.len.begin(), pl.len.end());
 
   Tensor acc_t;
   const TensorView acc = fp32_accumulator(out, acc_t);
   init_result(acc, lse, cs);
-  RingKvBuffers kv(k, v, max_len, steps > 1, cs);
-  for (int step = 0; step < steps; ++step) {
+  RingKvBuffers kv(k, v, max_len, pl.last > 0, cs);
+  for (int step = 0; step <= pl.last; ++step) {
     tr.step();
     const int src = (r - step + p) % p;
     comm::Handle h;
     TensorView nk, nv;
-    if (step + 1 < steps) h = post_kv_exchange(comm, kv, step, len[(src + p - 1) % p], nk, nv, tr);
+    if (step < pl.last) h = post_kv_exchange(comm, pl, kv, step, src, nk, nv, tr);
     tr.forward_pieces(q, kv.k, kv.v, acc, lse, tr.pieces(maps[r], maps[src]), segs,
                       /*fresh=*/step == 0);
-    if (step + 1 < steps) {
+    if (step < pl.last) {
       tr.wait(h);
       kv.k = nk;
       kv.v = nv;
@@ -161,62 +238,97 @@ void ring_backward_pieces(comm::Communicator& comm, const std::vector<Runs>& map
   const int next = (r + 1) % p, prev = (r + p - 1) % p;
   const Device dev = q.device;
   const Stream cs = tr.stream();
-  const std::vector<int64_t> len = lengths(maps);
-  const int64_t b = q.size(0), max_len = *std::max_element(len.begin(), len.end());
-  const int64_t hkv = k.size(2), d = k.size(3), dv = v.size(3);
-  const int steps = ring_steps_needed(maps, tr);
-  const int last = steps - 1;
+  const int64_t b = q.size(0), hkv = k.size(2), d = k.size(3), dv = v.size(3);
+  const RingPlan pl = make_ring_plan(maps, tr, b);
+  const int64_t max_len = *std::max_element(pl.len.begin(), pl.len.end());
+  const int last = pl.last;
 
   Tensor dq_t;
   const TensorView dq_acc = fp32_accumulator(dq, dq_t);
   zero(dq_acc, cs);
+  // The own block's dK,dV (kept here: the caller's dk/dv when fp32), the travelling
+  // accumulators and this rank's share.
+  Tensor own_k_t, own_v_t;
+  const TensorView own_k = fp32_accumulator(dk, own_k_t);
+  const TensorView own_v = fp32_accumulator(dv_out, own_v_t);
+  zero(own_k, cs);
+  zero(own_v, cs);
   Tensor trav_k[2], trav_v[2], mine_k, mine_v;
-  for (int i = 0; i < (last > 0 ? 2 : 1); ++i) {
-    trav_k[i] = Tensor::empty({b, max_len, hkv, d}, DType::kFloat32, dev);
-    trav_v[i] = Tensor::empty({b, max_len, hkv, dv}, DType::kFloat32, dev);
-  }
   if (last > 0) {
+    for (int i = 0; i < 2; ++i) {
+      trav_k[i] = Tensor::empty({b, max_len, hkv, d}, DType::kFloat32, dev);
+      trav_v[i] = Tensor::empty({b, max_len, hkv, dv}, DType::kFloat32, dev);
+    }
     mine_k = Tensor::empty({b, max_len, hkv, d}, DType::kFloat32, dev);
     mine_v = Tensor::empty({b, max_len, hkv, dv}, DType::kFloat32, dev);
   }
   RingKvBuffers kv(k, v, max_len, last > 0, cs);
+  // The caller's K,V: the own block's deferred pieces read them after the ring moved on.
+  const TensorView own_kv_k = kv.k, own_kv_v = kv.v;
+  Pieces own_now, own_later;
   comm::Handle dkv;
-  for (int step = 0; step < steps; ++step) {
+  for (int step = 0; step <= last; ++step) {
     tr.step();
     const int src = (r - step + p) % p;
     comm::Handle h;
     TensorView nk, nv;
-    if (step < last) h = post_kv_exchange(comm, kv, step, len[(src + p - 1) % p], nk, nv, tr);
-    const int slot = step % 2;
-    const TensorView gk = head_rows(step == 0 ? trav_k[0] : mine_k, b, len[src]);
-    const TensorView gv = head_rows(step == 0 ? trav_v[0] : mine_v, b, len[src]);
-    zero(gk, cs);
-    zero(gv, cs);
+    if (step < last) h = post_kv_exchange(comm, pl, kv, step, src, nk, nv, tr);
     const Pieces ps = tr.pieces(maps[r], maps[src]);
-    tr.backward_pieces(q, kv.k, kv.v, out, dout, lse, dq_acc, gk, gv, ps, segs);
-    if (last > 0) {
-      const TensorView tk = head_rows(trav_k[slot], b, len[src]);
-      const TensorView tv = head_rows(trav_v[slot], b, len[src]);
-      if (step > 0) {
-        tr.wait(dkv);  // trav[slot] holds the arriving accumulator of block src
-        if (!ps.empty()) {
-          add_view(tk, gk, cs);
-          add_view(tv, gv, cs);
+    if (step == 0) {
+      // The own block: half of its work now (while the first K,V transfer runs), the rest
+      // after the last accumulator is posted (while it travels home). Its dK,dV stay here.
+      double total = 0, run = 0;
+      for (const auto& x : ps) total += x.pairs;
+      for (const auto& x : ps) {
+        if (last > 0 && run >= 0.5 * total) {
+          own_later.push_back(x);
+        } else {
+          own_now.push_back(x);
         }
+        run += x.pairs;
       }
+      tr.backward_pieces(q, kv.k, kv.v, out, dout, lse, dq_acc, own_k, own_v, own_now,
+                         segs);
+    } else {
+      const int slot = step % 2;
+      const TensorView gk = head_rows(mine_k, b, pl.len[src]);
+      const TensorView gv = head_rows(mine_v, b, pl.len[src]);
+      const Hull now = pl.acc_rows(src, step), before = pl.acc_rows(src, step - 1);
+      if (!now.empty()) {
+        zero(gk.slice(1, now.lo, now.size()), cs);
+        zero(gv.slice(1, now.lo, now.size()), cs);
+      }
+      tr.backward_pieces(q, kv.k, kv.v, out, dout, lse, dq_acc, gk, gv, ps, segs);
+      const TensorView tk = head_rows(trav_k[slot], b, pl.len[src]);
+      const TensorView tv = head_rows(trav_v[slot], b, pl.len[src]);
+      tr.wait(dkv);  // trav[slot] holds the arriving accumulator rows `before`
+      // Rows new to the accumulator start at zero (they were not received), then add.
+      const Hull gaps[2] = {{now.lo, before.empty() ? now.hi : before.lo},
+                            {before.empty() ? now.hi : before.hi, now.hi}};
+      for (const Hull& g : gaps) {
+        if (g.empty()) continue;
+        zero(tk.slice(1, g.lo, g.size()), cs);
+        zero(tv.slice(1, g.lo, g.size()), cs);
+      }
+      if (!now.empty()) {
+        add_view(tk.slice(1, now.lo, now.size()), gk.slice(1, now.lo, now.size()), cs);
+        add_view(tv.slice(1, now.lo, now.size()), gv.slice(1, now.lo, now.size()), cs);
+      }
+      // On to the next rank, or home after the last step; receive the next accumulator (or,
+      // after the last step, this rank's own block's, from the rank `last` ahead).
       const bool final_step = step == last;
-      const int dest = final_step ? (r - last + p) % p : next;
+      const int dest = final_step ? src : next;
       const int from = final_step ? (r + last) % p : prev;
-      const int64_t rlen = final_step ? len[r] : len[(src + p - 1) % p];
-      const TensorView rk = head_rows(trav_k[1 - slot], b, rlen);
-      const TensorView rv = head_rows(trav_v[1 - slot], b, rlen);
-      const std::vector<comm::P2POp> ops = {
-          comm::P2POp::send(tk.data, elems(tk), DType::kFloat32, dest),
-          comm::P2POp::send(tv.data, elems(tv), DType::kFloat32, dest),
-          comm::P2POp::recv(rk.data, elems(rk), DType::kFloat32, from),
-          comm::P2POp::recv(rv.data, elems(rv), DType::kFloat32, from)};
-      tr.comm_after_compute();
-      dkv = comm.igroup(ops, tr.comm_stream());
+      const int rblock = final_step ? r : (src + p - 1) % p;
+      const Hull rrows = final_step ? pl.acc_rows(r, last) : pl.acc_rows(rblock, step);
+      const TensorView rk = head_rows(trav_k[1 - slot], b, pl.len[rblock]);
+      const TensorView rv = head_rows(trav_v[1 - slot], b, pl.len[rblock]);
+      std::vector<comm::P2POp> ops;
+      add_send(ops, tk, now, dest);
+      add_send(ops, tv, now, dest);
+      add_recv(ops, rk, rrows, from);
+      add_recv(ops, rv, rrows, from);
+      dkv = post(comm, ops, tr);
     }
     if (step < last) {
       tr.wait(h);
@@ -224,10 +336,23 @@ void ring_backward_pieces(comm::Communicator& comm, const std::vector<Runs>& map
       kv.v = nv;
     }
   }
-  const int home = last > 0 ? 1 - last % 2 : 0;
-  tr.wait(dkv);
-  copy_view(dk, head_rows(trav_k[home], b, len[r]), cs);
-  copy_view(dv_out, head_rows(trav_v[home], b, len[r]), cs);
+  if (last > 0) {
+    tr.backward_pieces(q, own_kv_k, own_kv_v, out, dout, lse, dq_acc, own_k, own_v,
+                       own_later, segs);
+    // Step 1 received nothing (the accumulator starts there): the first receive, posted at
+    // step 1, is the one for step 2 or home.
+    tr.wait(dkv);
+    const Hull home = pl.acc_rows(r, last);
+    const int slot = (last + 1) % 2;
+    if (!home.empty()) {
+      add_view(own_k.slice(1, home.lo, home.size()),
+               head_rows(trav_k[slot], b, pl.len[r]).slice(1, home.lo, home.size()), cs);
+      add_view(own_v.slice(1, home.lo, home.size()),
+               head_rows(trav_v[slot], b, pl.len[r]).slice(1, home.lo, home.size()), cs);
+    }
+  }
+  if (own_k_t.defined()) copy_view(dk, own_k, cs);
+  if (own_v_t.defined()) copy_view(dv_out, own_v, cs);
   if (dq_t.defined()) copy_view(dq, dq_acc, cs);
 }
 

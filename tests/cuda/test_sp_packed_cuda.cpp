@@ -117,6 +117,7 @@ void run_strategy_case(Strategy s, DeviceType type, const Case& c) {
   sh.heads_kv = c.hkv;
   sh.head_dim = dd;
   sh.cu_seqlens = cu;
+  sh.min_split_chunk = 1;  // split every document (the split path on these short ones)
   Tensor q = Tensor::empty({1, total, c.hq, dd}, c.dtype);
   Tensor k = Tensor::empty({1, total, c.hkv, dd}, c.dtype);
   Tensor v = Tensor::empty({1, total, c.hkv, dd}, c.dtype);
@@ -155,6 +156,7 @@ void run_strategy_case(Strategy s, DeviceType type, const Case& c) {
   o.heads_q = c.hq;
   o.heads_kv = c.hkv;
   o.cu_seqlens = cu;
+  o.min_split_chunk = 1;
   o.window_left = c.wl;
   o.window_right = c.wr;
   o.sink_tokens = c.sink_tokens;

@@ -75,6 +75,9 @@ struct Case {
   DType dtype = DType::kFloat32;
   int64_t hq = 4, hkv = 2, d = 64;
   bool backward = true;
+  // 1: every document is split into zigzag chunks (the split path on small documents);
+  // 128 (the default): these short documents stay whole, assigned for balance.
+  int64_t min_chunk = 1;
 };
 
 std::string describe(const Case& c) {
@@ -85,7 +88,7 @@ std::string describe(const Case& c) {
          std::to_string(c.wr) + " sink_tokens=" + std::to_string(c.sink_tokens) +
          (c.sinks ? " sinks" : "") + " " + dtype_name(c.dtype) + " Hq=" + std::to_string(c.hq) +
          " Hkv=" + std::to_string(c.hkv) + " D=" + std::to_string(c.d) +
-         " P=" + std::to_string(world().size());
+         " min_chunk=" + std::to_string(c.min_chunk) + " P=" + std::to_string(world().size());
 }
 
 std::vector<double> rebuild(const Group& g, const SpShape& sh, ShardRole role,
@@ -139,6 +142,7 @@ void run_case(const Case& c) {
   sh.heads_kv = c.hkv;
   sh.head_dim = c.d;
   if (!c.docs.empty()) sh.cu_seqlens = cu_of(c.docs);
+  sh.min_split_chunk = c.min_chunk;
   const int64_t dd = c.d;
   Tensor q = Tensor::empty({1, s, c.hq, dd}, c.dtype);
   Tensor k = Tensor::empty({1, s, c.hkv, dd}, c.dtype);
@@ -173,6 +177,7 @@ void run_case(const Case& c) {
   opts.heads_q = c.hq;
   opts.heads_kv = c.hkv;
   opts.cu_seqlens = sh.cu_seqlens;
+  opts.min_split_chunk = c.min_chunk;
   opts.window_left = c.wl;
   opts.window_right = c.wr;
   opts.sink_tokens = c.sink_tokens;
@@ -261,6 +266,17 @@ TEST_P(SpPacked, LearnedSinksForwardBackward) {
             .sinks = true});
 }
 
+TEST_P(SpPacked, ShortDocumentsStayWholeByDefault) {
+  run_case({.strategy = GetParam(), .docs = mixed_docs(), .min_chunk = 128});
+  run_case({.strategy = GetParam(),
+            .docs = mixed_docs(),
+            .wl = 4,
+            .wr = 0,
+            .sink_tokens = 1,
+            .sinks = true,
+            .min_chunk = 128});
+}
+
 TEST_P(SpPacked, Bf16HeadDim128) {
   run_case({.strategy = GetParam(),
             .docs = mixed_docs(),
@@ -286,30 +302,32 @@ std::vector<int64_t> longtail(int64_t total, uint64_t seed) {
 }
 
 TEST(SpPackedLayout, ShardsCoverEveryTokenOnceAndPositionsRestartPerDocument) {
-  const std::vector<int64_t> docs = {5, 1, 12, 3};
+  const std::vector<int64_t> docs = {5, 1, 12, 3, 2100, 0, 700};
   const std::vector<int32_t> cu = cu_of(docs);
-  for (Strategy s : all_strategies()) {
-    Group g = make_group(s);
-    std::vector<int> seen(static_cast<size_t>(cu.back()), 0);
-    SpShape sh;
-    sh.seq = cu.back();
-    sh.heads_q = sh.heads_kv = 4;
-    sh.cu_seqlens = cu;
-    // Head parallel: every rank holds the whole sequence (count one rank).
-    const int ranks = s == Strategy::kHeads ? 1 : g.layout.ranks;
-    for (int r = 0; r < ranks; ++r) {
-      const auto pos = token_positions(g.layout, cu, r);
-      const auto doc = token_documents(g.layout, cu, r);
-      ASSERT_EQ(static_cast<int64_t>(pos.size()), local_seq_len(g.layout, sh, r));
-      ASSERT_EQ(pos.size(), doc.size());
-      for (size_t i = 0; i < pos.size(); ++i) {
-        ASSERT_GE(pos[i], 0);
-        ASSERT_LT(pos[i], docs[static_cast<size_t>(doc[i])]) << strategy_name(s);
-        ++seen[static_cast<size_t>(cu[static_cast<size_t>(doc[i])] + pos[i])];
+  for (int64_t min_chunk : {int64_t{1}, int64_t{128}})
+    for (Strategy s : all_strategies()) {
+      Group g = make_group(s);
+      std::vector<int> seen(static_cast<size_t>(cu.back()), 0);
+      SpShape sh;
+      sh.seq = cu.back();
+      sh.heads_q = sh.heads_kv = 4;
+      sh.cu_seqlens = cu;
+      sh.min_split_chunk = min_chunk;
+      // Head parallel: every rank holds the whole sequence (count one rank).
+      const int ranks = s == Strategy::kHeads ? 1 : g.layout.ranks;
+      for (int r = 0; r < ranks; ++r) {
+        const auto pos = token_positions(g.layout, cu, r, min_chunk);
+        const auto doc = token_documents(g.layout, cu, r, min_chunk);
+        ASSERT_EQ(static_cast<int64_t>(pos.size()), local_seq_len(g.layout, sh, r));
+        ASSERT_EQ(pos.size(), doc.size());
+        for (size_t i = 0; i < pos.size(); ++i) {
+          ASSERT_GE(pos[i], 0);
+          ASSERT_LT(pos[i], docs[static_cast<size_t>(doc[i])]) << strategy_name(s);
+          ++seen[static_cast<size_t>(cu[static_cast<size_t>(doc[i])] + pos[i])];
+        }
       }
+      for (int n : seen) EXPECT_EQ(n, 1) << strategy_name(s) << " min_chunk " << min_chunk;
     }
-    for (int n : seen) EXPECT_EQ(n, 1) << strategy_name(s);
-  }
 }
 
 TEST(SpPackedLayout, LongTailBatchUnderZigzagIsBalancedWithin5Percent) {
@@ -320,14 +338,17 @@ TEST(SpPackedLayout, LongTailBatchUnderZigzagIsBalancedWithin5Percent) {
   sh.cu_seqlens = cu;
   SpOptions o;
   o.causal = true;
-  for (int p : {2, 3, 4, 8}) {
-    const SpLayout l{Strategy::kZigzag, p, 1};
-    std::vector<double> pairs;
-    for (int r = 0; r < p; ++r) pairs.push_back(rank_visible_pairs(l, sh, r, o));
-    const double mx = *std::max_element(pairs.begin(), pairs.end());
-    const double mean = std::accumulate(pairs.begin(), pairs.end(), 0.0) / p;
-    EXPECT_LE(mx / mean, 1.05) << "zigzag over " << p << " ranks, " << cu.size() - 1 << " docs";
-  }
+  for (int64_t min_chunk : {int64_t{1}, int64_t{128}})
+    for (int p : {2, 3, 4, 8}) {
+      sh.min_split_chunk = min_chunk;
+      const SpLayout l{Strategy::kZigzag, p, 1};
+      std::vector<double> pairs;
+      for (int r = 0; r < p; ++r) pairs.push_back(rank_visible_pairs(l, sh, r, o));
+      const double mx = *std::max_element(pairs.begin(), pairs.end());
+      const double mean = std::accumulate(pairs.begin(), pairs.end(), 0.0) / p;
+      EXPECT_LE(mx / mean, 1.05) << "zigzag over " << p << " ranks, " << cu.size() - 1
+                                 << " docs, min_chunk " << min_chunk;
+    }
 }
 
 TEST(SpPackedLayout, MeasuredVisiblePairsEqualTheModel) {
@@ -388,6 +409,25 @@ TEST(SpPackedRing, WindowSkipsStepsAndLedgerBytesEqualTheFormula) {
   for (int64_t w : {int64_t{0}, int64_t{5}, sl, sl + 1, s}) {
     // Steps: the last step that still sees a key is ceil(w / sl) (capped at P - 1).
     const int64_t steps = std::min<int64_t>(p, 1 + (w + sl - 1) / sl);
+    // Rows of block b that the rank t ahead attends: the last min(sl, w - (t-1)*sl) rows
+    // (none when it wraps around: causal). The ring sends each rank exactly those (relaying
+    // keeps the superset, which under a causal window is the nearest rank's), and the dK,dV
+    // accumulator of block b carries the rows of distance 1 for steps 1..last.
+    auto rows = [&](int64_t b, int64_t t) -> int64_t {
+      if (b + t >= p) return 0;
+      return std::clamp<int64_t>(w - (t - 1) * sl, 0, sl);
+    };
+    int64_t kv_rows = 0, acc_rows = 0;
+    for (int64_t b = 0; b < p; ++b) {
+      for (int64_t t = 1; t < steps; ++t) kv_rows += rows(b, t);
+      acc_rows += (steps - 1) * rows(b, 1);
+    }
+    const uint64_t row_bytes = static_cast<uint64_t>(hkv * d * 4) * 2;  // K and V, fp32
+    auto total_sent = [&] {
+      double n = static_cast<double>(world().ledger().total().bytes_sent);
+      world().all_reduce(&n, &n, 1, DType::kFloat64, comm::ReduceOp::kSum);
+      return static_cast<uint64_t>(n);
+    };
     Tensor out = Tensor::empty({1, sl, 4, d}, DType::kFloat32);
     Tensor lse = Tensor::empty({1, 4, sl}, DType::kFloat32);
     SpStats st;
@@ -399,9 +439,8 @@ TEST(SpPackedRing, WindowSkipsStepsAndLedgerBytesEqualTheFormula) {
     world().ledger().reset();
     sp_attention_forward(Strategy::kRing, g.group, q.view(), k.view(), v.view(), out.view(),
                          lse.view(), o);
-    const uint64_t kv_block = static_cast<uint64_t>(sl * hkv * d * 4) * 2;  // K and V, fp32
     EXPECT_EQ(st.steps, steps) << "window " << w;
-    EXPECT_EQ(world().ledger().total().bytes_sent, static_cast<uint64_t>(steps - 1) * kv_block)
+    EXPECT_EQ(total_sent(), static_cast<uint64_t>(kv_rows) * row_bytes)
         << "forward, window " << w << ", P " << p;
     Tensor dq = Tensor::empty({1, sl, 4, d}, DType::kFloat32);
     Tensor dk = Tensor::empty({1, sl, hkv, d}, DType::kFloat32);
@@ -409,12 +448,9 @@ TEST(SpPackedRing, WindowSkipsStepsAndLedgerBytesEqualTheFormula) {
     world().ledger().reset();
     sp_attention_backward(Strategy::kRing, g.group, q.view(), k.view(), v.view(), out.view(),
                           dout.view(), lse.view(), dq.view(), dk.view(), dv.view(), o);
-    // K,V for steps 1..last, and the fp32 dK,dV accumulator: one hop per step (the last one
-    // straight home).
-    const uint64_t acc = steps > 1 ? static_cast<uint64_t>(steps) * kv_block : 0;
-    EXPECT_EQ(world().ledger().total().bytes_sent,
-              static_cast<uint64_t>(steps - 1) * kv_block + acc)
+    EXPECT_EQ(total_sent(), static_cast<uint64_t>(kv_rows + acc_rows) * row_bytes)
         << "backward, window " << w << ", P " << p;
+    // (Exactness of the window-aware ring: SlidingWindows / WindowOnOneSequence above.)
   }
 }
 

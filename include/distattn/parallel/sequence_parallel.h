@@ -41,11 +41,16 @@
 // packed batch (no padding; local lengths may differ between ranks by a few tokens):
 //   kHeads            the whole packed sequence;
 //   kRing, kUlysses   the packed sequence cut into P contiguous shards of floor(T*r/P)..;
-//   kZigzag, kAllGather  EVERY document cut into 2P chunks as evenly as possible (sizes
-//                     differ by at most one; short documents leave chunks empty); rank r
-//                     holds chunks r and 2P-1-r of each document, documents in order;
-//   kHybrid           every document cut into 2R chunks, each chunk into U pieces: rank
-//                     (r, u) holds piece u of chunks r and 2R-1-r of each document.
+//   kZigzag, kAllGather  every document of at least 2P*min_split_chunk tokens (default 128
+//                     per chunk) cut into 2P chunks as evenly as possible (sizes differ by
+//                     at most one); rank r holds chunks r and 2P-1-r of it. Shorter documents
+//                     stay whole on one rank, longest first to the rank with the least work
+//                     (L^2) so far: per-rank visible pairs of a long-tail batch stay within 5%
+//                     (measured in docs/PERFORMANCE.md) and no kernel call sees a sliver.
+//                     Local rows: the split documents' chunks (document order), then the
+//                     whole documents (document order);
+//   kHybrid           the same over the R ring ranks (2R chunks), each chunk or whole
+//                     document cut into U pieces: rank (r, u) holds piece u of each.
 // Without documents the layouts are exactly those above. With any of these features the
 // strategies decompose each block into per-document pieces (see src/ops/doc_mask.h); blocks
 // with no visible pair are skipped, and kRing stops its ring after the last step in which
@@ -142,6 +147,10 @@ struct SpShape {
   // Packed documents over the global sequence (flash-attn's cu_seqlens: n_docs + 1 offsets,
   // first 0, last == seq; batch 1). Empty: one document. See "Packed documents" above.
   std::vector<int32_t> cu_seqlens;
+  // Packed zigzag/all-gather/hybrid: documents of at least 2*P*min_split_chunk tokens (2*R*..
+  // for hybrid) are split into zigzag chunks, shorter ones stay whole on one rank (assigned
+  // for balance). 1 splits every document. Must equal SpOptions::min_split_chunk.
+  int64_t min_split_chunk = 128;
   int64_t dim_v() const { return head_dim_v > 0 ? head_dim_v : head_dim; }
 };
 
@@ -163,9 +172,9 @@ std::vector<int64_t> token_positions(const SpLayout& layout, int64_t global_seq,
 // Packed documents: the DOCUMENT-relative position of each local row (RoPE restarts at 0 in
 // each document), and the document index of each local row.
 std::vector<int64_t> token_positions(const SpLayout& layout, std::span<const int32_t> cu_seqlens,
-                                     int rank);
+                                     int rank, int64_t min_split_chunk = 128);
 std::vector<int32_t> token_documents(const SpLayout& layout, std::span<const int32_t> cu_seqlens,
-                                     int rank);
+                                     int rank, int64_t min_split_chunk = 128);
 
 struct HeadRange {
   int64_t begin = 0;
@@ -236,6 +245,7 @@ struct SpOptions {
   // Packed documents: the GLOBAL cu_seqlens (same on every rank, as SpShape::cu_seqlens);
   // local tensors are shard()s of the packed sequence. Empty: one document.
   std::span<const int32_t> cu_seqlens;
+  int64_t min_split_chunk = 128;  // as SpShape::min_split_chunk (the shards' layout)
   // Sliding window over document positions (< 0: unlimited side), sink tokens (the first
   // n keys of each document ignore the window) and learned sink logits (fp32 [heads_q
   // GLOBAL] on the tensors' device; data == nullptr: none). See distattn/ops/attention.h.
