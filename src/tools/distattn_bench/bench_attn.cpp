@@ -34,6 +34,7 @@
 #include "distattn/core/npy.h"
 #include "distattn/core/tensor_view.h"
 #include "distattn/ops/attention.h"
+#include "distattn/parallel/sequence_parallel.h"
 #include "distattn/runtime.h"
 #include "kernels/cpu/reference.h"
 #include "src/tools/distattn_bench/bench_common.h"
@@ -67,7 +68,40 @@ struct Args {
   bool gemm_ceiling = false;
   std::optional<float> scale;
   std::string json, inputs, outputs;
+  // Masks (issue 12): --window L,R, --sink-tokens N, --sinks, packed documents --doc-lens a,b,c
+  // or --doc-dist longtail (fwd/bwd, batch 1).
+  std::string window, doc_lens, doc_dist;
+  int64_t window_left = -1, window_right = -1, sink_tokens = 0;
+  bool sinks = false;
+  uint64_t doc_seed = 1;
 };
+
+// Document offsets of a packed batch of `seq` tokens (empty: one sequence).
+std::vector<int32_t> documents_for(const Args& a, int64_t seq) {
+  if (!a.doc_lens.empty()) {
+    std::vector<int64_t> lens;
+    std::stringstream ss(a.doc_lens);
+    std::string item;
+    while (std::getline(ss, item, ',')) lens.push_back(static_cast<int64_t>(parse_size(item)));
+    return parallel::cu_seqlens_of(lens);
+  }
+  if (a.doc_dist.empty()) return {};
+  return parallel::cu_seqlens_of(parallel::longtail_document_lengths(seq, a.doc_seed));
+}
+
+// Synthetic learned sink logits, fp32 [heads].
+Tensor make_sinks(int64_t heads, Device dev) {
+  Tensor s = Tensor::empty({heads}, DType::kFloat32);
+  for (int64_t h = 0; h < heads; ++h)
+    s.data_as<float>()[h] = 0.25f * static_cast<float>(h % 8) - 0.5f;
+  return dev.is_cpu() ? s : to_device(s.view(), dev);
+}
+
+void apply_masks(const Args& a, ops::AttentionOptions& o) {
+  o.window_left = a.window_left;
+  o.window_right = a.window_right;
+  o.sink_tokens = a.sink_tokens;
+}
 
 // ---- data --------------------------------------------------------------------------------
 
@@ -143,16 +177,28 @@ struct Problem {
   const Args& a;
   int64_t sq, sk, hkv, dv;
   ops::AttentionOptions opts;
-  Tensor q, k, v, out, lse, dout, dq, dk, dv_t;
+  ops::BackwardOptions bopts;
+  std::vector<int32_t> cu;
+  Tensor q, k, v, out, lse, dout, dq, dk, dv_t, sinks, dsinks;
 
   Problem(const Args& args, int64_t seq) : a(args) {
+    cu = documents_for(a, seq);
+    if (!cu.empty()) seq = cu.back();
     sk = seq;
     sq = a.op == AttnOp::kDecode ? a.decode_queries : seq;
     hkv = a.kv_heads;
     dv = a.dim_v;
     opts.causal = a.causal;
-    opts.q_offset = sk - sq;  // queries are the last positions (0 for fwd/bwd)
+    opts.q_offset = cu.empty() ? sk - sq : 0;  // queries are the last positions (0 for fwd/bwd)
     opts.softmax_scale = a.scale;
+    apply_masks(a, opts);
+    opts.cu_seqlens = cu;
+    if (a.sinks) {
+      sinks = make_sinks(a.heads, a.device);
+      dsinks = Tensor::zeros({a.heads}, DType::kFloat32, a.device);
+      opts.sinks = sinks.view();
+      bopts.dsinks = dsinks.view();
+    }
     const DType dt = a.dtype;
     q = make_data({a.batch, sq, a.heads, a.dim}, dt, a.device, 1);
     k = make_data({a.batch, sk, hkv, a.dim}, dt, a.device, 2);
@@ -174,7 +220,7 @@ struct Problem {
         ops::attention_forward(q, k, v, out, lse, opts);
         break;
       case AttnOp::kBwd:
-        ops::attention_backward(q, k, v, out, dout, lse, dq, dk, dv_t, opts);
+        ops::attention_backward(q, k, v, out, dout, lse, dq, dk, dv_t, opts, bopts);
         break;
       case AttnOp::kDecode:
         ops::attention_decode(q, k, v, out, lse, opts, {.num_splits = a.num_splits});
@@ -183,7 +229,20 @@ struct Problem {
   }
 
   double flops() const {
-    const double fwd = ops::attention_forward_flops(a.batch, a.heads, sq, sk, a.dim, dv, opts);
+    double fwd = ops::attention_forward_flops(a.batch, a.heads, sq, sk, a.dim, dv, opts);
+    if (!cu.empty() || a.sink_tokens > 0) {
+      // Visible pairs with documents / sink tokens (the sequence-parallel model on one rank).
+      parallel::SpShape sh;
+      sh.seq = sk;
+      sh.cu_seqlens = cu;
+      parallel::SpOptions po;
+      po.causal = a.causal;
+      po.window_left = a.window_left;
+      po.window_right = a.window_right;
+      po.sink_tokens = a.sink_tokens;
+      fwd = 2.0 * static_cast<double>(a.batch * a.heads * (a.dim + dv)) *
+            parallel::rank_visible_pairs({parallel::Strategy::kHeads, 1, 1}, sh, 0, po);
+    }
     return a.op == AttnOp::kBwd ? 2.5 * fwd : fwd;
   }
 
@@ -197,7 +256,8 @@ struct Problem {
   Err check(std::string& what) {
     Err e;
     const double work = static_cast<double>(a.batch) * a.heads * sq * sk * (a.dim + dv);
-    const bool full = work <= 2e9 || sq <= 2 * a.check_rows;
+    // Documents: row slices would cut them; the reference takes the whole problem.
+    const bool full = work <= 2e9 || sq <= 2 * a.check_rows || !cu.empty();
     if (full) {
       what = a.op == AttnOp::kBwd ? "all of dq, dk, dv" : "all of out and lse";
       if (a.op == AttnOp::kBwd) {
@@ -205,6 +265,7 @@ struct Problem {
         accumulate_error(e, dq, r.dq);
         accumulate_error(e, dk, r.dk);
         accumulate_error(e, dv_t, r.dv);
+        if (a.sinks) accumulate_error(e, dsinks, r.dsinks);
       } else {
         auto r = kernels::cpu::reference_attention_forward(q, k, v, opts);
         accumulate_error(e, out, r.out);
@@ -344,6 +405,28 @@ int run_npy(const Args& a, int rank) {
   o.causal = a.causal;
   o.q_offset = Sk - Sq;  // queries are the last positions of the keys (0 when Sq == Sk)
   o.softmax_scale = a.scale;
+  apply_masks(a, o);
+  Tensor cu_t, sinks_h, sinks_d, dsinks;
+  const std::string cu_path = (std::filesystem::path(a.inputs) / "cu_seqlens.npy").string();
+  const std::string sinks_path = (std::filesystem::path(a.inputs) / "sinks.npy").string();
+  if (std::filesystem::exists(cu_path)) {
+    NpyReadOptions co;
+    co.dtype = DType::kInt32;
+    co.rank = 1;
+    cu_t = read_npy(cu_path, co);
+    o.cu_seqlens =
+        std::span<const int32_t>(cu_t.data_as<int32_t>(), static_cast<size_t>(cu_t.numel()));
+    o.q_offset = 0;
+  }
+  if (std::filesystem::exists(sinks_path)) {
+    NpyReadOptions so;
+    so.dtype = DType::kFloat32;
+    so.rank = 1;
+    sinks_h = read_npy(sinks_path, so);
+    sinks_d = to_device(sinks_h.view(), a.device);
+    dsinks = Tensor::zeros({sinks_h.numel()}, DType::kFloat32, a.device);
+    o.sinks = sinks_d.view();
+  }
   Tensor q = convert_to(q32, a.dtype, a.device), k = convert_to(k32, a.dtype, a.device);
   Tensor v = convert_to(v32, a.dtype, a.device);
   Tensor out = Tensor::empty({B, Sq, Hq, Dv}, a.dtype, a.device);
@@ -361,10 +444,14 @@ int run_npy(const Args& a, int rank) {
     Tensor dq = Tensor::empty({B, Sq, Hq, D}, a.dtype, a.device);
     Tensor dk = Tensor::empty({B, Sk, Hkv, D}, a.dtype, a.device);
     Tensor dv = Tensor::empty({B, Sk, Hkv, Dv}, a.dtype, a.device);
-    ops::attention_backward(q, k, v, out, dout, lse, dq, dk, dv, o);
+    ops::BackwardOptions bo;
+    if (o.sinks.data != nullptr) bo.dsinks = dsinks.view();
+    ops::attention_backward(q, k, v, out, dout, lse, dq, dk, dv, o, bo);
     results.emplace_back("dq.npy", to_host_fp32(dq));
     results.emplace_back("dk.npy", to_host_fp32(dk));
     results.emplace_back("dv.npy", to_host_fp32(dv));
+    if (o.sinks.data != nullptr)
+      results.emplace_back("dsinks.npy", to_device(dsinks.view(), Device::cpu()));
   }
   for (const auto& [name, t] : results) {
     const std::string path = (std::filesystem::path(a.outputs) / name).string();
@@ -399,6 +486,16 @@ Args parse(int argc, char** argv, bool& help) {
     ("dim-v", po::value(&a.dim_v)->default_value(0), "head dim of v (0: = --dim)")
     ("causal", po::bool_switch(&a.causal), "causal mask (queries at the end of the keys)")
     ("scale", po::value(&scale), "softmax scale (default 1/sqrt(dim))")
+    ("window", po::value(&a.window)->default_value(""),
+     "sliding window LEFT,RIGHT (-1: unlimited side; causal: R = 0)")
+    ("sink-tokens", po::value(&a.sink_tokens)->default_value(0),
+     "the first N keys of each document ignore the window")
+    ("sinks", po::bool_switch(&a.sinks), "learned sink logits per query head (synthetic)")
+    ("doc-lens", po::value(&a.doc_lens)->default_value(""),
+     "fwd/bwd: a packed batch of documents of these lengths (sets the sequence to their sum)")
+    ("doc-dist", po::value(&a.doc_dist)->default_value(""),
+     "fwd/bwd: longtail = a packed batch of each length with long-tail documents (--doc-seed)")
+    ("doc-seed", po::value(&a.doc_seed)->default_value(1), "seed of --doc-dist")
     ("decode-queries", po::value(&a.decode_queries)->default_value(1),
      "decode: new tokens per sequence (<= 16)")
     ("num-splits", po::value(&a.num_splits)->default_value(0), "decode: key chunks (0: choose)")
@@ -412,9 +509,10 @@ Args parse(int argc, char** argv, bool& help) {
      "also time a 2048^3 OpenBLAS sgemm and print attention / sgemm")
     ("json", po::value(&a.json)->default_value(""), "write rows to this JSON file")
     ("inputs", po::value(&a.inputs)->default_value(""),
-     "directory with q.npy k.npy v.npy (+ dout.npy for bwd), float32 [B, S, H, D]")
+     "directory with q.npy k.npy v.npy (+ dout.npy for bwd), float32 [B, S, H, D]; optional "
+     "cu_seqlens.npy (int32) and sinks.npy (float32 [Hq])")
     ("outputs", po::value(&a.outputs)->default_value(""),
-     "directory for out.npy lse.npy (+ dq.npy dk.npy dv.npy), float32");
+     "directory for out.npy lse.npy (+ dq.npy dk.npy dv.npy, dsinks.npy with sinks), float32");
   // clang-format on
   po::variables_map vm;
   try {
@@ -430,6 +528,22 @@ Args parse(int argc, char** argv, bool& help) {
     std::printf("%s", os.str().c_str());
     return a;
   }
+  if (!a.window.empty()) {
+    const size_t comma = a.window.find(',');
+    DISTATTN_CHECK(comma != std::string::npos, "--window takes LEFT,RIGHT (e.g. 4096,0), got '",
+                   a.window, "'");
+    try {
+      a.window_left = std::stoll(a.window.substr(0, comma));
+      a.window_right = std::stoll(a.window.substr(comma + 1));
+    } catch (const std::exception&) {
+      DISTATTN_THROW(Status::kInvalidArgument, "--window takes two integers LEFT,RIGHT, got '",
+                     a.window, "'");
+    }
+  }
+  DISTATTN_CHECK(a.doc_lens.empty() || a.doc_dist.empty(),
+                 "--doc-lens and --doc-dist exclude each other: pass one");
+  DISTATTN_CHECK(a.doc_dist.empty() || a.doc_dist == "longtail",
+                 "--doc-dist takes 'longtail', got '", a.doc_dist, "'");
   a.op_name = op;
   if (op == "fwd")
     a.op = AttnOp::kFwd;
@@ -470,6 +584,11 @@ Args parse(int argc, char** argv, bool& help) {
     } catch (const std::exception&) {
       DISTATTN_THROW(Status::kInvalidArgument, "--scale '", scale, "' is not a number");
     }
+  }
+  if (!a.doc_lens.empty() || !a.doc_dist.empty()) {
+    DISTATTN_CHECK(a.op != AttnOp::kDecode && a.batch == 1,
+                   "--doc-lens / --doc-dist: packed documents take --op fwd or bwd with --batch 1");
+    if (!a.doc_lens.empty()) a.seq_end = a.seq_begin;  // one row: the documents' sum
   }
   return a;
 }
@@ -517,6 +636,9 @@ int attn_main(int argc, char** argv) {
       .set("dim", a.dim)
       .set("dim_v", a.dim_v)
       .set("causal", a.causal)
+      .set("window", a.window.empty() ? std::string("none") : a.window)
+      .set("sink_tokens", a.sink_tokens)
+      .set("sinks", a.sinks)
       .set("decode_queries", a.decode_queries)
       .set("ranks", info.size)
       .set("threads", omp_get_max_threads())
@@ -534,7 +656,10 @@ int attn_main(int argc, char** argv) {
     const double flops = p.flops();
     JsonRow row;
     row.set("op", a.op_name)
-        .set("seq", s)
+        .set("window", a.window.empty() ? std::string("none") : a.window)
+        .set("sink_tokens", a.sink_tokens)
+        .set("docs", static_cast<int64_t>(p.cu.empty() ? 1 : p.cu.size() - 1))
+        .set("seq", p.sk)
         .set("seq_q", p.sq)
         .set("seq_k", p.sk)
         .set("time_ms", t * 1e3)
@@ -581,7 +706,7 @@ int attn_main(int argc, char** argv) {
       ratio = buf;
     }
     if (root)
-      std::printf("  %9ld %11.3f %10.4f %10.2f%s %12s%s\n", static_cast<long>(s), t * 1e3,
+      std::printf("  %9ld %11.3f %10.4f %10.2f%s %12s%s\n", static_cast<long>(p.sk), t * 1e3,
                   flops / t / 1e12, flops / t / 1e9, kv_text.c_str(), err_text.c_str(),
                   ratio.c_str());
     if (root && !check_line.empty()) std::printf("%s\n", check_line.c_str());
