@@ -76,25 +76,8 @@ struct Args {
   uint64_t doc_seed = 1;
 };
 
-// Document offsets of a packed batch of `seq` tokens (empty: one sequence).
 std::vector<int32_t> documents_for(const Args& a, int64_t seq) {
-  if (!a.doc_lens.empty()) {
-    std::vector<int64_t> lens;
-    std::stringstream ss(a.doc_lens);
-    std::string item;
-    while (std::getline(ss, item, ',')) lens.push_back(static_cast<int64_t>(parse_size(item)));
-    return parallel::cu_seqlens_of(lens);
-  }
-  if (a.doc_dist.empty()) return {};
-  return parallel::cu_seqlens_of(parallel::longtail_document_lengths(seq, a.doc_seed));
-}
-
-// Synthetic learned sink logits, fp32 [heads].
-Tensor make_sinks(int64_t heads, Device dev) {
-  Tensor s = Tensor::empty({heads}, DType::kFloat32);
-  for (int64_t h = 0; h < heads; ++h)
-    s.data_as<float>()[h] = 0.25f * static_cast<float>(h % 8) - 0.5f;
-  return dev.is_cpu() ? s : to_device(s.view(), dev);
+  return packed_documents(a.doc_lens, a.doc_dist, a.doc_seed, seq);
 }
 
 void apply_masks(const Args& a, ops::AttentionOptions& o) {
@@ -194,7 +177,7 @@ struct Problem {
     apply_masks(a, opts);
     opts.cu_seqlens = cu;
     if (a.sinks) {
-      sinks = make_sinks(a.heads, a.device);
+      sinks = synthetic_sinks(a.heads, a.device);
       dsinks = Tensor::zeros({a.heads}, DType::kFloat32, a.device);
       opts.sinks = sinks.view();
       bopts.dsinks = dsinks.view();
@@ -528,22 +511,8 @@ Args parse(int argc, char** argv, bool& help) {
     std::printf("%s", os.str().c_str());
     return a;
   }
-  if (!a.window.empty()) {
-    const size_t comma = a.window.find(',');
-    DISTATTN_CHECK(comma != std::string::npos, "--window takes LEFT,RIGHT (e.g. 4096,0), got '",
-                   a.window, "'");
-    try {
-      a.window_left = std::stoll(a.window.substr(0, comma));
-      a.window_right = std::stoll(a.window.substr(comma + 1));
-    } catch (const std::exception&) {
-      DISTATTN_THROW(Status::kInvalidArgument, "--window takes two integers LEFT,RIGHT, got '",
-                     a.window, "'");
-    }
-  }
-  DISTATTN_CHECK(a.doc_lens.empty() || a.doc_dist.empty(),
-                 "--doc-lens and --doc-dist exclude each other: pass one");
-  DISTATTN_CHECK(a.doc_dist.empty() || a.doc_dist == "longtail",
-                 "--doc-dist takes 'longtail', got '", a.doc_dist, "'");
+  parse_window(a.window, a.window_left, a.window_right);
+  (void)packed_documents(a.doc_lens, a.doc_dist, a.doc_seed, 1);  // validates the flags
   a.op_name = op;
   if (op == "fwd")
     a.op = AttnOp::kFwd;

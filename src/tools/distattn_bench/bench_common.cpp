@@ -13,6 +13,7 @@
 #include <stdexcept>
 
 #include "distattn/config.h"
+#include "distattn/parallel/sequence_parallel.h"
 
 extern char** environ;
 
@@ -156,6 +157,52 @@ std::string environment_header() {
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+void parse_window(const std::string& text, int64_t& left, int64_t& right) {
+  if (text.empty()) return;
+  const size_t comma = text.find(',');
+  DISTATTN_CHECK(comma != std::string::npos,
+                 "--window takes LEFT,RIGHT (e.g. 4096,0 for a causal sliding window; -1 for an "
+                 "unlimited side), got '",
+                 text, "'");
+  try {
+    left = std::stoll(text.substr(0, comma));
+    right = std::stoll(text.substr(comma + 1));
+  } catch (const std::exception&) {
+    DISTATTN_THROW(Status::kInvalidArgument, "--window takes two integers LEFT,RIGHT, got '", text,
+                   "'");
+  }
+}
+
+std::vector<int32_t> packed_documents(const std::string& doc_lens, const std::string& doc_dist,
+                                      uint64_t seed, int64_t seq) {
+  DISTATTN_CHECK(doc_lens.empty() || doc_dist.empty(),
+                 "--doc-lens and --doc-dist exclude each other: pass one");
+  if (!doc_lens.empty()) {
+    std::vector<int64_t> lens;
+    std::stringstream ss(doc_lens);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      try {
+        lens.push_back(static_cast<int64_t>(parse_size(item)));
+      } catch (const std::exception&) {
+        DISTATTN_THROW(Status::kInvalidArgument, "--doc-lens: '", item,
+                       "' is not a length (a,b,c with optional K/M suffix)");
+      }
+    }
+    return parallel::cu_seqlens_of(lens);
+  }
+  if (doc_dist.empty()) return {};
+  DISTATTN_CHECK(doc_dist == "longtail", "--doc-dist takes 'longtail', got '", doc_dist, "'");
+  return parallel::cu_seqlens_of(parallel::longtail_document_lengths(seq, seed));
+}
+
+Tensor synthetic_sinks(int64_t heads, Device device) {
+  Tensor s = Tensor::empty({heads}, DType::kFloat32);
+  for (int64_t h = 0; h < heads; ++h)
+    s.data_as<float>()[h] = 0.25f * static_cast<float>(h % 8) - 0.5f;
+  return device.is_cpu() ? s : to_device(s.view(), device);
 }
 
 }  // namespace distattn::bench

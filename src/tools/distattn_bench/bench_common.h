@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "distattn/comm/communicator.h"
+#include "distattn/core/tensor_view.h"
 
 namespace distattn::bench {
 
@@ -61,6 +62,16 @@ double sum_over_ranks(comm::Communicator& comm, double value);
 std::string environment_header();
 
 double now_seconds();  // steady clock
+
+// Masks shared by `attn` and `sp` (issue 12).
+// "--window LEFT,RIGHT" -> (left, right); an empty string leaves both at -1 (unlimited).
+void parse_window(const std::string& text, int64_t& left, int64_t& right);
+// cu_seqlens of a packed batch: --doc-lens a,b,c (K/M suffixes) or --doc-dist longtail
+// (`seq` tokens, seeded); both empty: {} (one sequence).
+std::vector<int32_t> packed_documents(const std::string& doc_lens, const std::string& doc_dist,
+                                      uint64_t seed, int64_t seq);
+// Synthetic learned sink logits, fp32 [heads] on `device`.
+Tensor synthetic_sinks(int64_t heads, Device device);
 
 }  // namespace distattn::bench
 

@@ -118,42 +118,12 @@ struct Mask {
 };
 
 void parse_window(const std::string& w, Mask& m) {
-  if (w.empty()) return;
-  const size_t comma = w.find(',');
-  DISTATTN_CHECK(comma != std::string::npos,
-                 "--window takes LEFT,RIGHT (e.g. 4096,0 for a causal "
-                 "sliding window; -1 for an unlimited side), got '",
-                 w, "'");
-  try {
-    m.wl = std::stoll(w.substr(0, comma));
-    m.wr = std::stoll(w.substr(comma + 1));
-  } catch (const std::exception&) {
-    DISTATTN_THROW(Status::kInvalidArgument, "--window takes two integers LEFT,RIGHT, got '", w,
-                   "'");
-  }
+  bench::parse_window(w, m.wl, m.wr);
 }
 
 // Documents of a run with `seq` tokens (empty without --doc-lens / --doc-dist).
 std::vector<int32_t> documents_for(const Args& a, int64_t seq) {
-  if (!a.doc_lens.empty()) {
-    std::vector<int64_t> lens;
-    std::stringstream ss(a.doc_lens);
-    std::string item;
-    while (std::getline(ss, item, ',')) {
-      int64_t l = 0;
-      try {
-        l = static_cast<int64_t>(parse_size(item));
-      } catch (const std::exception&) {
-        DISTATTN_THROW(Status::kInvalidArgument, "--doc-lens: '", item,
-                       "' is not a length (a,b,c with optional K/M suffix)");
-      }
-      lens.push_back(l);
-    }
-    return parallel::cu_seqlens_of(lens);
-  }
-  if (a.doc_dist.empty()) return {};
-  DISTATTN_CHECK(a.doc_dist == "longtail", "--doc-dist takes 'longtail', got '", a.doc_dist, "'");
-  return parallel::cu_seqlens_of(parallel::longtail_document_lengths(seq, a.doc_seed));
+  return packed_documents(a.doc_lens, a.doc_dist, a.doc_seed, seq);
 }
 
 Mask mask_for(const Args& a, int64_t seq) {
@@ -165,12 +135,8 @@ Mask mask_for(const Args& a, int64_t seq) {
   return m;
 }
 
-// Synthetic learned sink logits, fp32 [Hq] on `dev`.
 Tensor make_sinks(int64_t heads, Device dev) {
-  Tensor s = Tensor::empty({heads}, DType::kFloat32);
-  for (int64_t h = 0; h < heads; ++h)
-    s.data_as<float>()[h] = 0.25f * static_cast<float>(h % 8) - 0.5f;
-  return dev.is_cpu() ? s : to_device(s.view(), dev);
+  return synthetic_sinks(heads, dev);
 }
 
 void apply(const Mask& m, parallel::SpOptions& o, const Tensor& sinks) {
