@@ -37,6 +37,8 @@ void copy_view(const TensorView& dst, const TensorView& src, Stream stream);
 // dst += src; dst fp32 or fp64, src any float dtype; shapes equal.
 void add_view(const TensorView& dst, const TensorView& src, Stream stream);
 void zero(const TensorView& t, Stream stream);  // any strides
+// A packed view of `shape` starting `offset` elements into `buf` (a flat exchange buffer).
+TensorView view_at(const Tensor& buf, size_t offset, std::initializer_list<int64_t> shape);
 // A packed copy of `t` on t's device (filled on `stream`), e.g. a send buffer of a strided
 // input.
 Tensor packed_copy(const TensorView& t, Stream stream);
@@ -231,8 +233,6 @@ void ring_backward_pieces(comm::Communicator& comm, const std::vector<Runs>& map
                           const TensorView& out, const TensorView& dout, const TensorView& lse,
                           const TensorView& dq, const TensorView& dk, const TensorView& dv,
                           const std::vector<HeadSegment>& segs, Tracker& tr);
-// The number of ring steps the generic ring runs for these blocks (1 .. P).
-int ring_steps_needed(const std::vector<Runs>& maps, const Tracker& tr);
 void allgather_forward_pieces(comm::Communicator& comm, const std::vector<Runs>& maps,
                               const TensorView& q, const TensorView& k, const TensorView& v,
                               const TensorView& out, const TensorView& lse, const TensorView& sinks,

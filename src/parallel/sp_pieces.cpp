@@ -193,10 +193,6 @@ comm::Handle post_kv_exchange(comm::Communicator& comm, const RingPlan& pl, Ring
 
 }  // namespace
 
-int ring_steps_needed(const std::vector<Runs>& maps, const Tracker& tr) {
-  return make_ring_plan(maps, tr, 1).last + 1;
-}
-
 void ring_forward_pieces(comm::Communicator& comm, const std::vector<Runs>& maps,
                          const TensorView& q, const TensorView& k, const TensorView& v,
                          const TensorView& out, const TensorView& lse,
@@ -287,8 +283,7 @@ void ring_backward_pieces(comm::Communicator& comm, const std::vector<Runs>& map
         }
         run += x.pairs;
       }
-      tr.backward_pieces(q, kv.k, kv.v, out, dout, lse, dq_acc, own_k, own_v, own_now,
-                         segs);
+      tr.backward_pieces(q, kv.k, kv.v, out, dout, lse, dq_acc, own_k, own_v, own_now, segs);
     } else {
       const int slot = step % 2;
       const TensorView gk = head_rows(mine_k, b, pl.len[src]);
@@ -337,8 +332,8 @@ void ring_backward_pieces(comm::Communicator& comm, const std::vector<Runs>& map
     }
   }
   if (last > 0) {
-    tr.backward_pieces(q, own_kv_k, own_kv_v, out, dout, lse, dq_acc, own_k, own_v,
-                       own_later, segs);
+    tr.backward_pieces(q, own_kv_k, own_kv_v, out, dout, lse, dq_acc, own_k, own_v, own_later,
+                       segs);
     // Step 1 received nothing (the accumulator starts there): the first receive, posted at
     // step 1, is the one for step 2 or home.
     tr.wait(dkv);
@@ -598,11 +593,6 @@ UEx make_uex(const UPlan& p, DType dtype, Device dev, const std::vector<Item>& i
   return e;
 }
 
-TensorView at(const Tensor& buf, size_t offset, std::initializer_list<int64_t> shape) {
-  return TensorView(static_cast<char*>(buf.data()) + offset * dtype_size(buf.dtype()), buf.dtype(),
-                    buf.device(), shape);
-}
-
 comm::Handle post(comm::Communicator& uc, UEx& e, Tracker& tr) {
   return uc.iall_to_all_v(e.send.data(), e.sc, e.sd, e.recv.data(), e.rc, e.rd, e.send.dtype(),
                           tr.comm_stream());
@@ -613,7 +603,7 @@ void pack_local(const UPlan& p, const TensorView& t, bool kv, UEx& e, std::vecto
                 Stream s) {
   for (int j = 0; j < p.u; ++j) {
     const HeadRange h = kv ? p.kh[j] : p.qh[j];
-    const TensorView dst = at(e.send, pos[j], {p.b, p.len[p.me], h.size(), t.size(3)});
+    const TensorView dst = view_at(e.send, pos[j], {p.b, p.len[p.me], h.size(), t.size(3)});
     copy_view(dst, t.slice(2, h.begin, h.size()), s);
     pos[j] += elems(dst);
   }
@@ -621,7 +611,7 @@ void pack_local(const UPlan& p, const TensorView& t, bool kv, UEx& e, std::vecto
 void pack_local_lse(const UPlan& p, const TensorView& lse, UEx& e, std::vector<size_t>& pos,
                     Stream s) {
   for (int j = 0; j < p.u; ++j) {
-    const TensorView dst = at(e.send, pos[j], {p.b, p.qh[j].size(), p.len[p.me]});
+    const TensorView dst = view_at(e.send, pos[j], {p.b, p.qh[j].size(), p.len[p.me]});
     copy_view(dst, lse.slice(1, p.qh[j].begin, p.qh[j].size()), s);
     pos[j] += elems(dst);
   }
@@ -630,7 +620,7 @@ void pack_local_lse(const UPlan& p, const TensorView& lse, UEx& e, std::vector<s
 void unpack_gathered(const UPlan& p, const UEx& e, std::vector<size_t>& pos, const TensorView& g,
                      Stream s) {
   for (int j = 0; j < p.u; ++j) {
-    const TensorView src = at(e.recv, pos[j], {p.b, p.len[j], g.size(2), g.size(3)});
+    const TensorView src = view_at(e.recv, pos[j], {p.b, p.len[j], g.size(2), g.size(3)});
     copy_view(g.slice(1, p.off[j], p.len[j]), src, s);
     pos[j] += elems(src);
   }
@@ -638,7 +628,7 @@ void unpack_gathered(const UPlan& p, const UEx& e, std::vector<size_t>& pos, con
 void unpack_gathered_lse(const UPlan& p, const UEx& e, std::vector<size_t>& pos,
                          const TensorView& lg, Stream s) {
   for (int j = 0; j < p.u; ++j) {
-    const TensorView src = at(e.recv, pos[j], {p.b, lg.size(1), p.len[j]});
+    const TensorView src = view_at(e.recv, pos[j], {p.b, lg.size(1), p.len[j]});
     copy_view(lg.slice(2, p.off[j], p.len[j]), src, s);
     pos[j] += elems(src);
   }
@@ -647,7 +637,7 @@ void unpack_gathered_lse(const UPlan& p, const UEx& e, std::vector<size_t>& pos,
 void pack_gathered(const UPlan& p, const TensorView& g, UEx& e, std::vector<size_t>& pos,
                    Stream s) {
   for (int j = 0; j < p.u; ++j) {
-    const TensorView dst = at(e.send, pos[j], {p.b, p.len[j], g.size(2), g.size(3)});
+    const TensorView dst = view_at(e.send, pos[j], {p.b, p.len[j], g.size(2), g.size(3)});
     copy_view(dst, g.slice(1, p.off[j], p.len[j]), s);
     pos[j] += elems(dst);
   }
@@ -655,7 +645,7 @@ void pack_gathered(const UPlan& p, const TensorView& g, UEx& e, std::vector<size
 void pack_gathered_lse(const UPlan& p, const TensorView& lg, UEx& e, std::vector<size_t>& pos,
                        Stream s) {
   for (int j = 0; j < p.u; ++j) {
-    const TensorView dst = at(e.send, pos[j], {p.b, lg.size(1), p.len[j]});
+    const TensorView dst = view_at(e.send, pos[j], {p.b, lg.size(1), p.len[j]});
     copy_view(dst, lg.slice(2, p.off[j], p.len[j]), s);
     pos[j] += elems(dst);
   }
@@ -733,9 +723,10 @@ void ulysses_forward_pieces(comm::Communicator& uc, comm::Communicator* ring,
   const int64_t sl = p.len[p.me];
   for (int j = 0; j < p.u; ++j) {
     const HeadRange hj = p.qh[j];
-    copy_view(out.slice(2, hj.begin, hj.size()), at(xo.recv, xo.rd[j], {p.b, sl, hj.size(), p.dv}),
+    copy_view(out.slice(2, hj.begin, hj.size()),
+              view_at(xo.recv, xo.rd[j], {p.b, sl, hj.size(), p.dv}), cs);
+    copy_view(lse.slice(1, hj.begin, hj.size()), view_at(xl.recv, xl.rd[j], {p.b, hj.size(), sl}),
               cs);
-    copy_view(lse.slice(1, hj.begin, hj.size()), at(xl.recv, xl.rd[j], {p.b, hj.size(), sl}), cs);
   }
 }
 
@@ -829,11 +820,11 @@ void ulysses_backward_pieces(comm::Communicator& uc, comm::Communicator* ring,
   for (int j = 0; j < p.u; ++j) {
     const HeadRange hq = p.qh[j], hk = p.kh[j];
     size_t o = xg.rd[j];
-    const TensorView gq = at(xg.recv, o, {p.b, sl, hq.size(), p.d});
+    const TensorView gq = view_at(xg.recv, o, {p.b, sl, hq.size(), p.d});
     o += elems(gq);
-    const TensorView gk = at(xg.recv, o, {p.b, sl, hk.size(), p.d});
+    const TensorView gk = view_at(xg.recv, o, {p.b, sl, hk.size(), p.d});
     o += elems(gk);
-    const TensorView gv = at(xg.recv, o, {p.b, sl, hk.size(), p.dv});
+    const TensorView gv = view_at(xg.recv, o, {p.b, sl, hk.size(), p.dv});
     copy_view(dq.slice(2, hq.begin, hq.size()), gq, cs);
     add_view(dk_acc.view().slice(2, hk.begin, hk.size()), gk, cs);
     add_view(dv_acc.view().slice(2, hk.begin, hk.size()), gv, cs);

@@ -55,11 +55,6 @@ Plan make_plan(comm::Communicator& uc, bool hybrid, const TensorView& q, const T
   return pl;
 }
 
-TensorView view_at(const Tensor& buf, size_t offset, std::initializer_list<int64_t> shape) {
-  return TensorView(static_cast<char*>(buf.data()) + offset * dtype_size(buf.dtype()), buf.dtype(),
-                    buf.device(), shape);
-}
-
 // One all-to-all of "part" tensors: part i of the block for peer j is a packed
 // [B, rows, heads_i(j), dim_i] tensor. The send side takes peer j's heads of a local
 // (sequence-sharded) tensor; the receive side gets my heads of peer j's tokens.

@@ -18,6 +18,11 @@ void zero(const TensorView& t, Stream stream) {
   ops::tensor_zero(t, stream);
 }
 
+TensorView view_at(const Tensor& buf, size_t offset, std::initializer_list<int64_t> shape) {
+  return TensorView(static_cast<char*>(buf.data()) + offset * dtype_size(buf.dtype()), buf.dtype(),
+                    buf.device(), shape);
+}
+
 Tensor packed_copy(const TensorView& t, Stream stream) {
   Tensor out = Tensor::empty(std::span<const int64_t>(t.shape.data(), t.ndim), t.dtype, t.device);
   ops::tensor_copy(out.view(), t, stream);
