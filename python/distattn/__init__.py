@@ -171,8 +171,15 @@ def shard(layout: Layout, shape: Shape, rank: int, role: str, full: Any) -> Any:
 def sp_attention_forward(strategy: str, group: GroupLike, q: Any, k: Any, v: Any, out: Any,
                          lse: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
                          heads_q: int = 0, heads_kv: int = 0, stream: int = 0,
-                         drive_progress: bool = True) -> Stats:
+                         drive_progress: bool = True, cu_seqlens: Optional[Any] = None,
+                         window_left: int = -1, window_right: int = -1, sink_tokens: int = 0,
+                         sinks: Any = None) -> Stats:
     """``out, lse`` <- exact attention of the local queries over ALL keys of the global sequence.
+
+    Packed documents, windows and sinks: ``cu_seqlens`` (the GLOBAL int offsets of the packed
+    sequence, batch 1; shard with a ``Shape`` whose ``cu_seqlens`` is set), ``window_left`` /
+    ``window_right`` (document positions, -1 unlimited), ``sink_tokens`` and ``sinks`` (fp32
+    ``[heads_q]`` learned sink logits), as ``SpOptions`` in C++.
 
     ``q [B, Sl, Hl, D]``, ``k, v [B, Sl, Hkvl, D/Dv]`` are this rank's local shards (see the
     package docstring for what local means per strategy), ``out [B, Sl, Hl, Dv]`` (q's dtype
@@ -184,15 +191,23 @@ def sp_attention_forward(strategy: str, group: GroupLike, q: Any, k: Any, v: Any
     return _C.sp_attention_forward(strategy, as_group(group), q, k, v, out, lse, causal=causal,
                                    softmax_scale=softmax_scale, heads_q=heads_q,
                                    heads_kv=heads_kv, stream=stream,
-                                   drive_progress=drive_progress)
+                                   drive_progress=drive_progress,
+                                   cu_seqlens=None if cu_seqlens is None else [int(x) for x in cu_seqlens],
+                                   window_left=window_left, window_right=window_right,
+                                   sink_tokens=sink_tokens, sinks=sinks)
 
 
 def sp_attention_backward(strategy: str, group: GroupLike, q: Any, k: Any, v: Any, out: Any,
                           dout: Any, lse: Any, dq: Any, dk: Any, dv: Any, *,
                           causal: bool = False, softmax_scale: Optional[float] = None,
                           heads_q: int = 0, heads_kv: int = 0, stream: int = 0,
-                          drive_progress: bool = True) -> Stats:
+                          drive_progress: bool = True, cu_seqlens: Optional[Any] = None,
+                          window_left: int = -1, window_right: int = -1, sink_tokens: int = 0,
+                          sinks: Any = None, dsinks: Any = None) -> Stats:
     """``dq, dk, dv`` <- gradients for the local shards, from the forward's ``out`` and ``lse``.
+
+    The mask arguments as :func:`sp_attention_forward`; with ``sinks``, ``dsinks`` (fp32
+    ``[heads_q]``) receives their gradient, complete on every rank.
 
     Shapes as :func:`sp_attention_forward`; ``dout`` like ``out``; ``dq`` like ``q``,
     ``dk``/``dv`` like ``k``/``v`` (q's dtype or fp32), written in place. dk/dv are complete
@@ -202,7 +217,10 @@ def sp_attention_backward(strategy: str, group: GroupLike, q: Any, k: Any, v: An
     return _C.sp_attention_backward(strategy, as_group(group), q, k, v, out, dout, lse, dq, dk,
                                     dv, causal=causal, softmax_scale=softmax_scale,
                                     heads_q=heads_q, heads_kv=heads_kv, stream=stream,
-                                    drive_progress=drive_progress)
+                                    drive_progress=drive_progress,
+                                    cu_seqlens=None if cu_seqlens is None else [int(x) for x in cu_seqlens],
+                                    window_left=window_left, window_right=window_right,
+                                    sink_tokens=sink_tokens, sinks=sinks, dsinks=dsinks)
 
 
 def __getattr__(name: str) -> Any:

@@ -67,7 +67,7 @@ class _Attention(torch.autograd.Function):
     the saved q, k, v, out, lse (the forward is not recomputed)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, strategy, group, causal, scale, heads_q, heads_kv):
+    def forward(ctx, q, k, v, strategy, group, causal, scale, heads_q, heads_kv, masks, sinks):
         if q.dim() == 4 and v.dim() == 4:
             out = torch.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype,
                               device=q.device)
@@ -75,36 +75,58 @@ class _Attention(torch.autograd.Function):
                               device=q.device)
         else:  # let the C++ checks name the tensor that is not 4-D
             out = lse = q
-        _C.sp_attention_forward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
-                                _to_dlpack(out), _to_dlpack(lse), causal=causal,
-                                softmax_scale=scale, heads_q=heads_q, heads_kv=heads_kv,
-                                stream=_stream(q))
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg = (strategy, group, causal, scale, heads_q, heads_kv)
+        if masks is None:
+            _C.sp_attention_forward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
+                                    _to_dlpack(out), _to_dlpack(lse), causal=causal,
+                                    softmax_scale=scale, heads_q=heads_q, heads_kv=heads_kv,
+                                    stream=_stream(q))
+        else:
+            _C.sp_attention_forward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
+                                    _to_dlpack(out), _to_dlpack(lse), causal=causal,
+                                    softmax_scale=scale, heads_q=heads_q, heads_kv=heads_kv,
+                                    stream=_stream(q), **masks,
+                                    sinks=None if sinks is None else _to_dlpack(sinks.detach()))
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.cfg = (strategy, group, causal, scale, heads_q, heads_kv, masks)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        strategy, group, causal, scale, heads_q, heads_kv = ctx.cfg
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        strategy, group, causal, scale, heads_q, heads_kv, masks = ctx.cfg
         if dout.size(-1) > 1 and dout.stride(-1) != 1:
             dout = dout.contiguous()
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        _C.sp_attention_backward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
-                                 _to_dlpack(out), _to_dlpack(dout), _to_dlpack(lse),
-                                 _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv), causal=causal,
-                                 softmax_scale=scale, heads_q=heads_q, heads_kv=heads_kv,
-                                 stream=_stream(q))
-        return dq, dk, dv, None, None, None, None, None, None
+        dsinks = None
+        if masks is None:
+            _C.sp_attention_backward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
+                                     _to_dlpack(out), _to_dlpack(dout), _to_dlpack(lse),
+                                     _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv),
+                                     causal=causal, softmax_scale=scale, heads_q=heads_q,
+                                     heads_kv=heads_kv, stream=_stream(q))
+        else:
+            extra = {}
+            if sinks is not None:
+                dsinks = torch.zeros(sinks.shape, dtype=torch.float32, device=sinks.device)
+                extra = {"sinks": _to_dlpack(sinks.detach()), "dsinks": _to_dlpack(dsinks)}
+            _C.sp_attention_backward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
+                                     _to_dlpack(out), _to_dlpack(dout), _to_dlpack(lse),
+                                     _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv),
+                                     causal=causal, softmax_scale=scale, heads_q=heads_q,
+                                     heads_kv=heads_kv, stream=_stream(q), **masks, **extra)
+        return dq, dk, dv, None, None, None, None, None, None, None, dsinks
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str,
               group: Any = None, causal: bool = False, softmax_scale: Optional[float] = None,
               heads_q: Optional[int] = None, heads_kv: Optional[int] = None,
-              return_lse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+              return_lse: bool = False, cu_seqlens: Optional[Sequence[int]] = None,
+              window: Tuple[int, int] = (-1, -1), sink_tokens: int = 0,
+              sinks: Optional[torch.Tensor] = None
+              ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Exact softmax attention of this rank's local queries over the keys of ALL ranks.
 
     Differentiable (a ``torch.autograd.Function``): the backward runs distattn's
@@ -143,10 +165,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: st
     those of ``distattn.strategies()``. Bad input raises ``distattn.Error`` (a
     ``ValueError`` for bad arguments) with the C++ message.
 
+    Packed documents, sliding windows and sinks: ``cu_seqlens`` (the GLOBAL int offsets of a
+    packed batch, B = 1: a query sees only its own document, positions restart per document;
+    shard with ``distattn.shard`` and a ``distattn.Shape`` whose ``cu_seqlens`` is set),
+    ``window=(left, right)`` over document positions (-1: unlimited side), ``sink_tokens``
+    (the first keys of each document ignore the window) and ``sinks``, fp32 ``[heads_q]``
+    learned sink logits (gpt-oss style; their gradient flows back when they require it).
+
     Returns ``out`` (and ``lse`` when ``return_lse``).
     """
+    masks = None
+    if cu_seqlens is not None or tuple(window) != (-1, -1) or sink_tokens or sinks is not None:
+        masks = {"cu_seqlens": None if cu_seqlens is None else [int(x) for x in cu_seqlens],
+                 "window_left": int(window[0]), "window_right": int(window[1]),
+                 "sink_tokens": int(sink_tokens)}
     out, lse = _Attention.apply(q, k, v, strategy, _group(group), causal, softmax_scale,
-                                heads_q or 0, heads_kv or 0)
+                                heads_q or 0, heads_kv or 0, masks, sinks)
     return (out, lse) if return_lse else out
 
 

@@ -264,6 +264,35 @@ struct Group {
   parallel::SpGroup get() const { return {seq.get(), ulysses.get()}; }
 };
 
+// Packed documents, windows and sinks of one call (issue 12); views stay valid for the call.
+struct Masks {
+  std::vector<int32_t> cu;
+  int64_t window_left = -1, window_right = -1, sink_tokens = 0;
+  std::optional<In> sinks;
+  std::optional<Out> dsinks;
+
+  void apply(parallel::SpOptions& o) const {
+    o.cu_seqlens = cu;
+    o.window_left = window_left;
+    o.window_right = window_right;
+    o.sink_tokens = sink_tokens;
+    if (sinks) o.sinks = sinks->view;
+    if (dsinks) o.dsinks = dsinks->view;
+  }
+};
+
+Masks masks(std::optional<std::vector<int32_t>> cu, int64_t wl, int64_t wr, int64_t sink_tokens,
+            nb::handle sinks, nb::handle dsinks) {
+  Masks m;
+  if (cu) m.cu = *cu;
+  m.window_left = wl;
+  m.window_right = wr;
+  m.sink_tokens = sink_tokens;
+  if (!sinks.is_none()) m.sinks.emplace(sinks, "sinks");
+  if (!dsinks.is_none()) m.dsinks.emplace(dsinks, "dsinks");
+  return m;
+}
+
 parallel::SpOptions options(bool causal, std::optional<float> scale, int64_t heads_q,
                             int64_t heads_kv, uintptr_t stream, bool drive_progress,
                             parallel::SpStats* stats) {
@@ -609,6 +638,9 @@ void bind_layout(nb::module_& m) {
       .def_rw("heads_kv", &SpShape::heads_kv)
       .def_rw("head_dim", &SpShape::head_dim)
       .def_rw("head_dim_v", &SpShape::head_dim_v)
+      .def_rw("cu_seqlens", &SpShape::cu_seqlens,
+              "packed documents (n_docs + 1 int offsets, batch 1); [] = one document")
+      .def_rw("min_split_chunk", &SpShape::min_split_chunk)
       .def("dim_v", &SpShape::dim_v)
       .def("__repr__", [](const SpShape& s) {
         return "Shape(batch=" + std::to_string(s.batch) + ", seq=" + std::to_string(s.seq) +
@@ -742,19 +774,23 @@ void bind_attention(nb::module_& m) {
       "sp_attention_forward",
       [](const std::string& strategy, const Group& g, nb::handle q, nb::handle k, nb::handle v,
          nb::handle out, nb::handle lse, bool causal, std::optional<float> scale, int64_t heads_q,
-         int64_t heads_kv, uintptr_t stream, bool drive_progress) {
+         int64_t heads_kv, uintptr_t stream, bool drive_progress,
+         std::optional<std::vector<int32_t>> cu_seqlens, int64_t window_left, int64_t window_right,
+         int64_t sink_tokens, nb::handle sinks) {
         const Strategy s = parallel::parse_strategy(strategy);
         const In aq(q, "q"), ak(k, "k"), av(v, "v");
         const Out ao(out, "out"), al(lse, "lse");
+        const Masks m = masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, nb::none());
         return run_timed([&](parallel::SpStats* st) {
-          parallel::sp_attention_forward(
-              s, g.get(), aq.view, ak.view, av.view, ao.view, al.view,
-              options(causal, scale, heads_q, heads_kv, stream, drive_progress, st));
+          parallel::SpOptions o = options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
+          m.apply(o);
+          parallel::sp_attention_forward(s, g.get(), aq.view, ak.view, av.view, ao.view, al.view, o);
         });
       },
       "strategy"_a, "group"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, nb::kw_only(),
       "causal"_a = false, "softmax_scale"_a = nb::none(), "heads_q"_a = 0, "heads_kv"_a = 0,
-      "stream"_a = 0, "drive_progress"_a = true,
+      "stream"_a = 0, "drive_progress"_a = true, "cu_seqlens"_a = nb::none(),
+      "window_left"_a = -1, "window_right"_a = -1, "sink_tokens"_a = 0, "sinks"_a = nb::none(),
       "out, lse <- exact attention of the local queries over all keys of the global sequence "
       "(sp_attention_forward). Written in place; returns Stats.");
   m.def(
@@ -762,20 +798,26 @@ void bind_attention(nb::module_& m) {
       [](const std::string& strategy, const Group& g, nb::handle q, nb::handle k, nb::handle v,
          nb::handle out, nb::handle dout, nb::handle lse, nb::handle dq, nb::handle dk,
          nb::handle dv, bool causal, std::optional<float> scale, int64_t heads_q, int64_t heads_kv,
-         uintptr_t stream, bool drive_progress) {
+         uintptr_t stream, bool drive_progress, std::optional<std::vector<int32_t>> cu_seqlens,
+         int64_t window_left, int64_t window_right, int64_t sink_tokens, nb::handle sinks,
+         nb::handle dsinks) {
         const Strategy s = parallel::parse_strategy(strategy);
         const In aq(q, "q"), ak(k, "k"), av(v, "v"), ao(out, "out"), ado(dout, "dout"),
             al(lse, "lse");
         const Out adq(dq, "dq"), adk(dk, "dk"), adv(dv, "dv");
+        const Masks m = masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, dsinks);
         return run_timed([&](parallel::SpStats* st) {
-          parallel::sp_attention_backward(
-              s, g.get(), aq.view, ak.view, av.view, ao.view, ado.view, al.view, adq.view, adk.view,
-              adv.view, options(causal, scale, heads_q, heads_kv, stream, drive_progress, st));
+          parallel::SpOptions o = options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
+          m.apply(o);
+          parallel::sp_attention_backward(s, g.get(), aq.view, ak.view, av.view, ao.view, ado.view,
+                                          al.view, adq.view, adk.view, adv.view, o);
         });
       },
       "strategy"_a, "group"_a, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a, "dk"_a,
       "dv"_a, nb::kw_only(), "causal"_a = false, "softmax_scale"_a = nb::none(), "heads_q"_a = 0,
-      "heads_kv"_a = 0, "stream"_a = 0, "drive_progress"_a = true,
+      "heads_kv"_a = 0, "stream"_a = 0, "drive_progress"_a = true, "cu_seqlens"_a = nb::none(),
+      "window_left"_a = -1, "window_right"_a = -1, "sink_tokens"_a = 0, "sinks"_a = nb::none(),
+      "dsinks"_a = nb::none(),
       "dq, dk, dv <- gradients for the local shards from the forward's out and lse "
       "(sp_attention_backward). Written in place; returns Stats.");
 }
