@@ -780,17 +780,20 @@ void bind_attention(nb::module_& m) {
         const Strategy s = parallel::parse_strategy(strategy);
         const In aq(q, "q"), ak(k, "k"), av(v, "v");
         const Out ao(out, "out"), al(lse, "lse");
-        const Masks m = masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, nb::none());
+        const Masks m =
+            masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, nb::none());
         return run_timed([&](parallel::SpStats* st) {
-          parallel::SpOptions o = options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
+          parallel::SpOptions o =
+              options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
           m.apply(o);
-          parallel::sp_attention_forward(s, g.get(), aq.view, ak.view, av.view, ao.view, al.view, o);
+          parallel::sp_attention_forward(s, g.get(), aq.view, ak.view, av.view, ao.view, al.view,
+                                         o);
         });
       },
       "strategy"_a, "group"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, nb::kw_only(),
       "causal"_a = false, "softmax_scale"_a = nb::none(), "heads_q"_a = 0, "heads_kv"_a = 0,
-      "stream"_a = 0, "drive_progress"_a = true, "cu_seqlens"_a = nb::none(),
-      "window_left"_a = -1, "window_right"_a = -1, "sink_tokens"_a = 0, "sinks"_a = nb::none(),
+      "stream"_a = 0, "drive_progress"_a = true, "cu_seqlens"_a = nb::none(), "window_left"_a = -1,
+      "window_right"_a = -1, "sink_tokens"_a = 0, "sinks"_a = nb::none(),
       "out, lse <- exact attention of the local queries over all keys of the global sequence "
       "(sp_attention_forward). Written in place; returns Stats.");
   m.def(
@@ -807,7 +810,8 @@ void bind_attention(nb::module_& m) {
         const Out adq(dq, "dq"), adk(dk, "dk"), adv(dv, "dv");
         const Masks m = masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, dsinks);
         return run_timed([&](parallel::SpStats* st) {
-          parallel::SpOptions o = options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
+          parallel::SpOptions o =
+              options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
           m.apply(o);
           parallel::sp_attention_backward(s, g.get(), aq.view, ak.view, av.view, ao.view, ado.view,
                                           al.view, adq.view, adk.view, adv.view, o);
