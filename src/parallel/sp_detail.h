@@ -79,6 +79,11 @@ struct HeadSegment {
 // starting at global KV head kv_begin, with group size `group` = Hq/Hkv.
 std::vector<HeadSegment> head_segments(int64_t hq_begin, int64_t hq_end, int64_t kv_begin,
                                        int64_t group);
+// The KV heads that query heads `q` (non-empty) use, with `group` = Hq/Hkv query heads per
+// KV head.
+inline HeadRange kv_heads_of(HeadRange q, int64_t group) {
+  return {q.begin / group, (q.end - 1) / group + 1};
+}
 // Whole-tensor mapping: hq local heads over hkv local heads with hq % hkv == 0.
 std::vector<HeadSegment> uniform_segments(int64_t hq, int64_t hkv);
 

@@ -383,7 +383,7 @@ HeadRange local_kv_heads(const SpLayout& l, const SpShape& sh, int rank) {
   const HeadRange q = split_heads(sh.heads_q, l.ranks, rank);
   const int64_t g = sh.heads_q / sh.heads_kv;
   if (q.size() == 0) return {0, 0};
-  return {q.begin / g, (q.end - 1) / g + 1};
+  return detail::kv_heads_of(q, g);
 }
 
 namespace {

@@ -533,7 +533,7 @@ UPlan make_uplan(comm::Communicator& uc, const std::vector<Runs>& peers, const T
     p.sg += p.len.back();
     const HeadRange h = split_heads(p.hq, p.u, j);
     p.qh.push_back(h);
-    p.kh.push_back({h.begin / p.group, (h.end - 1) / p.group + 1});
+    p.kh.push_back(kv_heads_of(h, p.group));
   }
   return p;
 }

@@ -50,7 +50,7 @@ Plan make_plan(comm::Communicator& uc, bool hybrid, const TensorView& q, const T
   for (int j = 0; j < pl.u_deg; ++j) {
     const HeadRange h = split_heads(pl.hq, pl.u_deg, j);
     pl.qh.push_back(h);
-    pl.kh.push_back({h.begin / pl.group, (h.end - 1) / pl.group + 1});
+    pl.kh.push_back(kv_heads_of(h, pl.group));
   }
   return pl;
 }
