@@ -4,11 +4,13 @@
 // polls them (MPI_Testall) under the watchdog. Messages longer than max_count() elements
 // are chunked (reductions) or described by one derived datatype (data movement), so
 // counts of 2^31 elements and more work with the int-count MPI-3 API. bf16/fp16 sums over
-// more than 2 ranks are widened to fp32, reduced in fp32 and rounded once at the end; other
+// more than 2 ranks move 16-bit data and accumulate in fp32 at the owner of each block (an
+// all-to-all, then for all_reduce a second, point-to-point stage), rounding once; other
 // bf16/fp16 reductions combine in fp32 per element on the 16-bit data (the same result).
 #include "src/comm/mpi_communicator.h"
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -58,6 +60,11 @@ class MpiOpState;
 struct MpiRegistry {
   std::mutex mu;
   std::vector<MpiOpState*> ops;
+  // Ops of this communicator whose next stage is not posted yet. A stage is posted by a
+  // poll of its own op, and the peers' ops wait for it: while any is pending, testing any op
+  // polls them all, so that a rank waiting for op A still moves op B on (peers may wait for
+  // B first).
+  std::atomic<int> staged{0};
 };
 
 #if DISTATTN_WITH_CUDA
@@ -209,7 +216,10 @@ class MpiOpState final : public PendingOp {
     std::lock_guard<std::mutex> lock(registry_->mu);
     registry_->ops.push_back(this);
   }
-  ~MpiOpState() override { unregister(); }
+  ~MpiOpState() override {
+    if (next_stage) registry_->staged.fetch_sub(1, std::memory_order_relaxed);
+    unregister();
+  }
 
   // Never throws; records failure. True once every request completed.
   bool poll() noexcept {
@@ -238,6 +248,26 @@ class MpiOpState final : public PendingOp {
       }
       if (flag) check_received();
     }
+    if (flag && next_stage) {
+      // Every request of this stage completed: the next one posts its requests.
+      auto stage = std::move(next_stage);
+      next_stage = nullptr;
+      registry_->staged.fetch_sub(1, std::memory_order_relaxed);
+      reqs.clear();
+      int rc = MPI_SUCCESS;
+      try {
+        rc = stage();
+      } catch (const std::exception& e) {
+        rc = MPI_ERR_OTHER;
+        failed_detail_ = std::string("posting its next stage failed: ") + e.what();
+      }
+      if (rc != MPI_SUCCESS) {
+        failed_rc_ = rc;
+        unregister();
+        return false;
+      }
+      flag = reqs.empty() && !next_stage ? 1 : 0;
+    }
     if (flag) {
       done_ = true;
       unregister();
@@ -246,6 +276,7 @@ class MpiOpState final : public PendingOp {
   }
 
   bool test() override {
+    if (registry_->staged.load(std::memory_order_relaxed) > 0) poll_staged();
     const bool done = poll();
     if (!failed_detail_.empty() && failed_rc_ == MPI_SUCCESS) failed_rc_ = MPI_ERR_COUNT;
     DISTATTN_CHECK_STATUS(failed_rc_ == MPI_SUCCESS, Status::kMpiError, context_, " failed: ",
@@ -323,6 +354,11 @@ class MpiOpState final : public PendingOp {
   };
 
   std::vector<MPI_Request> reqs;
+  // An op in two stages: once every request in `reqs` completed, poll() clears `reqs` and
+  // calls this, which does host work and posts the next requests into `reqs` (returns an
+  // MPI error code; it may set another next_stage). Its messages must be point-to-point
+  // with a tag of this op's own: the stages of ops in flight together start in any order.
+  std::function<int()> next_stage;
   std::vector<std::function<void()>> post;  // host-side work after completion
   std::vector<CopyBack> copy_back;          // staged results to device, after `post`
   std::vector<std::unique_ptr<char[]>> scratch;
@@ -331,6 +367,17 @@ class MpiOpState final : public PendingOp {
   std::vector<std::pair<const void*, size_t>> user_buffers;
 
  private:
+  // Polls the other ops of the communicator that still have a stage to post.
+  void poll_staged() noexcept {
+    std::vector<MpiOpState*> ops;
+    {
+      std::lock_guard<std::mutex> lock(registry_->mu);
+      for (MpiOpState* op : registry_->ops)
+        if (op != this && op->next_stage) ops.push_back(op);
+    }
+    for (MpiOpState* op : ops) op->poll();
+  }
+
   void unregister() noexcept {
     if (!registered_) return;
     registered_ = false;
@@ -554,6 +601,36 @@ void narrow(const float* src, void* dst, size_t n, DType t) {
     for (size_t i = 0; i < n; ++i) d[i] = fp16_t::from_float(src[i]);
   }
 }
+
+// dst = the fp32 sum of `parts` 16-bit blocks of n elements each (src block j at j*n),
+// added in block order, rounded once.
+void sum_half_blocks(const uint16_t* src, size_t parts, size_t n, float* acc, void* dst, DType t) {
+  widen(src, acc, n, t);
+  for (size_t j = 1; j < parts; ++j) {
+    const uint16_t* s = src + j * n;
+    if (t == DType::kBFloat16) {
+      for (size_t i = 0; i < n; ++i) acc[i] += bf16_t::to_float(s[i]);
+    } else {
+      for (size_t i = 0; i < n; ++i) acc[i] += fp16_t::to_float(s[i]);
+    }
+  }
+  narrow(acc, dst, n, t);
+}
+
+// The staged 16-bit sum (over more than 2 ranks) moves 16-bit data and accumulates in fp32:
+// an all-to-all hands rank r block r of every rank's input, r adds them in fp32 and rounds
+// once (reduce_scatter ends here); all_reduce then sends each reduced block to every peer.
+// Same bytes as a ring of 16-bit data, half those of widening to fp32, and the fp32 result.
+// Messages past max_count() elements keep the widened path (chunked).
+bool half_sum_staged(DType t, ReduceOp op, int ranks, size_t per_rank_count, size_t max_count) {
+  return is_half(t) && op == ReduceOp::kSum && ranks > 2 && per_rank_count <= max_count &&
+         per_rank_count * static_cast<size_t>(ranks) <= static_cast<size_t>(INT_MAX);
+}
+
+// Tags of the staged sums' second stage: one per op in flight (a window of kStagedTags),
+// apart from the send_recv tags, so that stages posted in any order still match.
+constexpr int kStagedTagBase = 0x1000;
+constexpr uint32_t kStagedTags = 0x4000;
 
 const char* cptr(const void* p, size_t off) {
   return static_cast<const char*>(p) + off;
@@ -937,6 +1014,52 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_reduce(const void* send, v
                                                              Stream s) {
   MpiOpBuilder b(*this, "all_reduce", s);
   if (count == 0) return b.done();
+  if (half_sum_staged(dtype, op, size_, count, max_count_)) {
+    const size_t n = static_cast<size_t>(size_), r = static_cast<size_t>(rank_);
+    const auto lo = [count, n](size_t j) { return count * j / n; };
+    const size_t mine = lo(r + 1) - lo(r);
+    const bool in_place = send == recv;
+    void* hr = in_place ? b.inout(recv, count * 2) : b.out(recv, count * 2);
+    const void* hs = in_place ? hr : b.in(send, count * 2);
+    // The count arrays must stay untouched until the all-to-all completes: op scratch.
+    int* cnt = static_cast<int*>(b.scratch(4 * n * sizeof(int)));
+    for (size_t j = 0; j < n; ++j) {
+      cnt[j] = static_cast<int>(lo(j + 1) - lo(j));  // send counts
+      cnt[n + j] = static_cast<int>(lo(j));          // send displacements
+      cnt[2 * n + j] = static_cast<int>(mine);       // receive counts
+      cnt[3 * n + j] = static_cast<int>(j * mine);   // receive displacements
+    }
+    auto* parts = static_cast<uint16_t*>(b.scratch(n * mine * 2));
+    float* acc = b.scratch_floats(mine);
+    DISTATTN_MPI_CHECK(MPI_Ialltoallv(hs, cnt, cnt + n, MPI_UINT16_T, parts, cnt + 2 * n,
+                                      cnt + 3 * n, MPI_UINT16_T, comm_, b.req()),
+                       b.ctx());
+    const int tag = kStagedTagBase + static_cast<int>(staged_seq_++ % kStagedTags);
+    MpiOpState& st = b.st();
+    st.next_stage = [&st, hr, parts, acc, cnt, n, r, mine, dtype, tag, comm = comm_]() -> int {
+      auto* out = static_cast<uint16_t*>(hr);
+      sum_half_blocks(parts, n, mine, acc, out + cnt[n + r], dtype);
+      for (size_t j = 0; j < n; ++j) {
+        if (j == r) continue;
+        const int peer = static_cast<int>(j);
+        if (mine > 0) {
+          st.reqs.push_back(MPI_REQUEST_NULL);
+          const int rc = MPI_Isend(out + cnt[n + r], static_cast<int>(mine), MPI_UINT16_T, peer,
+                                   tag, comm, &st.reqs.back());
+          if (rc != MPI_SUCCESS) return rc;
+        }
+        if (cnt[j] > 0) {
+          st.reqs.push_back(MPI_REQUEST_NULL);
+          const int rc =
+              MPI_Irecv(out + cnt[n + j], cnt[j], MPI_UINT16_T, peer, tag, comm, &st.reqs.back());
+          if (rc != MPI_SUCCESS) return rc;
+        }
+      }
+      return MPI_SUCCESS;
+    };
+    registry_->staged.fetch_add(1, std::memory_order_relaxed);
+    return b.done();
+  }
   const bool widen_fp32 = is_half(dtype) && !half_on_wire(op, size_);
   const MPI_Op mop = is_half(dtype) && !widen_fp32 ? half_op(dtype, op) : mpi_op(op);
   const size_t elt = dtype_size(dtype), bytes = count * elt;
@@ -987,12 +1110,25 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter(const void* sen
                                                                  ReduceOp op, Stream s) {
   MpiOpBuilder b(*this, "reduce_scatter", s);
   if (recv_count == 0) return b.done();
-  const bool widen_fp32 = is_half(dtype) && !half_on_wire(op, size_);
+  const bool staged = half_sum_staged(dtype, op, size_, recv_count, max_count_);
+  const bool widen_fp32 = !staged && is_half(dtype) && !half_on_wire(op, size_);
   const MPI_Op mop = is_half(dtype) && !widen_fp32 ? half_op(dtype, op) : mpi_op(op);
   const size_t n = static_cast<size_t>(size_);
   const size_t elt = dtype_size(dtype), block = recv_count * elt, total = block * n;
   const void* hs = b.in(send, total);
   void* hr = b.out(recv, block);
+  if (staged) {
+    // Block r of every rank's input comes here (16-bit); summed in fp32 once all arrived.
+    auto* parts = static_cast<uint16_t*>(b.scratch(total));
+    float* acc = b.scratch_floats(recv_count);
+    DISTATTN_MPI_CHECK(MPI_Ialltoall(hs, static_cast<int>(recv_count), MPI_UINT16_T, parts,
+                                     static_cast<int>(recv_count), MPI_UINT16_T, comm_, b.req()),
+                       b.ctx());
+    b.st().post.push_back([parts, acc, hr, n, recv_count, dtype] {
+      sum_half_blocks(parts, n, recv_count, acc, hr, dtype);
+    });
+    return b.done();
+  }
   const void* src = hs;
   void* dst = hr;
   MPI_Datatype type = mpi_type(dtype);

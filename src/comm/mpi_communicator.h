@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
@@ -93,6 +94,7 @@ class MpiCommunicator final : public Communicator {
   int rank_ = 0;
   int size_ = 1;
   size_t max_count_;
+  uint32_t staged_seq_ = 0;  // staged 16-bit sums posted so far (their second-stage tags)
   std::shared_ptr<detail::MpiRegistry> registry_;
   std::shared_ptr<detail::PinnedPool> pinned_;
 };

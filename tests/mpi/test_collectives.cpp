@@ -211,6 +211,89 @@ TEST(Collectives, Bf16SumAccumulatesInFp32) {
             bf16_t::to_float(bf16_t::from_float(static_cast<float>(exact))));
 }
 
+// Element i of rank q's input: 1 on rank 0, else 2^-9 (bf16) or 2^-12 (fp16) times a small
+// factor: pairwise 16-bit adds to 1 round the small terms away, only fp32 accumulation keeps
+// them. The expected sum is the fp64 sum rounded once (exact in fp32 for these values).
+double staged_term(int q, size_t i, DType t) {
+  if (q == 0) return 1.0;
+  return std::ldexp(1.0, t == DType::kBFloat16 ? -9 : -12) * static_cast<double>(1 + i % 3);
+}
+uint16_t to_half(double v, DType t) {
+  return t == DType::kBFloat16 ? bf16_t::from_float(static_cast<float>(v))
+                               : fp16_t::from_float(static_cast<float>(v));
+}
+float from_half(uint16_t v, DType t) {
+  return t == DType::kBFloat16 ? bf16_t::to_float(v) : fp16_t::to_float(v);
+}
+
+TEST(Collectives, HalfSumsMoveHalfDataAndAccumulateInFp32) {
+  // bf16/fp16 sums over > 2 ranks: all-to-all + fp32 sum + second stage (all_reduce), for
+  // counts that do not divide by the ranks (empty blocks too), in and out of place.
+  Communicator& c = world();
+  const int n = c.size();
+  if (n < 3) GTEST_SKIP() << "the staged 16-bit sum runs at >= 3 ranks";
+  for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+    for (size_t count : {size_t{1}, size_t{2}, size_t{1000}, size_t{65537}}) {
+      for (bool in_place : {false, true}) {
+        std::vector<uint16_t> in(count), out(count, 0xffff);
+        for (size_t i = 0; i < count; ++i) in[i] = to_half(staged_term(c.rank(), i, t), t);
+        if (in_place) {
+          c.all_reduce(in.data(), in.data(), count, t, ReduceOp::kSum);
+          out = in;
+        } else {
+          c.all_reduce(in.data(), out.data(), count, t, ReduceOp::kSum);
+        }
+        size_t wrong = 0;
+        for (size_t i = 0; i < count; ++i) {
+          double exact = 0;
+          for (int q = 0; q < n; ++q) exact += staged_term(q, i, t);
+          if (from_half(out[i], t) != from_half(to_half(exact, t), t)) ++wrong;
+        }
+        EXPECT_EQ(wrong, 0u) << dtype_name(t) << " count " << count << " in_place " << in_place;
+      }
+      // reduce_scatter: block r of every rank's input, summed.
+      const size_t nn = static_cast<size_t>(n);
+      std::vector<uint16_t> in(count * nn), out(count, 0xffff);
+      for (size_t i = 0; i < count * nn; ++i) in[i] = to_half(staged_term(c.rank(), i, t), t);
+      c.reduce_scatter(in.data(), out.data(), count, t, ReduceOp::kSum);
+      size_t wrong = 0;
+      for (size_t i = 0; i < count; ++i) {
+        const size_t g = static_cast<size_t>(c.rank()) * count + i;
+        double exact = 0;
+        for (int q = 0; q < n; ++q) exact += staged_term(q, g, t);
+        if (from_half(out[i], t) != from_half(to_half(exact, t), t)) ++wrong;
+      }
+      EXPECT_EQ(wrong, 0u) << "reduce_scatter " << dtype_name(t) << " count " << count;
+    }
+  }
+}
+
+TEST(Collectives, StagedHalfSumsInFlightTogetherCompleteInAnyOrder) {
+  // Three staged all_reduces in flight at once, waited in a different order on each rank:
+  // their second stages start in different orders and must still match their own op.
+  Communicator& c = world();
+  const int n = c.size();
+  if (n < 3) GTEST_SKIP() << "the staged 16-bit sum runs at >= 3 ranks";
+  constexpr size_t kCount = 4099;
+  std::vector<std::vector<uint16_t>> v(3, std::vector<uint16_t>(kCount));
+  for (size_t k = 0; k < 3; ++k)
+    for (size_t i = 0; i < kCount; ++i)
+      v[k][i] = bf16_t::from_float(static_cast<float>((k + 1) * 8 + (c.rank() + i) % 4));
+  std::vector<Handle> hs;
+  for (size_t k = 0; k < 3; ++k)
+    hs.push_back(c.iall_reduce(v[k].data(), v[k].data(), kCount, DType::kBFloat16, ReduceOp::kSum));
+  for (size_t j = 0; j < 3; ++j) hs[(j + static_cast<size_t>(c.rank())) % 3].wait();
+  for (size_t k = 0; k < 3; ++k) {
+    size_t wrong = 0;
+    for (size_t i = 0; i < kCount; ++i) {
+      double exact = 0;
+      for (int q = 0; q < n; ++q) exact += static_cast<double>((k + 1) * 8 + (q + i) % 4);
+      if (bf16_t::to_float(v[k][i]) != static_cast<float>(exact)) ++wrong;
+    }
+    EXPECT_EQ(wrong, 0u) << "op " << k;
+  }
+}
+
 TEST(Collectives, AllGatherEveryDTypeSizeAndPlacement) {
   Communicator& c = world();
   const int n = c.size(), me = c.rank();

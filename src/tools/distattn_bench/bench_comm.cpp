@@ -15,6 +15,8 @@
 // host buffers, to show what the Communicator layer costs on top of MPI. Both are timed as
 // OSU micro-benchmarks and nccl-tests do (back-to-back calls after warm-up, one barrier per
 // loop), in 3 alternating loops each (ours, raw, ...) so both see the same machine load.
+// broadcast runs in place on root for both (root's send buffer is its result), as MPI_Bcast
+// does; the Communicator's out-of-place form would add root's copy of the buffer.
 #include <mpi.h>
 
 #include <algorithm>
@@ -332,7 +334,9 @@ void run_ours(Communicator& c, const OpSpec& s, const Geometry& g, const void* s
       c.all_to_all(send, recv, g.op_count, dt);
       break;
     case CommOp::kBroadcast:
-      c.broadcast(send, recv, g.op_count, dt, root);
+      // In place on root, as MPI_Bcast is: root's data stays in its send buffer (an
+      // out-of-place broadcast adds root's copy of the buffer, which raw MPI_Bcast does not do).
+      c.broadcast(send, rank == root ? const_cast<void*>(send) : recv, g.op_count, dt, root);
       break;
     case CommOp::kSendRecv: {
       const comm::P2POp ops[2] = {comm::P2POp::send(send, g.op_count, dt, (rank + 1) % n),
@@ -599,7 +603,10 @@ int run_comm(int argc, char** argv) {
         for (size_t i = 0; i < g.recv; ++i) store(host_recv.data(), dt, i, kSentinel);
         device_copy(recv_buf.get(), dev, host_recv.data(), Device::cpu(), g.recv * elt);
         call();
-        device_copy(host_recv.data(), Device::cpu(), recv_buf.get(), dev, g.recv * elt);
+        // broadcast runs in place on root: its result is the send buffer.
+        const bool bcast_root = s->op == CommOp::kBroadcast && rank == root;
+        device_copy(host_recv.data(), Device::cpu(), bcast_root ? send_buf.get() : recv_buf.get(),
+                    dev, g.recv * elt);
         for (size_t i = 0; i < g.recv; ++i) {
           const double want = expected(*s, g, gen, dt, rop, root, rank, n, i);
           if (load(host_recv.data(), dt, i) != want) ++wrong;
