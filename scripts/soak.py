@@ -3,7 +3,8 @@
 
 Until DURATION has passed, starts one job after another with a random strategy, rank count,
 shape (sequence, heads, KV heads, head dim), dtype, causal mask and forward/backward, each
-checked against the fp64 reference (-c). A job is one long-lived mpirun of many iterations
+checked (-c: the first call against the fp64 reference, every later call bit for bit against
+the first, so every call's outputs are checked). A job is one long-lived mpirun of many iterations
 (about --job-seconds of work, calibrated from a 2-iteration run of the same configuration), so
 that a leak per call shows up as growth inside the processes. Every --sample seconds the RSS,
 open file descriptors and threads of every rank are read from /proc. After the warm-up
@@ -96,6 +97,10 @@ def command(args, cfg, iters, json_path):
 
 def run_job(args, cfg, iters, json_path, limit_s):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        os.remove(json_path)
+    except FileNotFoundError:
+        pass
     t0 = time.monotonic()
     proc = subprocess.Popen(command(args, cfg, iters, json_path), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env,
@@ -103,10 +108,14 @@ def run_job(args, cfg, iters, json_path, limit_s):
     samples = {}  # rank pid -> [(t, rss, fds, threads)]
     hung = False
     while proc.poll() is None:
-        for pid in children(proc.pid):
-            st = proc_stats(pid)
-            if st is not None and None not in st:
-                samples.setdefault(pid, []).append((time.monotonic() - t0,) + st)
+        # Rank 0 writes the JSON after the last call: later samples see the teardown (the
+        # summary, MPI_Finalize, library destructors map and touch memory once), not the
+        # steady state of the calls, and are not judged.
+        if not os.path.exists(json_path):
+            for pid in children(proc.pid):
+                st = proc_stats(pid)
+                if st is not None and None not in st:
+                    samples.setdefault(pid, []).append((time.monotonic() - t0,) + st)
         if time.monotonic() - t0 > limit_s:
             hung = True
             os.killpg(proc.pid, signal.SIGKILL)
@@ -210,10 +219,19 @@ def main():
         rc, out, samples, wall, hung = run_job(args, cfg, iters, tmp_json,
                                                10 * max(args.job_seconds, wall) + 300)
         jobs += 1
-        calls += iters + 1
         ranks, judged, mem_ok = analyse(samples, args.warmup, args.rss_growth, args.min_warmup_s)
-        checked = "check vs fp64 reference" in out and ": OK" in out
+        # -c checks the first call against fp64 and every later call bit for bit against the
+        # first: all iters + 1 (warm-up) calls must be checked, with no mismatch.
+        try:
+            with open(tmp_json) as f:
+                row = json.load(f)["rows"][0]
+            n_checked, mismatches = int(row["calls_checked"]), int(row["repeat_mismatches"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            n_checked, mismatches = 0, -1
+        checked = ("check vs fp64 reference" in out and ": OK" in out and mismatches == 0 and
+                   n_checked == iters + 1)
         ok = rc == 0 and not hung and checked and mem_ok
+        calls += max(n_checked, 0)
         jobs_judged += 1 if len(judged) == cfg["np"] else 0
         g = max((r["growth"] for r in judged), default=0.0)
         worst = max(worst, g)

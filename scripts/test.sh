@@ -6,14 +6,15 @@
 # (PROCESSORS), so multi-rank runs never stack up on a small machine), SKIP_SETUP=1,
 # SKIP_BUILD=1.
 # GPU tests skip cleanly ("skipped: no GPU") on machines without one.
-# --sanitize (first argument, or SANITIZE=1): afterwards also the ASan+UBSan, libFuzzer and
-# TSan stage, scripts/sanitize.sh. Not part of the default CI run: on 2 loaded cores it took
-# 30 minutes, twice the CI budget left after the normal build and suite (docs/RELIABILITY.md).
+# --sanitize (first argument, or SANITIZE=1; the default when CI=true, SANITIZE=0 turns it
+# off): afterwards also the ASan+UBSan, libFuzzer and TSan stage, scripts/sanitize.sh
+# (docs/RELIABILITY.md, "CI budget").
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export BUILD_DIR="${BUILD_DIR:-$REPO/build}"
 sanitize="${SANITIZE:-0}"
+if [ -z "${SANITIZE:-}" ] && [ "${CI:-}" = true ]; then sanitize=1; fi
 if [ "${1:-}" = "--sanitize" ]; then
   sanitize=1
   shift

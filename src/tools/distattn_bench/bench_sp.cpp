@@ -17,6 +17,8 @@
 //                 waits); NCCL waits happen on the device and do not show here.
 //   peak_MB       peak bytes of distattn tensors allocated during the call (max over ranks)
 //   max_abs_err   with -c: max |out - fp64 reference| over sampled query rows of every rank
+//                 (of the first call; every later call's out, lse and gradients must equal the
+//                 first call's bit for bit: JSON calls_checked, repeat_mismatches)
 //   grad_err      with -c --backward: max |dq, dk, dv - fp64 reference| (dq on the sampled
 //                 query rows; dk, dv on sampled key rows of one KV head per rank)
 // A figure that was not measured (max_abs_err without -c, grad_err without --backward,
@@ -386,7 +388,22 @@ struct Result {
   double grad_err = kNaN;  // with -c and --backward: max |dq, dk, dv - fp64 reference|
   double pairs_max = 0, pairs_mean = 0;  // forward visible pairs per rank (SpStats)
   int steps = 0;                         // ring steps of the forward (max over ranks)
+  // With -c: later calls whose outputs (out, lse, dq, dk, dv) differ from the first call's,
+  // bit for bit (the first is the one checked against fp64), summed over ranks.
+  int64_t repeat_mismatches = 0;
+  int64_t calls_checked = 0;  // calls whose outputs were checked (max over ranks)
 };
+
+// The bytes of a host or device tensor (device ones are copied to the host).
+std::vector<char> host_bytes(const Tensor& t) {
+  std::vector<char> b;
+  if (!t.defined()) return b;
+  const Tensor h = t.view().device.is_cuda() ? to_device(t.view(), Device::cpu()) : Tensor();
+  const TensorView v = h.defined() ? h.view() : t.view();
+  b.resize(v.numel() * dtype_size(v.dtype));
+  std::memcpy(b.data(), v.data, b.size());
+  return b;
+}
 
 // `ctl`: the host-memory (MPI) world for barriers and reductions of host values; the
 // strategy's communicators (g) may be NCCL, which accepts device memory only.
@@ -418,6 +435,15 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   apply(m, o, sinks);
   if (m.sinks) o.dsinks = dsinks.view();
   Result r;
+  // -c: the first call's outputs are checked against the fp64 reference right after it, and
+  // every later call's outputs must equal them bit for bit (same inputs, same order of work),
+  // so every call is checked and the reference's memory is taken before the steady state.
+  std::vector<std::vector<char>> first;
+  auto outputs = [&] {
+    std::vector<std::vector<char>> o2;
+    for (const Tensor* t : {&out, &lse, &dq, &dk, &dv}) o2.push_back(host_bytes(*t));
+    return o2;
+  };
   for (int it = 0; it < a.warmup + a.iters; ++it) {
     const bool timed = it >= a.warmup;
     // CUDA: kernels are asynchronous. Start every rank on an idle stream and stop the
@@ -438,6 +464,18 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
     }
     stream_synchronize(dev, o.stream);
     const double t = now_seconds() - t0, ct = cpu_seconds() - c0;
+    if (a.check) {
+      if (it == 0) {
+        r.err = max_over_ranks(ctl, check_rows(g, sh, out, dtype, o.causal, 16, m, sinks));
+        if (a.backward)
+          r.grad_err =
+              max_over_ranks(ctl, check_grads(g, sh, dq, dk, dv, dtype, o.causal, 16, m, sinks));
+        first = outputs();
+      } else if (outputs() != first) {
+        ++r.repeat_mismatches;
+      }
+      ++r.calls_checked;
+    }
     if (!timed) continue;
     r.time_s += t;
     r.cpu_s += ct;
@@ -459,10 +497,10 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   r.bytes = static_cast<uint64_t>(max_over_ranks(ctl, static_cast<double>(r.bytes)));
   r.peak = static_cast<int64_t>(max_over_ranks(ctl, static_cast<double>(r.peak)));
   if (a.check) {
-    r.err = max_over_ranks(ctl, check_rows(g, sh, out, dtype, o.causal, 16, m, sinks));
-    if (a.backward)
-      r.grad_err =
-          max_over_ranks(ctl, check_grads(g, sh, dq, dk, dv, dtype, o.causal, 16, m, sinks));
+    r.repeat_mismatches =
+        static_cast<int64_t>(sum_over_ranks(ctl, static_cast<double>(r.repeat_mismatches)));
+    r.calls_checked =
+        static_cast<int64_t>(max_over_ranks(ctl, static_cast<double>(r.calls_checked)));
   }
   return r;
 }
@@ -771,7 +809,8 @@ int sp_main(int argc, char** argv) {
     ("causal", po::value(&a.causal)->default_value(0)->implicit_value(1), "causal mask (0|1)")
     ("check,c", po::value(&a.check)->default_value(0)->implicit_value(1),
      "1: max error vs fp64 reference on 16 sampled query rows per rank (with --backward also "
-     "dq on those rows and dk, dv on 16 key rows of one KV head per rank)")
+     "dq on those rows and dk, dv on 16 key rows of one KV head per rank), on the first call; "
+     "every later call's outputs must equal the first's bit for bit")
     ("json", po::value(&a.json)->default_value(""), "write rows to this JSON file")
     ("iters,n", po::value(&a.iters)->default_value(5), "timed iterations")
     ("warmup_iters,w", po::value(&a.warmup)->default_value(1), "untimed iterations")
@@ -934,8 +973,14 @@ int sp_main(int argc, char** argv) {
         continue;
       }
       const Result r = run_strategy(s, g, sh, a, dtype, dev, *ctl, m);
-      if (a.check && (!(r.err <= tolerance) || (a.backward && !(r.grad_err <= tolerance))))
+      if (a.check && (!(r.err <= tolerance) || (a.backward && !(r.grad_err <= tolerance)) ||
+                      r.repeat_mismatches > 0))
         all_ok = false;
+      if (a.check && r.repeat_mismatches > 0 && rank == 0)
+        std::printf(
+            "# %s: %lld later call(s) of a rank gave outputs that differ from the first "
+            "call's (checked against fp64)\n",
+            parallel::strategy_name(s), static_cast<long long>(r.repeat_mismatches));
       const double tflops = flops / p / r.time_s / 1e12;
       const double eff = std::isnan(t1) ? kNaN : t1 / (p * r.time_s);
       const double eff_cpu = std::isnan(base.cpu_s) ? kNaN : base.cpu_s / (p * r.cpu_s);
@@ -969,6 +1014,8 @@ int sp_main(int argc, char** argv) {
           .set("exposed_comm_ms", r.exposed_s * 1e3)
           .set("max_abs_err", r.err)
           .set("max_grad_abs_err", r.grad_err)
+          .set("calls_checked", r.calls_checked)
+          .set("repeat_mismatches", r.repeat_mismatches)
           .set("baseline_ms", t1 * 1e3)
           .set("compute_ms", r.compute_s * 1e3)
           .set("parallel_efficiency_cpu", eff_cpu)
