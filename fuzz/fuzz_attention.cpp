@@ -238,6 +238,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   fill(v.view, 3);
   poison(out.view);
   poison(lse.view);
+  if (std::getenv("FUZZ_VERBOSE"))
+    std::fprintf(
+        stderr,
+        "case: b %lld sq %lld sk %lld hq %lld hkv %lld d %lld dv %lld causal %d q_off %lld "
+        "k_off %lld window %lld,%lld scale %g dtypes %s %s %s -> %s %s\n",
+        (long long)b, (long long)sq, (long long)sk, (long long)hq, (long long)hkv, (long long)d,
+        (long long)dv, int(o.causal), (long long)o.q_offset, (long long)o.k_offset,
+        (long long)o.window_left, (long long)o.window_right,
+        double(o.softmax_scale.value_or(-1.0f)), dtype_name(qt), dtype_name(kt), dtype_name(vt),
+        dtype_name(ot), dtype_name(lt));
   try {
     ops::attention_forward(q.view, k.view, v.view, out.view, lse.view, o);
   } catch (const Error&) {

@@ -106,7 +106,9 @@ bool visible(const ops::AttentionOptions& o, const Tokens& t, int64_t i, int64_t
   if (t.qdoc[i] != t.kdoc[j]) return false;
   const int64_t qpos = t.qpos[i], kpos = t.kpos[j];
   if (o.causal && kpos > qpos) return false;
-  if (kpos < o.sink_tokens) return true;  // sink token: the window does not apply
+  // Sink token (the window does not apply): positions below sink_tokens, as the kernels'
+  // pieces split them; none at all when sink_tokens is 0 (also for negative positions).
+  if (o.sink_tokens > 0 && kpos < o.sink_tokens) return true;
   if (o.window_left >= 0 && kpos < qpos - o.window_left) return false;
   if (o.window_right >= 0 && kpos > qpos + o.window_right) return false;
   return true;

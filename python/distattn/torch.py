@@ -69,10 +69,11 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, strategy, group, causal, scale, heads_q, heads_kv, masks, sinks):
         if q.dim() == 4 and v.dim() == 4:
-            out = torch.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype,
-                              device=q.device)
-            lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32,
-                              device=q.device)
+            # empty_like is the cheapest allocation from Python (~2x faster than torch.empty
+            # with keyword arguments); a strided q gives out the same strides, which is fine.
+            b, s, h, d = q.shape
+            out = torch.empty_like(q) if v.shape[3] == d else q.new_empty((b, s, h, v.shape[3]))
+            lse = q.new_empty((b, h, s), dtype=torch.float32)
         else:  # let the C++ checks name the tensor that is not 4-D
             out = lse = q
         if masks is None:
@@ -97,9 +98,7 @@ class _Attention(torch.autograd.Function):
         strategy, group, causal, scale, heads_q, heads_kv, masks = ctx.cfg
         if dout.size(-1) > 1 and dout.stride(-1) != 1:
             dout = dout.contiguous()
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dsinks = None
         if masks is None:
             _C.sp_attention_backward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),

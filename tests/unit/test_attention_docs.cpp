@@ -176,6 +176,42 @@ TEST(AttentionDocs, FullyMaskedRowsWithSinksGetTheSinkLogit) {
   EXPECT_FLOAT_EQ(lse.data_as<float>()[3], std::log(1.0f + std::exp(2.0f)));
 }
 
+TEST(AttentionDocs, NegativeKeyPositionsAreSinksOnlyWithSinkTokens) {
+  // Found by fuzz_attention (fuzz/regressions/fuzz_attention/negative_key_not_a_sink): a key
+  // that k_offset puts at a negative position was a "sink" in the fp64 reference even with
+  // sink_tokens = 0. Query at position 100, keys at -2..1, window (6, unlimited): with
+  // sink_tokens 0 no key is visible (out 0, lse -inf); with sink_tokens 1 the keys below
+  // position 1 (-2, -1, 0) ignore the window, as the kernels' pieces split them.
+  Tensor q = Tensor::empty({1, 1, 1, 8}, DType::kFloat32);
+  Tensor k = Tensor::empty({1, 4, 1, 8}, DType::kFloat32);
+  Tensor v = Tensor::empty({1, 4, 1, 8}, DType::kFloat32);
+  fill_test_data(q.view(), 7, 1);
+  fill_test_data(k.view(), 7, 2);
+  fill_test_data(v.view(), 7, 3);
+  for (int64_t sink : {0, 1}) {
+    ops::AttentionOptions o;
+    o.q_offset = 100;
+    o.k_offset = -2;
+    o.window_left = 6;
+    o.sink_tokens = sink;
+    const auto ref = kernels::cpu::reference_attention_forward(q.view(), k.view(), v.view(), o);
+    Tensor out = Tensor::empty({1, 1, 1, 8}, DType::kFloat32);
+    Tensor lse = Tensor::empty({1, 1, 1}, DType::kFloat32);
+    ops::attention_forward(q.view(), k.view(), v.view(), out.view(), lse.view(), o);
+    const double r_lse = ref.lse.data_as<double>()[0];
+    if (sink == 0) {
+      EXPECT_TRUE(std::isinf(r_lse) && r_lse < 0) << "reference lse " << r_lse;
+      EXPECT_EQ(ref.out.data_as<double>()[0], 0.0);
+    } else {
+      EXPECT_TRUE(std::isfinite(r_lse));
+    }
+    EXPECT_EQ(std::isinf(lse.data_as<float>()[0]), std::isinf(r_lse)) << "sink " << sink;
+    for (int i = 0; i < 8; ++i)
+      EXPECT_NEAR(out.data_as<float>()[i], ref.out.data_as<double>()[i], 1e-5)
+          << "sink " << sink << " i " << i;
+  }
+}
+
 TEST(AttentionDocs, BadArgumentsNameTheField) {
   Tensor q = Tensor::zeros({1, 10, 2, 64}, DType::kFloat32);
   Tensor out = Tensor::empty({1, 10, 2, 64}, DType::kFloat32);

@@ -22,6 +22,8 @@
 //               Lk_d-Lq_d.. when cu_seqlens_k differs: bottom-right aligned, as decode).
 //   sink_tokens the first n keys of each document stay visible to every query of that
 //               document whatever the window (still subject to causality; StreamingLLM).
+//               Without documents, with n > 0, every key at a position below n ignores the
+//               window, including positions a negative k_offset puts below 0; n = 0: none.
 //   sinks       a learned logit per query head (gpt-oss) joins the softmax denominator only:
 //               lse = log(sum_j e^{s_ij} + e^{s_h}), out = sum_j e^{s_ij - lse} v_j; a row
 //               with no visible key gets out = 0, lse = s_h. Backward returns dsinks
