@@ -45,6 +45,7 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <sstream>
@@ -394,16 +395,42 @@ struct Result {
   int64_t calls_checked = 0;  // calls whose outputs were checked (max over ranks)
 };
 
-// The bytes of a host or device tensor (device ones are copied to the host).
-std::vector<char> host_bytes(const Tensor& t) {
-  std::vector<char> b;
-  if (!t.defined()) return b;
-  const Tensor h = t.view().device.is_cuda() ? to_device(t.view(), Device::cpu()) : Tensor();
-  const TensorView v = h.defined() ? h.view() : t.view();
-  b.resize(v.numel() * dtype_size(v.dtype));
-  std::memcpy(b.data(), v.data, b.size());
-  return b;
-}
+// The outputs of -c's repeat check: a copy of the first call's bytes, then compared in place
+// (host tensors are read where they are; device ones go through one host copy per call).
+class OutputSnapshot {
+ public:
+  explicit OutputSnapshot(std::initializer_list<const Tensor*> ts) : tensors_(ts) {}
+  void take() {
+    saved_.clear();
+    for (const Tensor* t : tensors_) {
+      const Tensor h = on_host(*t);
+      const TensorView v = h.defined() ? h.view() : t->view();
+      const char* p = t->defined() ? static_cast<const char*>(v.data) : nullptr;
+      saved_.emplace_back(p, p + bytes(*t));
+    }
+  }
+  bool matches() const {
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const Tensor& t = *tensors_[i];
+      if (!t.defined()) continue;
+      const Tensor h = on_host(t);
+      const TensorView v = h.defined() ? h.view() : t.view();
+      if (std::memcmp(v.data, saved_[i].data(), saved_[i].size()) != 0) return false;
+    }
+    return true;
+  }
+
+ private:
+  static size_t bytes(const Tensor& t) {
+    return t.defined() ? t.view().numel() * dtype_size(t.view().dtype) : 0;
+  }
+  // A host copy of a device tensor; undefined for host tensors (read in place).
+  static Tensor on_host(const Tensor& t) {
+    return t.defined() && t.view().device.is_cuda() ? to_device(t.view(), Device::cpu()) : Tensor();
+  }
+  std::vector<const Tensor*> tensors_;
+  std::vector<std::vector<char>> saved_;
+};
 
 // `ctl`: the host-memory (MPI) world for barriers and reductions of host values; the
 // strategy's communicators (g) may be NCCL, which accepts device memory only.
@@ -438,12 +465,7 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
   // -c: the first call's outputs are checked against the fp64 reference right after it, and
   // every later call's outputs must equal them bit for bit (same inputs, same order of work),
   // so every call is checked and the reference's memory is taken before the steady state.
-  std::vector<std::vector<char>> first;
-  auto outputs = [&] {
-    std::vector<std::vector<char>> o2;
-    for (const Tensor* t : {&out, &lse, &dq, &dk, &dv}) o2.push_back(host_bytes(*t));
-    return o2;
-  };
+  OutputSnapshot first({&out, &lse, &dq, &dk, &dv});
   for (int it = 0; it < a.warmup + a.iters; ++it) {
     const bool timed = it >= a.warmup;
     // CUDA: kernels are asynchronous. Start every rank on an idle stream and stop the
@@ -470,8 +492,8 @@ Result run_strategy(Strategy s, Group& g, const SpShape& sh, const Args& a, DTyp
         if (a.backward)
           r.grad_err =
               max_over_ranks(ctl, check_grads(g, sh, dq, dk, dv, dtype, o.causal, 16, m, sinks));
-        first = outputs();
-      } else if (outputs() != first) {
+        first.take();
+      } else if (!first.matches()) {
         ++r.repeat_mismatches;
       }
       ++r.calls_checked;
