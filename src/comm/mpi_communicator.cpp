@@ -507,6 +507,9 @@ using detail::MpiOpState;
 
 constexpr int kP2PTag = 0x5d1;
 constexpr int kAllToAllVTag = 0x5d2;
+// all_gather over 2 ranks (one exchange): ops in flight together match in posting order.
+constexpr int kAllGatherTag = 0x5d3;
+constexpr size_t kAllGatherExchangeBytes = size_t{256} << 10;
 
 MPI_Datatype mpi_type(DType t) {
   switch (t) {
@@ -1099,8 +1102,25 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_gather(const void* send, v
   const size_t total = block * static_cast<size_t>(size_);
   const bool in_place = send == cptr(recv, block * static_cast<size_t>(rank_));
   void* hr = in_place ? b.inout(recv, total) : b.out(recv, total);
-  const void* hs = in_place ? MPI_IN_PLACE : b.in(send, block);
   const auto c = b.express(send_count, dtype);
+  if (size_ == 2 && block >= kAllGatherExchangeBytes) {
+    // Two ranks, large blocks: one exchange, the algorithm of Open MPI's own two-process
+    // MPI_Allgather, with this rank's block copied into place while the peer's arrives.
+    // MPI_Iallgather (libnbc's linear schedule) measured 0.90-1.15x of MPI_Allgather at
+    // 16 MiB from one run to the next. Small blocks keep MPI_Iallgather.
+    const int peer = 1 - rank_;
+    void* own_slot = mptr(hr, block * static_cast<size_t>(rank_));
+    const void* own = in_place ? own_slot : b.in(send, block);
+    DISTATTN_MPI_CHECK(MPI_Irecv(mptr(hr, block * static_cast<size_t>(peer)), c.n, c.type, peer,
+                                 kAllGatherTag, comm_, b.req()),
+                       b.ctx(), " (recv from ", peer, ")");
+    b.st().recv_checks.push_back({b.st().reqs.size() - 1, static_cast<MPI_Count>(block), peer});
+    DISTATTN_MPI_CHECK(MPI_Isend(own, c.n, c.type, peer, kAllGatherTag, comm_, b.req()), b.ctx(),
+                       " (send to ", peer, ")");
+    if (!in_place) std::memcpy(own_slot, own, block);
+    return b.done();
+  }
+  const void* hs = in_place ? MPI_IN_PLACE : b.in(send, block);
   DISTATTN_MPI_CHECK(MPI_Iallgather(hs, c.n, c.type, hr, c.n, c.type, comm_, b.req()), b.ctx());
   return b.done();
 }
