@@ -49,7 +49,8 @@ def max_over_ranks(world, x: float) -> float:
 
 class Recorder:
     """Stands in for distattn._distattn inside distattn.torch and sums the C++ time
-    (Stats.call_s) of every sp_attention_forward/backward call."""
+    (Stats.call_s) of every sp_attention_forward/backward call (distattn.torch's SavedCall
+    forward and backward included)."""
 
     def __init__(self, real):
         self.real, self.cpp_s = real, 0.0
@@ -65,6 +66,23 @@ class Recorder:
     def sp_attention_backward(self, *a, **kw):
         st = self.real.sp_attention_backward(*a, **kw)
         self.cpp_s += st.call_s
+        return st
+
+    def sp_attention_forward_saved(self, *a, **kw):  # distattn.torch's forward
+        call = self.real.sp_attention_forward_saved(*a, **kw)
+        self.cpp_s += call.stats.call_s
+        return _RecordedCall(self, call)
+
+
+class _RecordedCall:
+    """A SavedCall whose backward's Stats.call_s goes to the Recorder."""
+
+    def __init__(self, rec, call):
+        self.rec, self.call = rec, call
+
+    def backward(self, *a, **kw):
+        st = self.call.backward(*a, **kw)
+        self.rec.cpp_s += st.call_s
         return st
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import atexit as _atexit
 import importlib as _importlib
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from . import _distattn as _C
 from ._distattn import (
@@ -90,6 +90,7 @@ __version__ = "0.1.0"
 GroupLike = Union[None, Communicator, DeviceMesh, Group]
 
 _world: Optional[Communicator] = None
+_flat_group: Tuple[Any, Any] = (None, None)  # as_group's last (communicator, flat Group)
 _finalize_registered = False
 
 
@@ -126,8 +127,9 @@ def finalize() -> None:
 
     Registered with :mod:`atexit` by :func:`init`; MPI cannot be initialized again after it.
     """
-    global _world
+    global _world, _flat_group
     _world = None
+    _flat_group = (None, None)  # as_group's cache holds a communicator
     if _C.runtime_initialized():
         _C.runtime_finalize()
 
@@ -136,12 +138,16 @@ def as_group(group: GroupLike) -> Group:
     """The :class:`Group` a strategy runs over: ``None`` = the world (flat),
     a :class:`Communicator` = flat over it, a :class:`DeviceMesh` = its ``ring`` and
     ``ulysses`` axes (hybrid), a :class:`Group` as is."""
+    global _flat_group
     if isinstance(group, Group):
         return group
-    if group is None:
-        return Group.flat(world())
-    if isinstance(group, Communicator):
-        return Group.flat(group)
+    comm = world() if group is None else group
+    if comm is _flat_group[0]:
+        return _flat_group[1]
+    if isinstance(comm, Communicator):
+        # One entry: a trainer passes the same communicator on every call.
+        _flat_group = (comm, Group.flat(comm))
+        return _flat_group[1]
     if isinstance(group, DeviceMesh):
         return Group.from_mesh(group)
     raise InvalidArgumentError(

@@ -64,7 +64,8 @@ def _group(group: Any) -> "distattn.Group":
 
 class _Attention(torch.autograd.Function):
     """forward: sp_attention_forward into new out/lse; backward: sp_attention_backward from
-    the saved q, k, v, out, lse (the forward is not recomputed)."""
+    the saved q, k, v, out, lse (the forward is not recomputed). The forward's DLPack imports
+    are kept in a SavedCall, so the backward imports only dout and the three gradients."""
 
     @staticmethod
     def forward(ctx, q, k, v, strategy, group, causal, scale, heads_q, heads_kv, masks, sinks):
@@ -76,46 +77,40 @@ class _Attention(torch.autograd.Function):
             lse = q.new_empty((b, h, s), dtype=torch.float32)
         else:  # let the C++ checks name the tensor that is not 4-D
             out = lse = q
+        stream = _stream(q)
         if masks is None:
-            _C.sp_attention_forward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
-                                    _to_dlpack(out), _to_dlpack(lse), causal=causal,
-                                    softmax_scale=scale, heads_q=heads_q, heads_kv=heads_kv,
-                                    stream=_stream(q))
+            call = _C.sp_attention_forward_saved(strategy, group, _to_dlpack(q), _to_dlpack(k),
+                                                 _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
+                                                 causal, scale, heads_q, heads_kv, stream)
         else:
-            _C.sp_attention_forward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
-                                    _to_dlpack(out), _to_dlpack(lse), causal=causal,
-                                    softmax_scale=scale, heads_q=heads_q, heads_kv=heads_kv,
-                                    stream=_stream(q), **masks,
-                                    sinks=None if sinks is None else _to_dlpack(sinks.detach()))
+            call = _C.sp_attention_forward_saved(
+                strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
+                _to_dlpack(lse), causal, scale, heads_q, heads_kv, stream, True,
+                masks["cu_seqlens"], masks["window_left"], masks["window_right"],
+                masks["sink_tokens"], None if sinks is None else _to_dlpack(sinks.detach()))
+        # The SavedCall holds the memory; saving the tensors too makes autograd check that
+        # none of them was changed in place before the backward.
         ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.cfg = (strategy, group, causal, scale, heads_q, heads_kv, masks)
+        ctx.call = call
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero gradient is made for lse
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        strategy, group, causal, scale, heads_q, heads_kv, masks = ctx.cfg
+        q, k, v, _out, _lse, sinks = ctx.saved_tensors
+        if dout is None:  # out did not reach the loss
+            return (None,) * 11
         if dout.size(-1) > 1 and dout.stride(-1) != 1:
             dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dsinks = None
-        if masks is None:
-            _C.sp_attention_backward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
-                                     _to_dlpack(out), _to_dlpack(dout), _to_dlpack(lse),
-                                     _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv),
-                                     causal=causal, softmax_scale=scale, heads_q=heads_q,
-                                     heads_kv=heads_kv, stream=_stream(q))
-        else:
-            extra = {}
-            if sinks is not None:
-                dsinks = torch.zeros(sinks.shape, dtype=torch.float32, device=sinks.device)
-                extra = {"sinks": _to_dlpack(sinks.detach()), "dsinks": _to_dlpack(dsinks)}
-            _C.sp_attention_backward(strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v),
-                                     _to_dlpack(out), _to_dlpack(dout), _to_dlpack(lse),
-                                     _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv),
-                                     causal=causal, softmax_scale=scale, heads_q=heads_q,
-                                     heads_kv=heads_kv, stream=_stream(q), **masks, **extra)
+        if sinks is None:
+            ctx.call.backward(_to_dlpack(dout), _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv),
+                              _stream(q))
+            return dq, dk, dv, None, None, None, None, None, None, None, None
+        dsinks = torch.zeros(sinks.shape, dtype=torch.float32, device=sinks.device)
+        ctx.call.backward(_to_dlpack(dout), _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv),
+                          _stream(q), _to_dlpack(dsinks))
         return dq, dk, dv, None, None, None, None, None, None, None, dsinks
 
 

@@ -11,6 +11,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
 #include <array>
@@ -323,6 +324,30 @@ CallStats run_timed(F&& call) {
   cs.call_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return cs;
 }
+
+// One forward's imported arrays and options, kept for its backward (SavedCall in Python):
+// the arrays hold the callers' DLPack tensors alive, so the views stay valid.
+struct SavedCall {
+  SavedCall(Strategy s, Group g, In q_, In k_, In v_, Out o, Out l, Masks m)
+      : strategy(s),
+        group(std::move(g)),
+        q(std::move(q_)),
+        k(std::move(k_)),
+        v(std::move(v_)),
+        out(std::move(o)),
+        lse(std::move(l)),
+        masks(std::move(m)) {}
+  Strategy strategy;
+  Group group;
+  In q, k, v;
+  Out out, lse;
+  Masks masks;
+  bool causal = false;
+  std::optional<float> scale;
+  int64_t heads_q = 0, heads_kv = 0;
+  bool drive_progress = true;
+  CallStats forward_stats;
+};
 
 nb::dict ledger_dict(const comm::Ledger& l) {
   nb::dict d;
@@ -824,6 +849,66 @@ void bind_attention(nb::module_& m) {
       "dsinks"_a = nb::none(),
       "dq, dk, dv <- gradients for the local shards from the forward's out and lse "
       "(sp_attention_backward). Written in place; returns Stats.");
+
+  nb::class_<SavedCall>(
+      m, "SavedCall",
+      "One sp_attention_forward that keeps its imported q, k, v, out, lse (the caller's "
+      "memory, never copied) and options for the backward (distattn.torch's autograd "
+      "Function): backward() imports only dout and the gradients.")
+      .def_ro("stats", &SavedCall::forward_stats, "Stats of the forward")
+      .def(
+          "backward",
+          [](const SavedCall& c, nb::handle dout, nb::handle dq, nb::handle dk, nb::handle dv,
+             uintptr_t stream, nb::handle dsinks) {
+            const In ado(dout, "dout");
+            const Out adq(dq, "dq"), adk(dk, "dk"), adv(dv, "dv");
+            std::optional<Out> ads;
+            if (!dsinks.is_none()) ads.emplace(dsinks, "dsinks");
+            return run_timed([&](parallel::SpStats* st) {
+              parallel::SpOptions o =
+                  options(c.causal, c.scale, c.heads_q, c.heads_kv, stream, c.drive_progress, st);
+              c.masks.apply(o);
+              if (ads) o.dsinks = ads->view;
+              parallel::sp_attention_backward(c.strategy, c.group.get(), c.q.view, c.k.view,
+                                              c.v.view, c.out.view, ado.view, c.lse.view, adq.view,
+                                              adk.view, adv.view, o);
+            });
+          },
+          "dout"_a, "dq"_a, "dk"_a, "dv"_a, "stream"_a = 0, "dsinks"_a = nb::none(),
+          "dq, dk, dv (and dsinks) <- sp_attention_backward of the saved forward. Returns "
+          "Stats.");
+  m.def(
+      "sp_attention_forward_saved",
+      [](const std::string& strategy, const Group& g, nb::handle q, nb::handle k, nb::handle v,
+         nb::handle out, nb::handle lse, bool causal, std::optional<float> scale, int64_t heads_q,
+         int64_t heads_kv, uintptr_t stream, bool drive_progress,
+         std::optional<std::vector<int32_t>> cu_seqlens, int64_t window_left, int64_t window_right,
+         int64_t sink_tokens, nb::handle sinks) {
+        auto c = std::make_unique<SavedCall>(
+            parallel::parse_strategy(strategy), g, In(q, "q"), In(k, "k"), In(v, "v"),
+            Out(out, "out"), Out(lse, "lse"),
+            masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, nb::none()));
+        c->causal = causal;
+        c->scale = scale;
+        c->heads_q = heads_q;
+        c->heads_kv = heads_kv;
+        c->drive_progress = drive_progress;
+        const SavedCall& sc = *c;
+        c->forward_stats = run_timed([&](parallel::SpStats* st) {
+          parallel::SpOptions o =
+              options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
+          sc.masks.apply(o);
+          parallel::sp_attention_forward(sc.strategy, sc.group.get(), sc.q.view, sc.k.view,
+                                         sc.v.view, sc.out.view, sc.lse.view, o);
+        });
+        return c;
+      },
+      "strategy"_a, "group"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "causal"_a = false,
+      "softmax_scale"_a = nb::none(), "heads_q"_a = 0, "heads_kv"_a = 0, "stream"_a = 0,
+      "drive_progress"_a = true, "cu_seqlens"_a = nb::none(), "window_left"_a = -1,
+      "window_right"_a = -1, "sink_tokens"_a = 0, "sinks"_a = nb::none(),
+      "sp_attention_forward (arguments in order, no keywords needed), returning a SavedCall "
+      "whose backward() reuses this call's q, k, v, out, lse and options.");
 }
 
 }  // namespace

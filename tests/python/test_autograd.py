@@ -85,3 +85,33 @@ def test_help_states_shapes_layouts_and_local_meaning():
         assert needle in doc, needle
     assert "transpose(1, 2)" in dt.__doc__  # the BHSD (SDPA layout) recipe
     assert "what \"local\" means" in distattn.__doc__ or "*local*" in distattn.__doc__
+
+
+def test_saved_forward_backward_twice_in_place_change_and_unused_output(world):
+    """The backward reuses the forward's DLPack imports (a SavedCall): a second backward with
+    retain_graph gives the same gradients, changing q in place after the forward is caught by
+    autograd, and lse (non-differentiable) makes no gradient while out's zero one adds none."""
+    b, sl, h, d = 1, 8, 2, 8
+    gen = torch.Generator().manual_seed(5 + world.rank())
+    q, k, v = (torch.randn(b, sl, h, d, generator=gen).requires_grad_() for _ in range(3))
+    o = dt.attention(q, k, v, strategy="zigzag", causal=True)
+    o.sum().backward(retain_graph=True)
+    first = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    o.sum().backward()
+    assert all_true(world, all(torch.equal(a, x.grad) for a, x in zip(first, (q, k, v))))
+
+    q2 = q.detach().clone().requires_grad_()
+    base = q2 * 1.0  # a non-leaf that autograd lets us change in place
+    o2 = dt.attention(base, k, v, strategy="zigzag", causal=True)
+    with torch.no_grad():
+        base.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        o2.sum().backward()
+
+    o3, lse = dt.attention(q, k, v, strategy="zigzag", causal=True, return_lse=True)
+    assert not lse.requires_grad
+    q.grad = None
+    (o3.sum() * 0 + q.sum()).backward()  # o3 in the graph with a zero gradient
+    assert torch.equal(q.grad, torch.ones_like(q))
