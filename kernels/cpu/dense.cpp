@@ -92,7 +92,7 @@ void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const f
   }
   if (m <= kSmallM && !transpose_b) {
 #if DISTATTN_WITH_AVX512
-    if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx512)
+    if (is_avx512_level(active_cpu_kernel_isa()))
       return sgemm_small_m_avx512(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 #endif
     return small_m::gemm(m, n, k, a, lda, b, ldb, c, ldc, accumulate);

@@ -51,7 +51,7 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
   p.dv = grad_operand(dv, v, "dv");
   p.accumulate = bopts.accumulate;
 #if DISTATTN_WITH_AVX512
-  if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx512) {
+  if (is_avx512_level(active_cpu_kernel_isa())) {
     flash_backward_avx512(p);
     return;
   }

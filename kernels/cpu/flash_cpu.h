@@ -22,15 +22,21 @@ namespace distattn::kernels::cpu {
 #define DISTATTN_FLASH_AVX2 0
 #endif
 
-enum class CpuKernelIsa { kAuto, kPortable, kAvx2, kAvx512 };
+// kAvx512Bf16: the AVX-512 kernels plus bf16 dot-product tiles (vdpbf16ps) in the forward
+// when q, k, v are bf16; everything else runs as kAvx512.
+enum class CpuKernelIsa { kAuto, kPortable, kAvx2, kAvx512, kAvx512Bf16 };
 
 // Forces an instruction set for the next flash_forward/flash_backward calls (tests and
 // benchmarks); kAuto goes back to DISTATTN_CPU_KERNEL / CPU detection. Throws if the
 // requested set is not available in this build or on this CPU.
 void set_cpu_kernel_isa(CpuKernelIsa isa);
-// What the next call uses. DISTATTN_CPU_KERNEL=auto|portable|avx2|avx512 is read once;
-// auto takes AVX-512, else AVX2+FMA, else portable.
+// What the next call uses. DISTATTN_CPU_KERNEL=auto|portable|avx2|avx512|avx512bf16 is read
+// once; auto takes AVX512-BF16, else AVX-512, else AVX2+FMA, else portable.
 CpuKernelIsa active_cpu_kernel_isa();
+// True for the AVX-512 levels (kAvx512, kAvx512Bf16): the AVX-512 kernels run.
+inline bool is_avx512_level(CpuKernelIsa isa) {
+  return isa == CpuKernelIsa::kAvx512 || isa == CpuKernelIsa::kAvx512Bf16;
+}
 bool cpu_kernel_isa_available(CpuKernelIsa isa);
 const char* cpu_kernel_isa_name(CpuKernelIsa isa);
 
@@ -74,6 +80,9 @@ void flash_backward_avx2(const FlashBackwardParams& p);
 #if DISTATTN_WITH_AVX512
 void flash_forward_avx512(const FlashForwardParams& p);
 void flash_backward_avx512(const FlashBackwardParams& p);
+#endif
+#if DISTATTN_WITH_AVX512BF16
+void flash_forward_avx512bf16(const FlashForwardParams& p);
 #endif
 
 }  // namespace distattn::kernels::cpu

@@ -23,8 +23,9 @@ CpuKernelIsa env_isa() {
     if (s == "portable") return CpuKernelIsa::kPortable;
     if (s == "avx2") return CpuKernelIsa::kAvx2;
     if (s == "avx512") return CpuKernelIsa::kAvx512;
+    if (s == "avx512bf16") return CpuKernelIsa::kAvx512Bf16;
     DISTATTN_THROW(Status::kInvalidArgument, "DISTATTN_CPU_KERNEL='", s,
-                   "' is not understood: use auto, portable, avx2 or avx512");
+                   "' is not understood: use auto, portable, avx2, avx512 or avx512bf16");
   }();
   return isa;
 }
@@ -76,6 +77,13 @@ bool cpu_kernel_isa_available(CpuKernelIsa isa) {
 #else
       return false;
 #endif
+    case CpuKernelIsa::kAvx512Bf16:
+#if DISTATTN_WITH_AVX512BF16
+      return cpu_kernel_isa_available(CpuKernelIsa::kAvx512) &&
+             __builtin_cpu_supports("avx512bf16");
+#else
+      return false;
+#endif
   }
   return false;
 }
@@ -90,6 +98,8 @@ const char* cpu_kernel_isa_name(CpuKernelIsa isa) {
       return "avx2";
     case CpuKernelIsa::kAvx512:
       return "avx512";
+    case CpuKernelIsa::kAvx512Bf16:
+      return "avx512bf16";
   }
   return "?";
 }
@@ -97,7 +107,7 @@ const char* cpu_kernel_isa_name(CpuKernelIsa isa) {
 void set_cpu_kernel_isa(CpuKernelIsa isa) {
   DISTATTN_CHECK_STATUS(cpu_kernel_isa_available(isa), Status::kUnsupported,
                         "CPU kernel instruction set '", cpu_kernel_isa_name(isa),
-                        "' is not available (build without AVX-512 or CPU lacks it); use "
+                        "' is not available (build without it or CPU lacks it); use "
                         "portable or auto");
   g_forced_isa.store(static_cast<int>(isa));
 }
@@ -106,6 +116,7 @@ CpuKernelIsa active_cpu_kernel_isa() {
   CpuKernelIsa isa = static_cast<CpuKernelIsa>(g_forced_isa.load());
   if (isa == CpuKernelIsa::kAuto) isa = env_isa();
   if (isa == CpuKernelIsa::kAuto) {
+    if (cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16)) return CpuKernelIsa::kAvx512Bf16;
     if (cpu_kernel_isa_available(CpuKernelIsa::kAvx512)) return CpuKernelIsa::kAvx512;
     if (cpu_kernel_isa_available(CpuKernelIsa::kAvx2)) return CpuKernelIsa::kAvx2;
     return CpuKernelIsa::kPortable;
@@ -169,14 +180,21 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
                    const TensorView& out, const TensorView& lse,
                    const ops::AttentionOptions& opts) {
   const FlashForwardParams p = make_forward_params(q, k, v, out, lse, opts);
+  const CpuKernelIsa isa = active_cpu_kernel_isa();
+#if DISTATTN_WITH_AVX512BF16
+  if (isa == CpuKernelIsa::kAvx512Bf16) {
+    flash_forward_avx512bf16(p);
+    return;
+  }
+#endif
 #if DISTATTN_WITH_AVX512
-  if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx512) {
+  if (is_avx512_level(isa)) {
     flash_forward_avx512(p);
     return;
   }
 #endif
 #if DISTATTN_FLASH_AVX2
-  if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx2) {
+  if (isa == CpuKernelIsa::kAvx2) {
     flash_forward_avx2(p);
     return;
   }

@@ -249,6 +249,13 @@ struct ProgressTicker {
   }
 };
 
+// Policies with bf16 dot-product tiles (AVX512-BF16: gemm_bf16, pack_q, pack_v, pack_p)
+// declare kBf16Dot; the forward takes them when q, k and v are bf16 and D is even.
+template <class Isa>
+constexpr bool kHasBf16Dot = requires {
+  Isa::kBf16Dot;
+};
+
 // ---------------------------------------------------------------------------------------
 // Forward. Work item = (batch, query head, block of <= kBq queries); K/V tiles of kBk keys.
 // Scores are computed transposed (st[j][i] = K Q^T with Q^T packed once per item, prescaled
@@ -273,10 +280,21 @@ void forward_impl(const FlashForwardParams& p) {
   const bool parallel_main =
       items > 1 && static_cast<double>(B * Hq * Sq) * static_cast<double>(Sk * (D + Dv)) >=
                        static_cast<double>(kMinParallelMacs);
+  // bf16 tiles: K is read as stored, Q, V and P are packed as bf16 pairs
+  // (flash_isa_avx512bf16.h).
+  bool bf16_dot = false;
+  if constexpr (kHasBf16Dot<Isa>)
+    bf16_dot = p.q.dtype == DType::kBFloat16 && p.k.dtype == DType::kBFloat16 &&
+               p.v.dtype == DType::kBFloat16 && D % 2 == 0;
+  const int64_t kb2 = (kBk + 1) / 2;  // key pairs of a tile
+  // fp32 outputs carry P as bf16 hi + lo (two P V passes); bf16 outputs round P once.
+  const bool p_split = bf16_dot && p.out.dtype != DType::kBFloat16;
 
 #pragma omp parallel if (parallel_main)
   {
-    FloatBuffer qt(D * kBq), st(kBk * kBq), o(kBq * Dv), kbuf(kBk * D), vbuf(kBk * Dv),
+    // fp32 tiles (qt, kbuf, vbuf) or bf16-pair tiles (qt holds qp, kbuf pp, vbuf vp).
+    FloatBuffer qt(bf16_dot ? D / 2 * kBq : D * kBq), st(kBk * kBq), o(kBq * Dv),
+        kbuf(bf16_dot ? 2 * kb2 * kBq : kBk * D), vbuf(bf16_dot ? kb2 * Dv : kBk * Dv),
         stats(3 * kBq), row(std::max(D, Dv));
     float* m = stats.get();
     float* l = m + kBq;
@@ -294,10 +312,17 @@ void forward_impl(const FlashForwardParams& p) {
       const int64_t i0 = qb * qstep;
       const int64_t bq = std::min(qstep, Sq - i0);
 
-      for (int64_t i = 0; i < bq; ++i) {
-        const int64_t off = b * p.q.sb + (i0 + i) * p.q.ss + h * p.q.sh;
-        load_row(byte_ptr(p.q.data, p.q.dtype, off), p.q.dtype, D, row.get(), c2);
-        for (int64_t d = 0; d < D; ++d) qt.get()[d * kBq + i] = row.get()[d];
+      if (bf16_dot) {
+        if constexpr (kHasBf16Dot<Isa>)
+          Isa::pack_q(
+              static_cast<const uint16_t*>(p.q.data) + b * p.q.sb + i0 * p.q.ss + h * p.q.sh,
+              p.q.ss, bq, D, reinterpret_cast<uint32_t*>(qt.get()), kBq);
+      } else {
+        for (int64_t i = 0; i < bq; ++i) {
+          const int64_t off = b * p.q.sb + (i0 + i) * p.q.ss + h * p.q.sh;
+          load_row(byte_ptr(p.q.data, p.q.dtype, off), p.q.dtype, D, row.get(), c2);
+          for (int64_t d = 0; d < D; ++d) qt.get()[d * kBq + i] = row.get()[d];
+        }
       }
       for (int64_t i = 0; i < bq; ++i) {
         m[i] = kNegInf;
@@ -312,11 +337,20 @@ void forward_impl(const FlashForwardParams& p) {
         const int64_t bk = std::min(kBk, jhi - j0);
         const Mask::Kind kind = mask.classify(i0, i0 + bq, j0, j0 + bk);
         if (kind == Mask::kSkip) continue;
-        const Rows kr =
-            fp32_rows(p.k, b * p.k.sb + j0 * p.k.ss + hk * p.k.sh, p.k.ss, bk, D, kbuf.get());
-        const Rows vr =
-            fp32_rows(p.v, b * p.v.sb + j0 * p.v.ss + hk * p.v.sh, p.v.ss, bk, Dv, vbuf.get());
-        Isa::gemm(bk, bq, D, kr.ptr, kr.ld, 1, qt.get(), kBq, st.get(), kBq, false);
+        const int64_t koff = b * p.k.sb + j0 * p.k.ss + hk * p.k.sh;
+        const int64_t voff = b * p.v.sb + j0 * p.v.ss + hk * p.v.sh;
+        Rows vr{nullptr, 0};
+        if (bf16_dot) {
+          // st = c2 * K Q^T: the scale is applied to the fp32 scores, q stays as stored.
+          if constexpr (kHasBf16Dot<Isa>)
+            Isa::gemm_bf16(bk, bq, D / 2, static_cast<const uint16_t*>(p.k.data) + koff, p.k.ss, 2,
+                           reinterpret_cast<const uint32_t*>(qt.get()), kBq, st.get(), kBq, false,
+                           c2);
+        } else {
+          const Rows kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
+          vr = fp32_rows(p.v, voff, p.v.ss, bk, Dv, vbuf.get());
+          Isa::gemm(bk, bq, D, kr.ptr, kr.ld, 1, qt.get(), kBq, st.get(), kBq, false);
+        }
         if (kind == Mask::kPartial) mask.apply_transposed(st.get(), kBq, i0, bq, j0, bk);
         Isa::softmax_columns(st.get(), kBq, bk, bq, m, l, alpha);
         for (int64_t i = 0; i < bq; ++i) {
@@ -326,7 +360,23 @@ void forward_impl(const FlashForwardParams& p) {
             for (int64_t d = 0; d < Dv; ++d) orow[d] *= a;
           }
         }
-        Isa::gemm(bq, Dv, bk, st.get(), 1, kBq, vr.ptr, vr.ld, o.get(), Dv, true);
+        if (bf16_dot) {
+          // O += P V with P rounded to bf16 (the normalizer l keeps the fp32 P).
+          if constexpr (kHasBf16Dot<Isa>) {
+            auto* vp = reinterpret_cast<uint32_t*>(vbuf.get());
+            auto* pp = reinterpret_cast<uint32_t*>(kbuf.get());
+            uint32_t* pp_lo = p_split ? pp + kb2 * kBq : nullptr;
+            Isa::pack_v(static_cast<const uint16_t*>(p.v.data) + voff, p.v.ss, bk, Dv, vp);
+            Isa::pack_p(st.get(), kBq, bk, bq, pp, pp_lo);
+            Isa::gemm_bf16(bq, Dv, (bk + 1) / 2, reinterpret_cast<const uint16_t*>(pp), 2, 2 * kBq,
+                           vp, Dv, o.get(), Dv, true, 1.f);
+            if (p_split)
+              Isa::gemm_bf16(bq, Dv, (bk + 1) / 2, reinterpret_cast<const uint16_t*>(pp_lo), 2,
+                             2 * kBq, vp, Dv, o.get(), Dv, true, 1.f);
+          }
+        } else {
+          Isa::gemm(bq, Dv, bk, st.get(), 1, kBq, vr.ptr, vr.ld, o.get(), Dv, true);
+        }
         progress.tick();
       }
 

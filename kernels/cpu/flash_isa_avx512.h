@@ -78,29 +78,48 @@ inline void micro_kernel(int64_t K, const float* a, int64_t ars, int64_t ats, co
   }
 }
 
-template <int NV>
-inline void micro_rows(int64_t mr, int64_t K, const float* a, int64_t ars, int64_t ats,
-                       const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
-                       __mmask16 last) {
-  switch (mr) {
-    case 6:
-      micro_kernel<6, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
-      break;
-    case 5:
-      micro_kernel<5, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
-      break;
-    case 4:
-      micro_kernel<4, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
-      break;
-    case 3:
-      micro_kernel<3, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
-      break;
-    case 2:
-      micro_kernel<2, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
-      break;
-    default:
-      micro_kernel<1, NV>(K, a, ars, ats, b, ldb, c, ldc, accumulate, last);
-      break;
+// Calls f.template operator()<MR, NV>(m0, n0, last) for each block of a C[M x N]: blocks of
+// up to 6 rows and 64 columns (NV vectors of 16; the last one masked with `last`), so that
+// every micro-kernel shape is a template instance.
+template <class F>
+inline void for_each_block(int64_t M, int64_t N, F&& f) {
+  const auto rows = [&]<int NV>(int64_t mr, int64_t m0, int64_t n0, __mmask16 last) {
+    switch (mr) {
+      case 6:
+        return f.template operator()<6, NV>(m0, n0, last);
+      case 5:
+        return f.template operator()<5, NV>(m0, n0, last);
+      case 4:
+        return f.template operator()<4, NV>(m0, n0, last);
+      case 3:
+        return f.template operator()<3, NV>(m0, n0, last);
+      case 2:
+        return f.template operator()<2, NV>(m0, n0, last);
+      default:
+        return f.template operator()<1, NV>(m0, n0, last);
+    }
+  };
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nn = std::min<int64_t>(64, N - n0);
+    const int64_t nv = (nn + 15) / 16;
+    const __mmask16 last = tail_mask(nn - 16 * (nv - 1));
+    for (int64_t m0 = 0; m0 < M; m0 += 6) {
+      const int64_t mr = std::min<int64_t>(6, M - m0);
+      switch (nv) {
+        case 4:
+          rows.template operator()<4>(mr, m0, n0, last);
+          break;
+        case 3:
+          rows.template operator()<3>(mr, m0, n0, last);
+          break;
+        case 2:
+          rows.template operator()<2>(mr, m0, n0, last);
+          break;
+        default:
+          rows.template operator()<1>(mr, m0, n0, last);
+          break;
+      }
+    }
   }
 }
 
@@ -109,7 +128,6 @@ struct Avx512Isa {
   static constexpr int64_t kFwdBlockK = 128;
   static constexpr int64_t kBwdBlockQ = 64;
   static constexpr int64_t kBwdBlockK = 64;
-  static constexpr int64_t kMr = 6;
 
   static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t ats,
                    const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
@@ -118,31 +136,10 @@ struct Avx512Isa {
         for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, 0.f);
       return;
     }
-    for (int64_t n0 = 0; n0 < N; n0 += 64) {
-      const int64_t nn = std::min<int64_t>(64, N - n0);
-      const int64_t nv = (nn + 15) / 16;
-      const __mmask16 last = tail_mask(nn - 16 * (nv - 1));
-      for (int64_t m0 = 0; m0 < M; m0 += kMr) {
-        const int64_t mr = std::min<int64_t>(kMr, M - m0);
-        const float* am = a + m0 * ars;
-        const float* bn = b + n0;
-        float* cm = c + m0 * ldc + n0;
-        switch (nv) {
-          case 4:
-            micro_rows<4>(mr, K, am, ars, ats, bn, ldb, cm, ldc, accumulate, last);
-            break;
-          case 3:
-            micro_rows<3>(mr, K, am, ars, ats, bn, ldb, cm, ldc, accumulate, last);
-            break;
-          case 2:
-            micro_rows<2>(mr, K, am, ars, ats, bn, ldb, cm, ldc, accumulate, last);
-            break;
-          default:
-            micro_rows<1>(mr, K, am, ars, ats, bn, ldb, cm, ldc, accumulate, last);
-            break;
-        }
-      }
-    }
+    for_each_block(M, N, [&]<int MR, int NV>(int64_t m0, int64_t n0, __mmask16 last) {
+      micro_kernel<MR, NV>(K, a + m0 * ars, ars, ats, b + n0, ldb, c + m0 * ldc + n0, ldc,
+                           accumulate, last);
+    });
   }
 
   // Lane i of each vector is query i; rows j are keys.

@@ -148,13 +148,11 @@ TEST_P(DocsAllIsas, CrossDocumentsAndDecode) {
   run({.sq = 3, .sk = 200, .wl = 40, .wr = 0, .sink_tokens = 4, .sinks = true}, true);
 }
 
-INSTANTIATE_TEST_SUITE_P(Isas, DocsAllIsas,
-                         ::testing::Values(kernels::cpu::CpuKernelIsa::kPortable,
-                                           kernels::cpu::CpuKernelIsa::kAvx2,
-                                           kernels::cpu::CpuKernelIsa::kAvx512),
-                         [](const auto& i) {
-                           return std::string(kernels::cpu::cpu_kernel_isa_name(i.param));
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Isas, DocsAllIsas,
+    ::testing::Values(kernels::cpu::CpuKernelIsa::kPortable, kernels::cpu::CpuKernelIsa::kAvx2,
+                      kernels::cpu::CpuKernelIsa::kAvx512, kernels::cpu::CpuKernelIsa::kAvx512Bf16),
+    [](const auto& i) { return std::string(kernels::cpu::cpu_kernel_isa_name(i.param)); });
 
 TEST(AttentionDocs, FullyMaskedRowsWithSinksGetTheSinkLogit) {
   Tensor out = Tensor::empty({1, 2, 2, 4}, DType::kFloat32);

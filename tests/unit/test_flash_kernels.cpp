@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <sstream>
@@ -191,6 +193,8 @@ std::vector<CpuKernelIsa> isas() {
   if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx2)) r.push_back(CpuKernelIsa::kAvx2);
   if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512))
     r.push_back(CpuKernelIsa::kAvx512);
+  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16))
+    r.push_back(CpuKernelIsa::kAvx512Bf16);
   return r;
 }
 
@@ -348,6 +352,65 @@ TEST(FlashForward, Bf16AndFp16InputsWithNativeAndFp32Outputs) {
       check_forward(c);
     }
   }
+}
+
+// The bf16 dot-product tiles (AVX512-BF16): every tail the packing has (odd key tiles,
+// query blocks and Dv not multiples of 16, one query, one key), masks, GQA, strided operands,
+// and an odd head dim (which takes the fp32 tiles of the same policy).
+TEST(FlashForward, Bf16DotProductTilesAcrossTailsAndMasks) {
+  if (!kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16))
+    GTEST_SKIP() << "no AVX512-BF16 on this CPU/build: the bf16 tiles are not tested here";
+  const std::vector<std::array<int64_t, 4>> shapes{// Sq, Sk, D, Dv
+                                                   {1, 1, 64, 64},      {7, 131, 128, 128},
+                                                   {131, 257, 64, 64},  {37, 129, 80, 72},
+                                                   {70, 300, 576, 512}, {5, 17, 7, 3}};
+  for (const auto& [sq, sk, d, dv] : shapes) {
+    for (DType o : {DType::kBFloat16, DType::kFloat32}) {
+      Case base;
+      base.Sq = sq;
+      base.Sk = sk;
+      base.D = d;
+      base.Dv = dv;
+      base.Hq = 4;
+      base.Hkv = 2;
+      base.dtype = DType::kBFloat16;
+      base.out_dtype = o;
+      for (Case c : mask_variants(base)) {
+        check_forward(c);
+        c.strided = true;
+        check_forward(c);
+      }
+    }
+  }
+}
+
+TEST(FlashKernels, Avx512Bf16AgreesWithAvx512OnBf16Inputs) {
+  if (!kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16))
+    GTEST_SKIP() << "no AVX512-BF16 on this CPU/build";
+  // Same products (bf16 x bf16 is exact in fp32); they differ by fp32 summation order and
+  // by P rounded to bf16 before P V.
+  Case c;
+  c.Sq = 257;
+  c.Sk = 257;
+  c.D = 128;
+  c.Dv = 128;
+  c.causal = true;
+  c.dtype = DType::kBFloat16;
+  c.out_dtype = DType::kFloat32;
+  const Inputs in = make_inputs(c);
+  std::vector<double> outs[2], lses[2];
+  for (int x = 0; x < 2; ++x) {
+    IsaGuard guard(x == 0 ? CpuKernelIsa::kAvx512 : CpuKernelIsa::kAvx512Bf16);
+    const ForwardResult r = run_forward(c, in, c.opts());
+    outs[x] = to_double_vector(r.out.view);
+    lses[x] = to_double_vector(r.lse);
+  }
+  const auto e = compare(outs[1], outs[0]);
+  EXPECT_EQ(e.non_finite, 0);
+  EXPECT_LE(e.rel(), 1e-2);
+  EXPECT_GT(e.max_ref, 0.0);
+  const auto el = compare(lses[1], lses[0]);
+  EXPECT_LE(el.max_abs_err, 1e-5 * std::max(1.0, el.max_ref));
 }
 
 TEST(FlashForward, HeadDimsIncludingOddAndMlaSized) {
@@ -640,11 +703,21 @@ TEST(FlashKernels, IsaSelectionRejectsUnavailableAndNamesThem) {
     IsaGuard guard(CpuKernelIsa::kPortable);
     EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kPortable);
   }
-  if (!kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512)) {
-    EXPECT_THROW(kernels::cpu::set_cpu_kernel_isa(CpuKernelIsa::kAvx512), Error);
-  } else {
-    IsaGuard guard(CpuKernelIsa::kAvx512);
-    EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kAvx512);
+  for (CpuKernelIsa isa : {CpuKernelIsa::kAvx512, CpuKernelIsa::kAvx512Bf16}) {
+    SCOPED_TRACE(kernels::cpu::cpu_kernel_isa_name(isa));
+    if (!kernels::cpu::cpu_kernel_isa_available(isa)) {
+      EXPECT_THROW(kernels::cpu::set_cpu_kernel_isa(isa), Error);
+    } else {
+      IsaGuard guard(isa);
+      EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), isa);
+    }
+  }
+  EXPECT_STREQ(kernels::cpu::cpu_kernel_isa_name(CpuKernelIsa::kAvx512Bf16), "avx512bf16");
+  // AVX512-BF16 implies AVX-512, and auto takes the widest level the CPU has.
+  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16)) {
+    EXPECT_TRUE(kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512));
+    if (std::getenv("DISTATTN_CPU_KERNEL") == nullptr)
+      EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kAvx512Bf16);
   }
 }
 

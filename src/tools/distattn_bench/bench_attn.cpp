@@ -36,6 +36,7 @@
 #include "distattn/ops/attention.h"
 #include "distattn/parallel/sequence_parallel.h"
 #include "distattn/runtime.h"
+#include "kernels/cpu/flash_cpu.h"
 #include "kernels/cpu/reference.h"
 #include "src/tools/distattn_bench/bench_common.h"
 
@@ -598,6 +599,7 @@ int attn_main(int argc, char** argv) {
   JsonRow header;
   header.set("op", a.op_name)
       .set("device", a.device.str())
+      .set("cpu_kernel", kernels::cpu::cpu_kernel_isa_name(kernels::cpu::active_cpu_kernel_isa()))
       .set("dtype", dtype_name(a.dtype))
       .set("batch", a.batch)
       .set("heads", a.heads)
