@@ -78,18 +78,22 @@ class _Attention(torch.autograd.Function):
         else:  # let the C++ checks name the tensor that is not 4-D
             out = lse = q
         stream = _stream(q)
+        # keep_arrays=False: the SavedCall keeps only views of q, k, v, out, lse. Their memory
+        # is held by autograd's saved tensors below, which the backward unpacks (alive while
+        # it runs) and autograd frees right after it: a SavedCall holding them would keep them
+        # until the graph is freed, and the next step would allocate fresh pages.
         if masks is None:
-            call = _C.sp_attention_forward_saved(strategy, group, _to_dlpack(q), _to_dlpack(k),
-                                                 _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
-                                                 causal, scale, heads_q, heads_kv, stream)
+            call = _C.sp_attention_forward_saved(
+                strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
+                _to_dlpack(lse), causal, scale, heads_q, heads_kv, stream, True, None, -1, -1, 0,
+                None, False)
         else:
             call = _C.sp_attention_forward_saved(
                 strategy, group, _to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
                 _to_dlpack(lse), causal, scale, heads_q, heads_kv, stream, True,
                 masks["cu_seqlens"], masks["window_left"], masks["window_right"],
-                masks["sink_tokens"], None if sinks is None else _to_dlpack(sinks.detach()))
-        # The SavedCall holds the memory; saving the tensors too makes autograd check that
-        # none of them was changed in place before the backward.
+                masks["sink_tokens"], None if sinks is None else _to_dlpack(sinks.detach()), False)
+        # Also autograd's check that none of them was changed in place before the backward.
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
@@ -98,6 +102,8 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        # Unpacked first: raises once autograd has freed them, and keeps the memory of the
+        # SavedCall's views alive while it runs.
         q, k, v, _out, _lse, sinks = ctx.saved_tensors
         if dout is None:  # out did not reach the loss
             return (None,) * 11

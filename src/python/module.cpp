@@ -199,6 +199,10 @@ struct Arg {
   std::conditional_t<Writable, OutArray, InArray> array;
   TensorView view;
 
+  // Drops the reference to the caller's array; `view` stays (valid while the caller keeps
+  // the array alive).
+  void release() { array = decltype(array)(); }
+
   Arg(nb::handle h, const char* name) {
     if (!nb::try_cast(h, array, /*convert=*/false)) {
       if constexpr (Writable) {
@@ -883,7 +887,7 @@ void bind_attention(nb::module_& m) {
          nb::handle out, nb::handle lse, bool causal, std::optional<float> scale, int64_t heads_q,
          int64_t heads_kv, uintptr_t stream, bool drive_progress,
          std::optional<std::vector<int32_t>> cu_seqlens, int64_t window_left, int64_t window_right,
-         int64_t sink_tokens, nb::handle sinks) {
+         int64_t sink_tokens, nb::handle sinks, bool keep_arrays) {
         auto c = std::make_unique<SavedCall>(
             parallel::parse_strategy(strategy), g, In(q, "q"), In(k, "k"), In(v, "v"),
             Out(out, "out"), Out(lse, "lse"),
@@ -901,14 +905,24 @@ void bind_attention(nb::module_& m) {
           parallel::sp_attention_forward(sc.strategy, sc.group.get(), sc.q.view, sc.k.view,
                                          sc.v.view, sc.out.view, sc.lse.view, o);
         });
+        if (!keep_arrays) {
+          c->q.release();
+          c->k.release();
+          c->v.release();
+          c->out.release();
+          c->lse.release();
+        }
         return c;
       },
       "strategy"_a, "group"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "causal"_a = false,
       "softmax_scale"_a = nb::none(), "heads_q"_a = 0, "heads_kv"_a = 0, "stream"_a = 0,
       "drive_progress"_a = true, "cu_seqlens"_a = nb::none(), "window_left"_a = -1,
-      "window_right"_a = -1, "sink_tokens"_a = 0, "sinks"_a = nb::none(),
+      "window_right"_a = -1, "sink_tokens"_a = 0, "sinks"_a = nb::none(), "keep_arrays"_a = true,
       "sp_attention_forward (arguments in order, no keywords needed), returning a SavedCall "
-      "whose backward() reuses this call's q, k, v, out, lse and options.");
+      "whose backward() reuses this call's q, k, v, out, lse and options. keep_arrays=False "
+      "drops the SavedCall's references to those arrays (their views stay): the caller must "
+      "then keep them alive until the last backward() (distattn.torch's autograd Function "
+      "does: they are its saved tensors, and autograd frees them right after the backward).");
 }
 
 }  // namespace
