@@ -511,6 +511,17 @@ constexpr int kAllToAllVTag = 0x5d2;
 constexpr int kAllGatherTag = 0x5d3;
 constexpr size_t kAllGatherExchangeBytes = size_t{256} << 10;
 
+// memcpy in 256 KiB pieces: one large memcpy takes glibc's non-temporal path, which measured
+// 25-28 GB/s for 8 MiB against 40-43 GB/s in pieces that stay below its threshold (AMD EPYC
+// Zen 5; Open MPI's own datatype copy, e.g. MPI_Allgather's local block, runs in pieces too).
+void copy_bytes(void* dst, const void* src, size_t bytes) {
+  constexpr size_t kPiece = size_t{256} << 10;
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  for (size_t off = 0; off < bytes; off += kPiece)
+    std::memcpy(d + off, s + off, std::min(kPiece, bytes - off));
+}
+
 MPI_Datatype mpi_type(DType t) {
   switch (t) {
     case DType::kFloat32:
@@ -1117,7 +1128,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_gather(const void* send, v
     b.st().recv_checks.push_back({b.st().reqs.size() - 1, static_cast<MPI_Count>(block), peer});
     DISTATTN_MPI_CHECK(MPI_Isend(own, c.n, c.type, peer, kAllGatherTag, comm_, b.req()), b.ctx(),
                        " (send to ", peer, ")");
-    if (!in_place) std::memcpy(own_slot, own, block);
+    if (!in_place) copy_bytes(own_slot, own, block);
     return b.done();
   }
   const void* hs = in_place ? MPI_IN_PLACE : b.in(send, block);
@@ -1283,7 +1294,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_broadcast(const void* send, vo
       const auto c = b.express(count, dtype);
       DISTATTN_MPI_CHECK(MPI_Ibcast(const_cast<void*>(hs), c.n, c.type, root, comm_, b.req()),
                          b.ctx());
-      std::memcpy(hr, hs, bytes);
+      copy_bytes(hr, hs, bytes);
       return b.done();
     }
     b.host_ready();

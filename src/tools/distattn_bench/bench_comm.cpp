@@ -358,15 +358,15 @@ double time_loop(Communicator& ctl, int iters, const std::function<void()>& call
 
 // --raw-mpi, timed as OSU micro-benchmarks and nccl-tests time a collective: `iters`
 // back-to-back calls on the same buffers after warm-up, one barrier before the loop. Ours
-// and raw run as kRawRounds alternating loops each (ours, raw, ours, raw, ...), so that both
-// see the same machine load over the row; each time is the max over ranks of the per-rank
+// and raw run as `rounds` alternating loops each (ours, raw, ours, raw, ...; --rounds,
+// default 3), so that both see the same machine load over the row (more, shorter rounds
+// follow a drifting load more closely); each time is the max over ranks of the per-rank
 // mean over all its loops. Returns {ours, raw}.
-constexpr int kRawRounds = 3;
-std::pair<double, double> time_alternating(Communicator& ctl, int iters,
+std::pair<double, double> time_alternating(Communicator& ctl, int iters, int rounds,
                                            const std::function<void()>& ours,
                                            const std::function<void()>& raw) {
   double sum_ours = 0, sum_raw = 0;
-  for (int round = 0; round < kRawRounds; ++round) {
+  for (int round = 0; round < rounds; ++round) {
     for (int which = 0; which < 2; ++which) {
       const auto& call = which == 0 ? ours : raw;
       ctl.barrier();
@@ -375,7 +375,7 @@ std::pair<double, double> time_alternating(Communicator& ctl, int iters,
       (which == 0 ? sum_ours : sum_raw) += now_seconds() - t0;
     }
   }
-  const double calls = static_cast<double>(kRawRounds) * iters;
+  const double calls = static_cast<double>(rounds) * iters;
   return {max_over_ranks(ctl, sum_ours / calls), max_over_ranks(ctl, sum_raw / calls)};
 }
 
@@ -439,7 +439,7 @@ int run_comm(int argc, char** argv) {
   std::string op_list, dtype_name_arg, backend_arg, device_arg, json_path, redop_arg, minb, maxb,
       stepb;
   double factor = 2;
-  int iters = 20, warmup = 5, check = 1, root = 0;
+  int iters = 20, warmup = 5, check = 1, root = 0, rounds = 3;
   bool raw_mpi = false;
 
   po::options_description desc(
@@ -465,7 +465,9 @@ int run_comm(int argc, char** argv) {
     ("device", po::value(&device_arg)->default_value("cpu"), "cpu|cuda (buffers' device)")
     ("json", po::value(&json_path)->default_value(""), "write rows to this JSON file")
     ("raw-mpi", po::bool_switch(&raw_mpi),
-     "also time the same raw MPI calls on the same buffers (busbw and ours/raw ratio)");
+     "also time the same raw MPI calls on the same buffers (busbw and ours/raw ratio)")
+    ("rounds", po::value(&rounds)->default_value(3),
+     "--raw-mpi: alternating loops of -n calls each side (ours, raw, ours, ...)");
   // clang-format on
   po::variables_map vm;
   try {
@@ -493,6 +495,7 @@ int run_comm(int argc, char** argv) {
   DISTATTN_CHECK(step_bytes > 0 || factor > 1.0, "-f must be > 1 (got ", factor,
                  ") unless -i gives a step");
   DISTATTN_CHECK(iters >= 1, "-n must be >= 1 (got ", iters, ")");
+  DISTATTN_CHECK(rounds >= 1, "--rounds must be >= 1 (got ", rounds, ")");
   DISTATTN_CHECK(warmup >= 0, "-w must be >= 0 (got ", warmup, ")");
   DISTATTN_CHECK(check == 0 || check == 1, "-c must be 0 or 1 (got ", check, ")");
   DISTATTN_CHECK(root >= 0 && root < info.size, "-r ", root, " is not a rank (0..", info.size - 1,
@@ -566,7 +569,8 @@ int run_comm(int argc, char** argv) {
       .set("iters", iters)
       .set("warmup", warmup)
       .set("check", check == 1)
-      .set("raw_mpi", raw_mpi);
+      .set("raw_mpi", raw_mpi)
+      .set("rounds", rounds);
   std::vector<JsonRow> rows;
   int64_t wrong_total = 0;
   double busbw_sum = 0;
@@ -620,7 +624,7 @@ int run_comm(int argc, char** argv) {
           run_raw(*raw, *s, g, send_buf.get(), recv_buf.get(), dt, rop, root, rank, n);
         };
         for (int i = 0; i < warmup; ++i) raw_call();
-        std::tie(t, raw_t) = time_alternating(*ctl, iters, call, raw_call);
+        std::tie(t, raw_t) = time_alternating(*ctl, iters, rounds, call, raw_call);
       } else {
         t = time_loop(*ctl, iters, call);
       }
