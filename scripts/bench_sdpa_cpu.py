@@ -8,7 +8,8 @@ For every (dtype, causal, seq) case the script times SDPA forward and forward+ba
 speed = PyTorch time / distattn time (> 1: distattn is faster). distattn's fwd+bwd is its
 forward plus its backward. The two sides alternate case by case so both see the same load.
 FLOPs as distattn counts them: 4*B*H*S*S*D forward (S*(S+1)/2 pairs when causal), 2.5x
-that for the backward.
+that for the backward. --gemm-ceiling adds the GEMM rates of the same machine (torch.matmul,
+fp32 and bf16); --decode-seqs adds decode rows (distattn's KV GB/s against a tensor copy).
 
 PyTorch from PyPI (about 5 GB with its CUDA libraries) belongs in a benchmark venv, not in
 CI: python3 -m venv /tmp/peer-venv && /tmp/peer-venv/bin/pip install torch numpy.
@@ -40,8 +41,41 @@ def parse_args():
     p.add_argument("--distattn-bench", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "build", "bin", "distattn-bench"),
         help="distattn-bench binary ('' = PyTorch only)")
+    p.add_argument("--gemm-ceiling", action="store_true",
+                   help="also time torch.matmul 2048^3 in fp32 and bf16 (oneDNN) and print "
+                        "each case's GFLOP/s as a fraction of its dtype's GEMM rate")
+    p.add_argument("--decode-seqs", default="",
+                   help="also run distattn-bench attn --op decode at these cache lengths "
+                        "(32 query / 8 KV heads, D 128, fp32 and bf16 caches) and print KV "
+                        "GB/s against the memory copy bandwidth (1 GiB tensor copy)")
     p.add_argument("--json", default=None, help="write results to this file")
     return p.parse_args()
+
+
+def gemm_gflops(torch, dt, n=2048, iters=5):
+    a = torch.randn(n, n).to(dt)
+    b = torch.randn(n, n).to(dt)
+    for _ in range(2):
+        torch.matmul(a, b)
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / min(ts) / 1e9
+
+
+def copy_gbps(torch, nbytes=1 << 30, iters=5):
+    """Read + write bytes per second of one tensor copy (the decode kernel's ceiling)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * nbytes / min(ts) / 1e9
 
 
 def flops(b, h, s, d, causal):
@@ -60,13 +94,14 @@ def time_torch(torch, fn, warmup, iters):
     return statistics.median(ts)
 
 
-def time_distattn(binary, op, dtype, args, s, causal):
-    """Median-free: distattn-bench reports the mean of its -n timed iterations (ms)."""
+def time_distattn(binary, op, dtype, args, s, causal, extra=()):
+    """distattn-bench reports the mean of its -n timed iterations; returns (row, kernel)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     cmd = [binary, "attn", "--op", op, "-d", dtype, "--batch", str(args.batch),
-           "--heads", str(args.heads), "--dim", str(args.dim), "-b", str(s), "-e", str(s),
-           "-n", str(args.iters), "-w", str(args.warmup), "--json", path]
+           "-b", str(s), "-e", str(s), "-n", str(args.iters), "-w", str(args.warmup),
+           "--json", path]
+    cmd += list(extra) if extra else ["--heads", str(args.heads), "--dim", str(args.dim)]
     if causal:
         cmd.append("--causal")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -81,7 +116,7 @@ def time_distattn(binary, op, dtype, args, s, causal):
     rows = doc["rows"] if isinstance(doc, dict) and "rows" in doc else doc
     row = [x for x in rows if isinstance(x, dict) and "time_ms" in x][-1]
     kernel = doc.get("header", {}).get("cpu_kernel", "?") if isinstance(doc, dict) else "?"
-    return row["time_ms"] / 1e3, kernel
+    return row, kernel
 
 
 def main():
@@ -114,8 +149,14 @@ def main():
         pass
     print(f"# PyTorch {torch.__version__} CPU SDPA vs distattn-bench attn; cpu '{cpu}', "
           f"threads {args.threads}, B={B} H={H} D={D}, warmup {args.warmup}, iters {args.iters}")
+    ceil = {}
+    if args.gemm_ceiling:
+        ceil = {d: gemm_gflops(torch, dts[d]) for d in ("fp32", "bf16")}
+        print(f"# GEMM 2048^3 (torch.matmul): fp32 {ceil['fp32']:.1f} GFLOP/s, bf16 "
+              f"{ceil['bf16']:.1f} GFLOP/s")
     print(f"# {'dtype':>5} {'causal':>6} {'seq':>6} {'case':>7} {'torch_ms':>10} "
-          f"{'distattn_ms':>11} {'speed':>6} {'torch_GF/s':>10} {'dist_GF/s':>9} kernel")
+          f"{'distattn_ms':>11} {'speed':>6} {'torch_GF/s':>10} {'dist_GF/s':>9} "
+          f"{'vs_gemm':>7} kernel")
     results = []
     for dname in args.dtypes.split(","):
         dt = dts[dname]
@@ -139,10 +180,11 @@ def main():
                 t_d = {}
                 kernel = "-"
                 if binary:
-                    t_d["fwd"], kernel = time_distattn(binary, "fwd", dname, args, s, causal)
+                    row_f, kernel = time_distattn(binary, "fwd", dname, args, s, causal)
+                    t_d["fwd"] = row_f["time_ms"] / 1e3
                     if not args.no_backward:
-                        t_b, _ = time_distattn(binary, "bwd", dname, args, s, causal)
-                        t_d["fwd+bwd"] = t_d["fwd"] + t_b
+                        row_b, _ = time_distattn(binary, "bwd", dname, args, s, causal)
+                        t_d["fwd+bwd"] = t_d["fwd"] + row_b["time_ms"] / 1e3
                 for name, fn in cases:
                     t_t = time_torch(torch, fn, args.warmup, args.iters)
                     f = flops(B, H, s, D, causal) * (3.5 if name == "fwd+bwd" else 1.0)
@@ -153,16 +195,36 @@ def main():
                            "distattn_gflops": None if td is None else f / td / 1e9,
                            "speed": None if td is None else t_t / td, "cpu_kernel": kernel,
                            "threads": args.threads, "torch": torch.__version__}
+                    if ceil and td is not None:
+                        row["gemm_gflops"] = ceil[dname]
+                        row["vs_gemm"] = row["distattn_gflops"] / ceil[dname]
                     results.append(row)
                     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
                     print(f"  {dname:>5} {int(causal):>6} {s:>6} {name:>7} {t_t * 1e3:>10.1f} "
                           f"{fmt(row['distattn_ms'], '>11.1f'):>11} "
                           f"{fmt(row['speed'], '>6.2f'):>6} {row['torch_gflops']:>10.1f} "
-                          f"{fmt(row['distattn_gflops'], '>9.1f'):>9} {kernel}")
+                          f"{fmt(row['distattn_gflops'], '>9.1f'):>9} "
+                          f"{fmt(row.get('vs_gemm'), '>7.2f'):>7} {kernel}")
                     sys.stdout.flush()
+    decode = []
+    if args.decode_seqs and binary:
+        bw = copy_gbps(torch)
+        print(f"# decode: memory copy bandwidth (1 GiB tensor copy, read + write) {bw:.1f} GB/s")
+        print(f"# {'cache':>5} {'seq':>7} {'kv_GB/s':>8} {'vs_copy':>7} kernel")
+        for dname in args.dtypes.split(","):
+            for s in [int(x) for x in args.decode_seqs.split(",")]:
+                row, kernel = time_distattn(
+                    binary, "decode", dname, args, s, False,
+                    ["--heads", "32", "--kv-heads", "8", "--dim", "128"])
+                r = {"case": "decode", "dtype": dname, "seq": s, "kv_gbps": row["kv_gbps"],
+                     "copy_gbps": bw, "vs_copy": row["kv_gbps"] / bw, "cpu_kernel": kernel}
+                decode.append(r)
+                print(f"  {dname:>5} {s:>7} {r['kv_gbps']:>8.2f} {r['vs_copy']:>7.2f} {kernel}")
+                sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"cpu": cpu, "rows": results}, fh, indent=1)
+            json.dump({"cpu": cpu, "gemm_gflops": ceil, "rows": results, "decode": decode},
+                      fh, indent=1)
     return 0
 
 
