@@ -351,7 +351,40 @@ struct SavedCall {
   int64_t heads_q = 0, heads_kv = 0;
   bool drive_progress = true;
   CallStats forward_stats;
+
+  parallel::SpOptions opts(uintptr_t stream, parallel::SpStats* st) const {
+    parallel::SpOptions o = options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
+    masks.apply(o);
+    return o;
+  }
+  // out, lse <- sp_attention_forward; its Stats are kept in forward_stats.
+  void forward(uintptr_t stream) {
+    forward_stats = run_timed([&](parallel::SpStats* st) {
+      parallel::sp_attention_forward(strategy, group.get(), q.view, k.view, v.view, out.view,
+                                     lse.view, opts(stream, st));
+    });
+  }
 };
+
+// A SavedCall of the arguments of sp_attention_forward (imports and checks them).
+std::unique_ptr<SavedCall> saved_call(const std::string& strategy, const Group& g, nb::handle q,
+                                      nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
+                                      bool causal, std::optional<float> scale, int64_t heads_q,
+                                      int64_t heads_kv, bool drive_progress,
+                                      std::optional<std::vector<int32_t>> cu_seqlens,
+                                      int64_t window_left, int64_t window_right,
+                                      int64_t sink_tokens, nb::handle sinks) {
+  auto c = std::make_unique<SavedCall>(
+      parallel::parse_strategy(strategy), g, In(q, "q"), In(k, "k"), In(v, "v"), Out(out, "out"),
+      Out(lse, "lse"),
+      masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, nb::none()));
+  c->causal = causal;
+  c->scale = scale;
+  c->heads_q = heads_q;
+  c->heads_kv = heads_kv;
+  c->drive_progress = drive_progress;
+  return c;
+}
 
 nb::dict ledger_dict(const comm::Ledger& l) {
   nb::dict d;
@@ -806,18 +839,11 @@ void bind_attention(nb::module_& m) {
          int64_t heads_kv, uintptr_t stream, bool drive_progress,
          std::optional<std::vector<int32_t>> cu_seqlens, int64_t window_left, int64_t window_right,
          int64_t sink_tokens, nb::handle sinks) {
-        const Strategy s = parallel::parse_strategy(strategy);
-        const In aq(q, "q"), ak(k, "k"), av(v, "v");
-        const Out ao(out, "out"), al(lse, "lse");
-        const Masks m =
-            masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, nb::none());
-        return run_timed([&](parallel::SpStats* st) {
-          parallel::SpOptions o =
-              options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
-          m.apply(o);
-          parallel::sp_attention_forward(s, g.get(), aq.view, ak.view, av.view, ao.view, al.view,
-                                         o);
-        });
+        const std::unique_ptr<SavedCall> c =
+            saved_call(strategy, g, q, k, v, out, lse, causal, scale, heads_q, heads_kv,
+                       drive_progress, cu_seqlens, window_left, window_right, sink_tokens, sinks);
+        c->forward(stream);
+        return c->forward_stats;
       },
       "strategy"_a, "group"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, nb::kw_only(),
       "causal"_a = false, "softmax_scale"_a = nb::none(), "heads_q"_a = 0, "heads_kv"_a = 0,
@@ -869,9 +895,7 @@ void bind_attention(nb::module_& m) {
             std::optional<Out> ads;
             if (!dsinks.is_none()) ads.emplace(dsinks, "dsinks");
             return run_timed([&](parallel::SpStats* st) {
-              parallel::SpOptions o =
-                  options(c.causal, c.scale, c.heads_q, c.heads_kv, stream, c.drive_progress, st);
-              c.masks.apply(o);
+              parallel::SpOptions o = c.opts(stream, st);
               if (ads) o.dsinks = ads->view;
               parallel::sp_attention_backward(c.strategy, c.group.get(), c.q.view, c.k.view,
                                               c.v.view, c.out.view, ado.view, c.lse.view, adq.view,
@@ -888,23 +912,10 @@ void bind_attention(nb::module_& m) {
          int64_t heads_kv, uintptr_t stream, bool drive_progress,
          std::optional<std::vector<int32_t>> cu_seqlens, int64_t window_left, int64_t window_right,
          int64_t sink_tokens, nb::handle sinks, bool keep_arrays) {
-        auto c = std::make_unique<SavedCall>(
-            parallel::parse_strategy(strategy), g, In(q, "q"), In(k, "k"), In(v, "v"),
-            Out(out, "out"), Out(lse, "lse"),
-            masks(cu_seqlens, window_left, window_right, sink_tokens, sinks, nb::none()));
-        c->causal = causal;
-        c->scale = scale;
-        c->heads_q = heads_q;
-        c->heads_kv = heads_kv;
-        c->drive_progress = drive_progress;
-        const SavedCall& sc = *c;
-        c->forward_stats = run_timed([&](parallel::SpStats* st) {
-          parallel::SpOptions o =
-              options(causal, scale, heads_q, heads_kv, stream, drive_progress, st);
-          sc.masks.apply(o);
-          parallel::sp_attention_forward(sc.strategy, sc.group.get(), sc.q.view, sc.k.view,
-                                         sc.v.view, sc.out.view, sc.lse.view, o);
-        });
+        auto c =
+            saved_call(strategy, g, q, k, v, out, lse, causal, scale, heads_q, heads_kv,
+                       drive_progress, cu_seqlens, window_left, window_right, sink_tokens, sinks);
+        c->forward(stream);
         if (!keep_arrays) {
           c->q.release();
           c->k.release();
