@@ -1,8 +1,10 @@
 // Flash-decoding on the CPU: a decode step has too few queries to keep the cores busy
 // through the query dimension, so the key range of every sequence is split into chunks, the
-// (sequence, chunk) tasks run in parallel through flash_forward (GQA heads packed as rows,
-// see run_chunk) into fp32 partials (out,
-// lse), and the partials are combined with the LSE merge. The paged variant makes every run
+// (sequence, chunk) tasks run in parallel into fp32 partials (out, lse), and the partials
+// are combined with the LSE merge. A chunk that every query sees in full goes through the
+// streaming decode tiles (decode_stream_avx512.h: the query rows of a KV group together, keys
+// in the vector lanes, each K/V byte read once) on the AVX-512 levels, else through
+// flash_forward (GQA heads packed as rows, see run_chunk). The paged variant makes every run
 // of consecutive pages of a sequence a chunk (a strided view into the page pools) and
 // folds the runs of one task together with kernels::cpu::merge.
 #include <omp.h>
@@ -17,6 +19,7 @@
 
 #include "distattn/core/half.h"
 #include "kernels/cpu/attention_cpu.h"
+#include "kernels/cpu/flash_cpu.h"
 
 namespace distattn::kernels::cpu {
 
@@ -152,13 +155,39 @@ std::vector<std::pair<int64_t, int64_t>> split_at(int64_t start, int64_t end, in
   return pieces;
 }
 
+// The streaming decode tiles on an unmasked chunk (see flash_cpu.h), when the instruction
+// set has them; false leaves the chunk to flash_forward.
+bool decode_stream(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& out, const TensorView& lse, const ops::AttentionOptions& o) {
+  const CpuKernelIsa isa = active_cpu_kernel_isa();
+  if (!is_avx512_level(isa)) return false;
+  ops::AttentionOptions plain = o;
+  plain.causal = false;
+  plain.window_left = plain.window_right = -1;
+  const FlashForwardParams p = make_forward_params(q, k, v, out, lse, plain);
+#if DISTATTN_WITH_AVX512BF16
+  if (isa == CpuKernelIsa::kAvx512Bf16) {
+    decode_stream_avx512bf16(p);
+    return true;
+  }
+#endif
+#if DISTATTN_WITH_AVX512
+  decode_stream_avx512(p);
+  return true;
+#else
+  return false;
+#endif
+}
+
 // One key chunk of one sequence: q [1, Sq, Hq, D], k/v [1, n, Hkv, D/Dv] (keys at global
 // positions o.k_offset...), into fp32 out [1, Sq, Hq, Dv] and lse [1, Hq, Sq].
 // The kernel's query tiles put queries in vector lanes, and decode has only Sq <= 16 queries
 // per head. When every query sees the whole chunk (the common case once chunks are cut at
 // mask_cuts), the mask cannot tell the Sq * g query rows of a KV group apart (g = Hq/Hkv), so
-// they go to flash_forward as rows of one head with no mask: keys are read once per group
-// and the lanes fill up. Otherwise flash_forward runs on the chunk as it is.
+// they go together through the streaming decode tiles (up to kDecodeStreamMaxRows rows per
+// KV head, keys in the vector lanes, each K/V byte read once), or, for more rows or
+// without AVX-512, to flash_forward as rows of one head with no mask: keys are read once
+// per group and the lanes fill up. Otherwise flash_forward runs on the chunk as it is.
 void run_chunk(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                const TensorView& lse, const ops::AttentionOptions& o) {
   const int64_t Sq = q.size(1), Hq = q.size(2), D = q.size(3), n = k.size(1), Hkv = k.size(2);
@@ -179,6 +208,7 @@ void run_chunk(const TensorView& q, const TensorView& k, const TensorView& v, co
       }
     return;
   }
+  if (all && g * Sq <= kDecodeStreamMaxRows && decode_stream(q, k, v, out, lse, o)) return;
   if (!all || g * Sq == 1) {  // mask cuts the chunk, or nothing to pack
     flash_forward(q, k, v, out, lse, o);
     return;

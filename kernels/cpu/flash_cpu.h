@@ -85,4 +85,15 @@ void flash_backward_avx512(const FlashBackwardParams& p);
 void flash_forward_avx512bf16(const FlashForwardParams& p);
 #endif
 
+// Streaming decode tiles (decode_stream_avx512.h): queries of a KV group together against a
+// key range that every query sees in full (no mask is applied), Sq * (Hq / Hkv) <=
+// kDecodeStreamMaxRows, fp32 out and lse. The AVX-512 levels only.
+constexpr int64_t kDecodeStreamMaxRows = 16;
+#if DISTATTN_WITH_AVX512
+void decode_stream_avx512(const FlashForwardParams& p);
+#endif
+#if DISTATTN_WITH_AVX512BF16
+void decode_stream_avx512bf16(const FlashForwardParams& p);
+#endif
+
 }  // namespace distattn::kernels::cpu

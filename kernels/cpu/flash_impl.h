@@ -217,7 +217,7 @@ struct Mask {
   }
 };
 
-Mask make_mask(const FlashForwardParams& p) {
+inline Mask make_mask(const FlashForwardParams& p) {
   return Mask{p.causal, p.window_left, p.window_right, p.q_offset, p.k_offset};
 }
 

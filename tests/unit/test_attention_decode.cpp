@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <mutex>
 #include <numeric>
@@ -14,6 +15,7 @@
 #include <string>
 #include <thread>
 
+#include "kernels/cpu/flash_cpu.h"
 #include "tests/unit/attention_test_util.h"
 
 namespace distattn::testing {
@@ -122,6 +124,62 @@ INSTANTIATE_TEST_SUITE_P(All, AttentionDecode, ::testing::ValuesIn(decode_cases(
                                   std::to_string(i.param.sq) + "_k" + std::to_string(i.param.sk) +
                                   "_s" + std::to_string(i.param.num_splits);
                          });
+
+// Every CPU instruction set this machine has, forced in turn: the AVX-512 levels run the
+// streaming decode tiles for up to 16 query rows per KV head (rows in groups of 4, 2, 1;
+// keys in blocks of 16 with a partial last block; head dims with partial vectors, fp32,
+// bf16 through word splitting or vdpbf16ps, fp16), more rows take flash_forward. fp32
+// outputs, so that every path is held to fp32 accuracy against the fp64 reference on the
+// same rounded inputs.
+TEST(AttentionDecode, StreamingTilesOnEveryInstructionSet) {
+  using kernels::cpu::CpuKernelIsa;
+  struct Shape {
+    int64_t hq, hkv, sq, sk, d, dv;
+  };
+  const std::vector<Shape> shapes{
+      {32, 8, 1, 600, 128, 128},  // R 4, the GQA decode step
+      {8, 8, 1, 17, 64, 64},      // R 1, one key past a block
+      {6, 2, 1, 16, 40, 24},      // R 3 (2 + 1), exactly one block, partial vectors
+      {10, 2, 1, 33, 200, 72},    // R 5 (4 + 1), D over 8 vectors
+      {4, 1, 2, 1, 7, 3},         // R 8, one key, tiny dims
+      {16, 2, 2, 129, 96, 160},   // R 16, four groups
+      {16, 1, 2, 70, 64, 64},     // R 32: more rows than the tiles take
+  };
+  int checked = 0;
+  for (CpuKernelIsa isa : {CpuKernelIsa::kPortable, CpuKernelIsa::kAvx2, CpuKernelIsa::kAvx512,
+                           CpuKernelIsa::kAvx512Bf16}) {
+    if (!kernels::cpu::cpu_kernel_isa_available(isa)) {
+      std::printf("[ info ] %s not available here: its decode path is not tested\n",
+                  kernels::cpu::cpu_kernel_isa_name(isa));
+      continue;
+    }
+    kernels::cpu::set_cpu_kernel_isa(isa);
+    for (const Shape& sh : shapes)
+      for (DType dt : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
+        for (int splits : {1, 0}) {
+          const uint64_t seed = 900 + static_cast<uint64_t>(sh.sk + sh.d + splits);
+          Tensor q = make_input({2, sh.sq, sh.hq, sh.d}, dt, seed, 0);
+          Tensor k = make_input({2, sh.sk, sh.hkv, sh.d}, dt, seed, 1);
+          Tensor v = make_input({2, sh.sk, sh.hkv, sh.dv}, dt, seed, 2);
+          Tensor out = Tensor::empty({2, sh.sq, sh.hq, sh.dv}, DType::kFloat32);
+          Tensor lse = Tensor::empty({2, sh.hq, sh.sq}, DType::kFloat32);
+          ops::AttentionOptions o;
+          o.causal = true;
+          o.q_offset = sh.sk - sh.sq;
+          ops::attention_decode(q, k, v, out, lse, o, {.num_splits = splits});
+          auto ref = kernels::cpu::reference_attention_forward(q, k, v, o);
+          const std::string what = std::string(kernels::cpu::cpu_kernel_isa_name(isa)) + " " +
+                                   dtype_name(dt) + " hq " + std::to_string(sh.hq) + " sq " +
+                                   std::to_string(sh.sq) + " sk " + std::to_string(sh.sk) + " d " +
+                                   std::to_string(sh.d) + " splits " + std::to_string(splits);
+          expect_close(out, ref.out, 1e-5, what + " out");
+          expect_close(lse, ref.lse, 1e-5, what + " lse");
+          ++checked;
+        }
+  }
+  kernels::cpu::set_cpu_kernel_isa(CpuKernelIsa::kAuto);
+  EXPECT_GT(checked, 0);
+}
 
 TEST(AttentionDecode, WindowAndKeyOffsetAcrossSplits) {
   const int64_t B = 1, Sq = 2, Sk = 300, H = 2, D = 32;
