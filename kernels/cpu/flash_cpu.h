@@ -23,7 +23,7 @@ namespace distattn::kernels::cpu {
 #endif
 
 // kAvx512Bf16: the AVX-512 kernels plus bf16 dot-product tiles (vdpbf16ps) in the forward
-// when q, k, v are bf16; everything else runs as kAvx512.
+// and backward when the inputs are bf16; everything else runs as kAvx512.
 enum class CpuKernelIsa { kAuto, kPortable, kAvx2, kAvx512, kAvx512Bf16 };
 
 // Forces an instruction set for the next flash_forward/flash_backward calls (tests and
@@ -83,6 +83,7 @@ void flash_backward_avx512(const FlashBackwardParams& p);
 #endif
 #if DISTATTN_WITH_AVX512BF16
 void flash_forward_avx512bf16(const FlashForwardParams& p);
+void flash_backward_avx512bf16(const FlashBackwardParams& p);
 #endif
 
 // Streaming decode tiles (decode_stream_avx512.h): queries of a KV group together against a

@@ -467,10 +467,41 @@ void backward_impl(const FlashBackwardParams& p) {
       std::fill(dqs.get() + x * D, dqs.get() + (x + 1) * D, 0.f);
   }
 
+  // bf16 tiles (q, k, v, dout bf16; D, Dv even): the five GEMMs run on vdpbf16ps. Q, dO, K
+  // and V are read as stored or packed as bf16 pairs; P and dS are rounded to bf16 (as the
+  // GPU kernels do) when every gradient is bf16, else carried as hi + lo (a second pass of
+  // the GEMMs that read them), so fp32 gradients keep fp32 accuracy.
+  bool bf16_dot = false;
+  if constexpr (kHasBf16Dot<Isa>)
+    bf16_dot = p.q.dtype == DType::kBFloat16 && p.k.dtype == DType::kBFloat16 &&
+               p.v.dtype == DType::kBFloat16 && p.dout.dtype == DType::kBFloat16 && D % 2 == 0 &&
+               Dv % 2 == 0;
+  const bool split = bf16_dot && (p.dq.dtype != DType::kBFloat16 ||
+                                  p.dk.dtype != DType::kBFloat16 || p.dv.dtype != DType::kBFloat16);
+  const int64_t kq2 = (kBq + 1) / 2, kk2 = (kBk + 1) / 2;  // query / key pairs of a block
+
 #pragma omp parallel if (parallel_main)
   {
-    FloatBuffer kt(D * kBk), vt(Dv * kBk), kbuf(kBk * D), vbuf(kBk * Dv), dk_acc(kBk * D),
-        dv_acc(kBk * Dv), qbuf(kBq * D), dobuf(kBq * Dv), s(kBq * kBk), dp(kBq * kBk);
+    // fp32 tiles, or in bf16 mode: kt holds K packed as pairs along d (B of S = Q K^T), vt V
+    // likewise (B of dP = dO V^T), kbuf K as pairs along keys (B of dQ = dS K), qbuf and
+    // dobuf Q and dO as pairs along queries (B of dK = dS^T Q, dV = P^T dO); pw and dsw hold
+    // P and dS as pairs along queries (A of dV, dK), dsr dS as pairs along keys (A of dQ),
+    // each with its lo half after the hi half.
+    FloatBuffer kt(D * kBk), vt(Dv * kBk), kbuf(kBk * D), vbuf(bf16_dot ? 0 : kBk * Dv),
+        dk_acc(kBk * D), dv_acc(kBk * Dv), qbuf(kBq * D), dobuf(kBq * Dv), s(kBq * kBk),
+        dp(kBq * kBk), pw(bf16_dot ? 2 * kq2 * kBk : 0), dsw(bf16_dot ? 2 * kq2 * kBk : 0),
+        dsr(bf16_dot ? 2 * kBq * kk2 : 0);
+    auto* const kt_w = reinterpret_cast<uint32_t*>(kt.get());
+    auto* const vt_w = reinterpret_cast<uint32_t*>(vt.get());
+    auto* const kv_w = reinterpret_cast<uint32_t*>(kbuf.get());
+    auto* const qv_w = reinterpret_cast<uint32_t*>(qbuf.get());
+    auto* const dov_w = reinterpret_cast<uint32_t*>(dobuf.get());
+    auto* const pw_w = reinterpret_cast<uint32_t*>(pw.get());
+    auto* const dsw_w = reinterpret_cast<uint32_t*>(dsw.get());
+    auto* const dsr_w = reinterpret_cast<uint32_t*>(dsr.get());
+    const auto u16 = [](const FlashOperand& op, int64_t off) {
+      return static_cast<const uint16_t*>(op.data) + off;
+    };
     ProgressTicker progress{p.progress, p.progress_ctx, omp_get_thread_num() == 0, 2};
 
     progress.now();
@@ -483,13 +514,22 @@ void backward_impl(const FlashBackwardParams& p) {
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * kBk;
         const int64_t bk = std::min(kBk, Sk - j0);
-        const Rows kr =
-            fp32_rows(p.k, b * p.k.sb + j0 * p.k.ss + hk * p.k.sh, p.k.ss, bk, D, kbuf.get());
-        const Rows vr =
-            fp32_rows(p.v, b * p.v.sb + j0 * p.v.ss + hk * p.v.sh, p.v.ss, bk, Dv, vbuf.get());
-        for (int64_t j = 0; j < bk; ++j) {
-          for (int64_t d = 0; d < D; ++d) kt.get()[d * kBk + j] = kr.ptr[j * kr.ld + d];
-          for (int64_t d = 0; d < Dv; ++d) vt.get()[d * kBk + j] = vr.ptr[j * vr.ld + d];
+        const int64_t koff = b * p.k.sb + j0 * p.k.ss + hk * p.k.sh;
+        const int64_t voff = b * p.v.sb + j0 * p.v.ss + hk * p.v.sh;
+        Rows kr{nullptr, 0};
+        if (bf16_dot) {
+          if constexpr (kHasBf16Dot<Isa>) {
+            Isa::pack_q(u16(p.k, koff), p.k.ss, bk, D, kt_w, kBk);
+            Isa::pack_q(u16(p.v, voff), p.v.ss, bk, Dv, vt_w, kBk);
+            Isa::pack_v(u16(p.k, koff), p.k.ss, bk, D, kv_w);
+          }
+        } else {
+          kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
+          const Rows vr = fp32_rows(p.v, voff, p.v.ss, bk, Dv, vbuf.get());
+          for (int64_t j = 0; j < bk; ++j) {
+            for (int64_t d = 0; d < D; ++d) kt.get()[d * kBk + j] = kr.ptr[j * kr.ld + d];
+            for (int64_t d = 0; d < Dv; ++d) vt.get()[d * kBk + j] = vr.ptr[j * vr.ld + d];
+          }
         }
         std::fill(dk_acc.get(), dk_acc.get() + bk * D, 0.f);
         std::fill(dv_acc.get(), dv_acc.get() + bk * Dv, 0.f);
@@ -510,17 +550,37 @@ void backward_impl(const FlashBackwardParams& p) {
             const int64_t bq = std::min(kBq, ihi - i0);
             const Mask::Kind kind = mask.classify(i0, i0 + bq, j0, j0 + bk);
             if (kind == Mask::kSkip) continue;
-            const Rows qr =
-                fp32_rows(p.q, b * p.q.sb + i0 * p.q.ss + h * p.q.sh, p.q.ss, bq, D, qbuf.get());
-            const Rows dor = fp32_rows(p.dout, b * p.dout.sb + i0 * p.dout.ss + h * p.dout.sh,
-                                       p.dout.ss, bq, Dv, dobuf.get());
-            // S = Q K^T, P = exp2(S * scale*log2e - lse2).
-            Isa::gemm(bq, bk, D, qr.ptr, qr.ld, 1, kt.get(), kBk, s.get(), kBk, false);
-            if (kind == Mask::kPartial) mask.apply_rows(s.get(), kBk, i0, bq, j0, bk);
-            Isa::probs_rows(s.get(), kBk, bq, bk, c2, lse2.get() + row0 + i0);
-            // dP = dO V^T; dV += P^T dO.
-            Isa::gemm(bq, bk, Dv, dor.ptr, dor.ld, 1, vt.get(), kBk, dp.get(), kBk, false);
-            Isa::gemm(bk, Dv, bq, s.get(), 1, kBk, dor.ptr, dor.ld, dv_acc.get(), Dv, true);
+            const int64_t qoff = b * p.q.sb + i0 * p.q.ss + h * p.q.sh;
+            const int64_t dooff = b * p.dout.sb + i0 * p.dout.ss + h * p.dout.sh;
+            const int64_t bq2 = (bq + 1) / 2, bk2 = (bk + 1) / 2;
+            Rows qr{nullptr, 0}, dor{nullptr, 0};
+            if (bf16_dot) {
+              if constexpr (kHasBf16Dot<Isa>) {
+                // S = Q K^T, P = exp2(S * scale*log2e - lse2); dP = dO V^T; dV += P^T dO.
+                Isa::gemm_bf16(bq, bk, D / 2, u16(p.q, qoff), p.q.ss, 2, kt_w, kBk, s.get(), kBk,
+                               false, 1.f);
+                if (kind == Mask::kPartial) mask.apply_rows(s.get(), kBk, i0, bq, j0, bk);
+                Isa::probs_rows(s.get(), kBk, bq, bk, c2, lse2.get() + row0 + i0);
+                Isa::gemm_bf16(bq, bk, Dv / 2, u16(p.dout, dooff), p.dout.ss, 2, vt_w, kBk,
+                               dp.get(), kBk, false, 1.f);
+                Isa::pack_p(s.get(), kBk, bq, bk, pw_w, split ? pw_w + kq2 * kBk : nullptr);
+                Isa::pack_v(u16(p.dout, dooff), p.dout.ss, bq, Dv, dov_w);
+                for (int pass = 0; pass < (split ? 2 : 1); ++pass)
+                  Isa::gemm_bf16(bk, Dv, bq2,
+                                 reinterpret_cast<const uint16_t*>(pw_w + pass * kq2 * kBk), 2,
+                                 2 * kBk, dov_w, Dv, dv_acc.get(), Dv, true, 1.f);
+              }
+            } else {
+              qr = fp32_rows(p.q, qoff, p.q.ss, bq, D, qbuf.get());
+              dor = fp32_rows(p.dout, dooff, p.dout.ss, bq, Dv, dobuf.get());
+              // S = Q K^T, P = exp2(S * scale*log2e - lse2).
+              Isa::gemm(bq, bk, D, qr.ptr, qr.ld, 1, kt.get(), kBk, s.get(), kBk, false);
+              if (kind == Mask::kPartial) mask.apply_rows(s.get(), kBk, i0, bq, j0, bk);
+              Isa::probs_rows(s.get(), kBk, bq, bk, c2, lse2.get() + row0 + i0);
+              // dP = dO V^T; dV += P^T dO.
+              Isa::gemm(bq, bk, Dv, dor.ptr, dor.ld, 1, vt.get(), kBk, dp.get(), kBk, false);
+              Isa::gemm(bk, Dv, bq, s.get(), 1, kBk, dor.ptr, dor.ld, dv_acc.get(), Dv, true);
+            }
             // dS = scale * P * (dP - delta), kept in dp.
             const float* drow = delta.get() + row0 + i0;
             for (int64_t i = 0; i < bq; ++i) {
@@ -530,9 +590,26 @@ void backward_impl(const FlashBackwardParams& p) {
               for (int64_t j = 0; j < bk; ++j) dr[j] = p.scale * pr[j] * (dr[j] - di);
             }
             // dK += dS^T Q; dQ += dS K.
-            Isa::gemm(bk, D, bq, dp.get(), 1, kBk, qr.ptr, qr.ld, dk_acc.get(), D, true);
-            Isa::gemm(bq, D, bk, dp.get(), kBk, 1, kr.ptr, kr.ld, dq_rows + i0 * dq_ld, dq_ld,
-                      true);
+            if (bf16_dot) {
+              if constexpr (kHasBf16Dot<Isa>) {
+                Isa::pack_p(dp.get(), kBk, bq, bk, dsw_w, split ? dsw_w + kq2 * kBk : nullptr);
+                Isa::pack_v(u16(p.q, qoff), p.q.ss, bq, D, qv_w);
+                Isa::pack_rows(dp.get(), kBk, bq, bk, dsr_w, split ? dsr_w + kBq * kk2 : nullptr,
+                               kk2);
+                for (int pass = 0; pass < (split ? 2 : 1); ++pass) {
+                  Isa::gemm_bf16(bk, D, bq2,
+                                 reinterpret_cast<const uint16_t*>(dsw_w + pass * kq2 * kBk), 2,
+                                 2 * kBk, qv_w, D, dk_acc.get(), D, true, 1.f);
+                  Isa::gemm_bf16(bq, D, bk2,
+                                 reinterpret_cast<const uint16_t*>(dsr_w + pass * kBq * kk2),
+                                 2 * kk2, 2, kv_w, D, dq_rows + i0 * dq_ld, dq_ld, true, 1.f);
+                }
+              }
+            } else {
+              Isa::gemm(bk, D, bq, dp.get(), 1, kBk, qr.ptr, qr.ld, dk_acc.get(), D, true);
+              Isa::gemm(bq, D, bk, dp.get(), kBk, 1, kr.ptr, kr.ld, dq_rows + i0 * dq_ld, dq_ld,
+                        true);
+            }
             progress.tick();
           }
         }

@@ -1,6 +1,7 @@
 #pragma once
 // AVX512-BF16 policy for flash_impl.h: the AVX-512 policy plus bf16 dot-product tiles
-// (vdpbf16ps) for the forward's two GEMMs when q, k and v are bf16. Include only from
+// (vdpbf16ps) for the forward's two GEMMs and the backward's five when the inputs are bf16. Include
+// only from
 // *_avx512bf16.cpp files (built with the AVX-512 flags and -mavx512bf16); everything has
 // internal linkage.
 //
@@ -16,6 +17,7 @@
 // The online-softmax statistics (m, l, lse) stay fp32 and come from the fp32 scores.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -142,6 +144,35 @@ struct Avx512Bf16Isa : Avx512Isa {
         _mm512_mask_storeu_epi32(pp + at + i, mk, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
         if (lo != nullptr)
           _mm512_mask_storeu_epi32(lo + at + i, mk, _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
+      }
+    }
+  }
+
+  // w[i*ldw + j2] = (bf16(s[i][2*j2]), bf16(s[i][2*j2+1])) for i < rows, j2 < ceil(cols/2)
+  // (s rows have stride ld; a missing odd column is zero): pairs along a row, the A operand
+  // of a product over s's columns. With `lo`, also the rounding residues, as pack_p.
+  static void pack_rows(const float* s, int64_t ld, int64_t rows, int64_t cols, uint32_t* w,
+                        uint32_t* lo, int64_t ldw) {
+    const auto mask_of = [](int64_t n) {
+      return n <= 0 ? static_cast<__mmask16>(0) : tail_mask(n);
+    };
+    const auto widen = [](__m256i h) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    };
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* r = s + i * ld;
+      for (int64_t j = 0; j < cols; j += 32) {
+        const __m512 a = _mm512_maskz_loadu_ps(mask_of(cols - j), r + j);
+        const __m512 b = _mm512_maskz_loadu_ps(mask_of(cols - j - 16), r + j + 16);
+        const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+        const __mmask16 wm = mask_of((std::min<int64_t>(32, cols - j) + 1) / 2);
+        _mm512_mask_storeu_epi32(w + i * ldw + j / 2, wm, h);
+        if (lo != nullptr) {
+          const __m512 ra = _mm512_sub_ps(a, widen(_mm512_castsi512_si256(h)));
+          const __m512 rb = _mm512_sub_ps(b, widen(_mm512_extracti64x4_epi64(h, 1)));
+          _mm512_mask_storeu_epi32(lo + i * ldw + j / 2, wm,
+                                   reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(rb, ra)));
+        }
       }
     }
   }

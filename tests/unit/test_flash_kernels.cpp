@@ -373,17 +373,11 @@ TEST(FlashForward, Bf16AndFp16InputsWithNativeAndFp32Outputs) {
   }
 }
 
-// The bf16 dot-product tiles (AVX512-BF16): every tail the packing has (odd key tiles,
-// query blocks and Dv not multiples of 16, one query, one key), masks, GQA, strided operands,
-// and an odd head dim (which takes the fp32 tiles of the same policy).
-TEST(FlashForward, Bf16DotProductTilesAcrossTailsAndMasks) {
-  if (!kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16))
-    GTEST_SKIP() << "no AVX512-BF16 on this CPU/build: the bf16 tiles are not tested here";
-  const std::vector<std::array<int64_t, 4>> shapes{// Sq, Sk, D, Dv
-                                                   {1, 1, 64, 64},      {7, 131, 128, 128},
-                                                   {131, 257, 64, 64},  {37, 129, 80, 72},
-                                                   {70, 300, 576, 512}, {5, 17, 7, 3}};
-  for (const auto& [sq, sk, d, dv] : shapes) {
+// Cases for the bf16 dot-product tiles (AVX512-BF16): bf16 inputs of each shape {Sq, Sk, D,
+// Dv}, 4/2 heads, bf16 and fp32 results, under every mask variant.
+std::vector<Case> bf16_tile_cases(const std::vector<std::array<int64_t, 4>>& shapes) {
+  std::vector<Case> r;
+  for (const auto& [sq, sk, d, dv] : shapes)
     for (DType o : {DType::kBFloat16, DType::kFloat32}) {
       Case base;
       base.Sq = sq;
@@ -394,12 +388,27 @@ TEST(FlashForward, Bf16DotProductTilesAcrossTailsAndMasks) {
       base.Hkv = 2;
       base.dtype = DType::kBFloat16;
       base.out_dtype = o;
-      for (Case c : mask_variants(base)) {
-        check_forward(c);
-        c.strided = true;
-        check_forward(c);
-      }
+      for (const Case& c : mask_variants(base)) r.push_back(c);
     }
+  return r;
+}
+
+// The forward's bf16 tiles: every tail the packing has (odd key tiles, query blocks and Dv
+// not multiples of 16, one query, one key), masks, GQA, strided operands, and an odd head dim
+// (which takes the fp32 tiles of the same policy).
+TEST(FlashForward, Bf16DotProductTilesAcrossTailsAndMasks) {
+  if (!kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16))
+    GTEST_SKIP() << "no AVX512-BF16 on this CPU/build: the bf16 tiles are not tested here";
+  for (Case c : bf16_tile_cases({// Sq, Sk, D, Dv
+                                 {1, 1, 64, 64},
+                                 {7, 131, 128, 128},
+                                 {131, 257, 64, 64},
+                                 {37, 129, 80, 72},
+                                 {70, 300, 576, 512},
+                                 {5, 17, 7, 3}})) {
+    check_forward(c);
+    c.strided = true;
+    check_forward(c);
   }
 }
 
@@ -559,6 +568,26 @@ TEST(FlashBackward, Bf16AndFp16Inputs) {
       c.causal = true;
       check_backward(c);
     }
+  }
+}
+
+// The backward's bf16 dot-product tiles (AVX512-BF16): key and query blocks with odd tails
+// (pairs padded with zero), Dv != D, one query, one key, masks, GQA, strided operands and
+// accumulation, bf16 gradients (P and dS rounded once) and fp32 gradients (hi + lo, held to
+// the fp32 tolerance), and an odd head dim (which takes the fp32 tiles of the same policy).
+TEST(FlashBackward, Bf16DotProductTilesAcrossTailsAndMasks) {
+  if (!kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16))
+    GTEST_SKIP() << "no AVX512-BF16 on this CPU/build: the bf16 backward tiles are not tested here";
+  for (Case c : bf16_tile_cases({// Sq, Sk, D, Dv
+                                 {1, 1, 64, 64},
+                                 {7, 131, 128, 128},
+                                 {67, 65, 64, 32},
+                                 {37, 129, 80, 72},
+                                 {65, 33, 576, 512},
+                                 {5, 17, 7, 3}})) {
+    check_backward(c);
+    c.strided = true;
+    check_backward(c, true);
   }
 }
 
