@@ -166,7 +166,7 @@ bool decode_stream(const TensorView& q, const TensorView& k, const TensorView& v
   plain.window_left = plain.window_right = -1;
   const FlashForwardParams p = make_forward_params(q, k, v, out, lse, plain);
 #if DISTATTN_WITH_AVX512BF16
-  if (isa == CpuKernelIsa::kAvx512Bf16) {
+  if (is_avx512bf16_level(isa)) {
     decode_stream_avx512bf16(p);
     return true;
   }

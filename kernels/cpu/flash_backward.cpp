@@ -50,6 +50,12 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
   p.dk = grad_operand(dk, k, "dk");
   p.dv = grad_operand(dv, v, "dv");
   p.accumulate = bopts.accumulate;
+#if DISTATTN_WITH_AMX
+  if (active_cpu_kernel_isa() == CpuKernelIsa::kAmx) {
+    flash_backward_amx(p);
+    return;
+  }
+#endif
 #if DISTATTN_WITH_AVX512BF16
   if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx512Bf16) {
     flash_backward_avx512bf16(p);

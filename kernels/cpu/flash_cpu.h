@@ -24,18 +24,26 @@ namespace distattn::kernels::cpu {
 
 // kAvx512Bf16: the AVX-512 kernels plus bf16 dot-product tiles (vdpbf16ps) in the forward
 // and backward when the inputs are bf16; everything else runs as kAvx512.
-enum class CpuKernelIsa { kAuto, kPortable, kAvx2, kAvx512, kAvx512Bf16 };
+// kAmx: kAvx512Bf16 with the forward's and backward's bf16 GEMMs on AMX tiles (tdpbf16ps).
+enum class CpuKernelIsa { kAuto, kPortable, kAvx2, kAvx512, kAvx512Bf16, kAmx };
 
 // Forces an instruction set for the next flash_forward/flash_backward calls (tests and
 // benchmarks); kAuto goes back to DISTATTN_CPU_KERNEL / CPU detection. Throws if the
 // requested set is not available in this build or on this CPU.
 void set_cpu_kernel_isa(CpuKernelIsa isa);
-// What the next call uses. DISTATTN_CPU_KERNEL=auto|portable|avx2|avx512|avx512bf16 is read
-// once; auto takes AVX512-BF16, else AVX-512, else AVX2+FMA, else portable.
+// What the next call uses. DISTATTN_CPU_KERNEL=auto|portable|avx2|avx512|avx512bf16|amx is
+// read once; auto takes AVX512-BF16, else AVX-512, else AVX2+FMA, else portable. AMX runs
+// when asked for: its tiles have not yet run on an AMX machine (their driver is checked
+// against a model of the tile instructions, see amx_gemm.h), so auto does not pick them.
 CpuKernelIsa active_cpu_kernel_isa();
-// True for the AVX-512 levels (kAvx512, kAvx512Bf16): the AVX-512 kernels run.
+// True for the AVX-512 levels (kAvx512, kAvx512Bf16, kAmx): the AVX-512 kernels run.
 inline bool is_avx512_level(CpuKernelIsa isa) {
-  return isa == CpuKernelIsa::kAvx512 || isa == CpuKernelIsa::kAvx512Bf16;
+  return isa == CpuKernelIsa::kAvx512 || isa == CpuKernelIsa::kAvx512Bf16 ||
+         isa == CpuKernelIsa::kAmx;
+}
+// True for the levels with the AVX512-BF16 instructions (kAvx512Bf16, kAmx).
+inline bool is_avx512bf16_level(CpuKernelIsa isa) {
+  return isa == CpuKernelIsa::kAvx512Bf16 || isa == CpuKernelIsa::kAmx;
 }
 bool cpu_kernel_isa_available(CpuKernelIsa isa);
 const char* cpu_kernel_isa_name(CpuKernelIsa isa);
@@ -84,6 +92,10 @@ void flash_backward_avx512(const FlashBackwardParams& p);
 #if DISTATTN_WITH_AVX512BF16
 void flash_forward_avx512bf16(const FlashForwardParams& p);
 void flash_backward_avx512bf16(const FlashBackwardParams& p);
+#endif
+#if DISTATTN_WITH_AMX
+void flash_forward_amx(const FlashForwardParams& p);
+void flash_backward_amx(const FlashBackwardParams& p);
 #endif
 
 // Streaming decode tiles (decode_stream_avx512.h): queries of a KV group together against a

@@ -5,6 +5,13 @@
 #include <cstdlib>
 #include <string>
 
+#include "distattn/config.h"
+#if DISTATTN_WITH_AMX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "kernels/cpu/attention_cpu.h"
 #include "kernels/cpu/flash_cpu.h"
 #include "kernels/cpu/flash_impl.h"
@@ -24,8 +31,9 @@ CpuKernelIsa env_isa() {
     if (s == "avx2") return CpuKernelIsa::kAvx2;
     if (s == "avx512") return CpuKernelIsa::kAvx512;
     if (s == "avx512bf16") return CpuKernelIsa::kAvx512Bf16;
+    if (s == "amx") return CpuKernelIsa::kAmx;
     DISTATTN_THROW(Status::kInvalidArgument, "DISTATTN_CPU_KERNEL='", s,
-                   "' is not understood: use auto, portable, avx2, avx512 or avx512bf16");
+                   "' is not understood: use auto, portable, avx2, avx512, avx512bf16 or amx");
   }();
   return isa;
 }
@@ -49,6 +57,22 @@ FlashOperand lse_operand(const TensorView& t) {
   op.ss = t.stride(2);
   return op;
 }
+
+#if DISTATTN_WITH_AMX
+// AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), and Linux's permission to use the
+// tile data state, asked for once per process (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16);
+// refused or unknown: no AMX, the other levels run.
+bool amx_tiles_usable() {
+  static const bool ok = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
+    if (((edx >> 24) & 1u) == 0 || ((edx >> 22) & 1u) == 0) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+#endif
 
 bool storage_dtype_ok(DType t) {
   return t == DType::kFloat32 || t == DType::kBFloat16 || t == DType::kFloat16;
@@ -84,6 +108,12 @@ bool cpu_kernel_isa_available(CpuKernelIsa isa) {
 #else
       return false;
 #endif
+    case CpuKernelIsa::kAmx:
+#if DISTATTN_WITH_AMX
+      return cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16) && amx_tiles_usable();
+#else
+      return false;
+#endif
   }
   return false;
 }
@@ -100,6 +130,8 @@ const char* cpu_kernel_isa_name(CpuKernelIsa isa) {
       return "avx512";
     case CpuKernelIsa::kAvx512Bf16:
       return "avx512bf16";
+    case CpuKernelIsa::kAmx:
+      return "amx";
   }
   return "?";
 }
@@ -181,6 +213,12 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
                    const ops::AttentionOptions& opts) {
   const FlashForwardParams p = make_forward_params(q, k, v, out, lse, opts);
   const CpuKernelIsa isa = active_cpu_kernel_isa();
+#if DISTATTN_WITH_AMX
+  if (isa == CpuKernelIsa::kAmx) {
+    flash_forward_amx(p);
+    return;
+  }
+#endif
 #if DISTATTN_WITH_AVX512BF16
   if (isa == CpuKernelIsa::kAvx512Bf16) {
     flash_forward_avx512bf16(p);

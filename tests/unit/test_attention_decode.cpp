@@ -147,7 +147,7 @@ TEST(AttentionDecode, StreamingTilesOnEveryInstructionSet) {
   };
   int checked = 0;
   for (CpuKernelIsa isa : {CpuKernelIsa::kPortable, CpuKernelIsa::kAvx2, CpuKernelIsa::kAvx512,
-                           CpuKernelIsa::kAvx512Bf16}) {
+                           CpuKernelIsa::kAvx512Bf16, CpuKernelIsa::kAmx}) {
     if (!kernels::cpu::cpu_kernel_isa_available(isa)) {
       std::printf("[ info ] %s not available here: its decode path is not tested\n",
                   kernels::cpu::cpu_kernel_isa_name(isa));

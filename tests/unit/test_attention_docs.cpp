@@ -151,7 +151,8 @@ TEST_P(DocsAllIsas, CrossDocumentsAndDecode) {
 INSTANTIATE_TEST_SUITE_P(
     Isas, DocsAllIsas,
     ::testing::Values(kernels::cpu::CpuKernelIsa::kPortable, kernels::cpu::CpuKernelIsa::kAvx2,
-                      kernels::cpu::CpuKernelIsa::kAvx512, kernels::cpu::CpuKernelIsa::kAvx512Bf16),
+                      kernels::cpu::CpuKernelIsa::kAvx512, kernels::cpu::CpuKernelIsa::kAvx512Bf16,
+                      kernels::cpu::CpuKernelIsa::kAmx),
     [](const auto& i) { return std::string(kernels::cpu::cpu_kernel_isa_name(i.param)); });
 
 TEST(AttentionDocs, FullyMaskedRowsWithSinksGetTheSinkLogit) {

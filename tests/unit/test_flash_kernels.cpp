@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "common/test_data.h"
+#include "distattn/core/half.h"
 #include "distattn/core/tensor_view.h"
+#include "kernels/cpu/amx_gemm.h"
 #include "kernels/cpu/attention_cpu.h"
 #include "kernels/cpu/flash_cpu.h"
 
@@ -195,6 +197,7 @@ std::vector<CpuKernelIsa> isas() {
     r.push_back(CpuKernelIsa::kAvx512);
   if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16))
     r.push_back(CpuKernelIsa::kAvx512Bf16);
+  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAmx)) r.push_back(CpuKernelIsa::kAmx);
   return r;
 }
 
@@ -722,6 +725,149 @@ TEST(FlashKernels, ProgressHookIsCalledFromOneThreadAtATime) {
   }
 }
 
+// A software model of the tile instructions amx_gemm_bf16 issues (Intel SDM: LDTILECFG,
+// TILEZERO, TILELOADD, TILESTORED, TDPBF16PS, TILERELEASE) on the tile shapes of its
+// configuration, so that the AMX driver's blocking, zero padding and epilogue are checked on
+// machines without AMX. Where the CPU has AMX, the forward/backward/decode suites run the
+// hardware tiles (isas() includes kAmx).
+struct AmxModelTiles {
+  static inline kernels::cpu::AmxTileConfig cfg;
+  static inline bool configured = false;
+  static inline uint8_t tmm[8][16][64];
+  static inline int64_t dps = 0;
+
+  static void begin(const kernels::cpu::AmxTileConfig* c) {
+    EXPECT_FALSE(configured) << "tile config loaded twice without a release";
+    cfg = *c;
+    configured = true;
+    EXPECT_EQ(cfg.palette, 1);
+    for (int t = 0; t < 8; ++t) {
+      EXPECT_LE(cfg.rows[t], 16);
+      EXPECT_LE(cfg.colsb[t], 64);
+    }
+  }
+  static void end() { configured = false; }
+  static void zero_c() {
+    EXPECT_TRUE(configured);
+    for (int t = 0; t < 4; ++t) std::memset(tmm[t], 0, sizeof(tmm[t]));
+  }
+  static void load(int t, const void* p, int64_t stride) {
+    EXPECT_TRUE(configured);
+    std::memset(tmm[t], 0, sizeof(tmm[t]));
+    for (int r = 0; r < cfg.rows[t]; ++r)
+      std::memcpy(tmm[t][r], static_cast<const char*>(p) + r * stride, cfg.colsb[t]);
+  }
+  static void load_ab(const void* a0, int64_t sa0, const void* a1, int64_t sa1, const void* b0,
+                      int64_t sb0, const void* b1, int64_t sb1) {
+    load(4, a0, sa0);
+    load(5, a1, sa1);
+    load(6, b0, sb0);
+    load(7, b1, sb1);
+  }
+  static float bf16_at(int t, int r, int i) {
+    uint16_t h;
+    std::memcpy(&h, &tmm[t][r][2 * i], 2);
+    return bf16_t::to_float(h);
+  }
+  // C[m][n] += A[m].bf16[2k] * B[k].bf16[2n] + A[m].bf16[2k+1] * B[k].bf16[2n+1].
+  static void dp(int c, int a, int b) {
+    EXPECT_TRUE(configured);
+    EXPECT_EQ(cfg.colsb[a] / 4, cfg.rows[b]) << "A's pairs must match B's rows";
+    for (int m = 0; m < cfg.rows[c]; ++m)
+      for (int n = 0; n < cfg.colsb[c] / 4; ++n) {
+        float acc;
+        std::memcpy(&acc, &tmm[c][m][4 * n], 4);
+        for (int k = 0; k < cfg.colsb[a] / 4; ++k) {
+          acc += bf16_at(a, m, 2 * k) * bf16_at(b, k, 2 * n);
+          acc += bf16_at(a, m, 2 * k + 1) * bf16_at(b, k, 2 * n + 1);
+        }
+        std::memcpy(&tmm[c][m][4 * n], &acc, 4);
+      }
+    ++dps;
+  }
+  static void dp4() {
+    dp(0, 4, 6);
+    dp(1, 4, 7);
+    dp(2, 5, 6);
+    dp(3, 5, 7);
+  }
+  static void store(int t, float* p, int64_t stride) {
+    for (int r = 0; r < cfg.rows[t]; ++r)
+      std::memcpy(reinterpret_cast<char*>(p) + r * stride, tmm[t][r], cfg.colsb[t]);
+  }
+  static void store_c(float* c0, float* c1, float* c2, float* c3, int64_t stride) {
+    store(0, c0, stride);
+    store(1, c1, stride);
+    store(2, c2, stride);
+    store(3, c3, stride);
+  }
+};
+
+// The AMX driver on the model against an fp64 product of the same bf16 values: full and
+// partial tiles in every dimension, A pairs contiguous (loaded in place) and strided (as the
+// P V and dS^T Q products pass them), overwrite and accumulate, a scale.
+TEST(FlashKernels, AmxGemmDriverMatchesFp64OnTheTileModel) {
+  struct Shape {
+    int64_t m, n, k2;
+  };
+  for (const Shape sh : {Shape{1, 1, 1}, Shape{16, 16, 16}, Shape{32, 32, 32}, Shape{17, 33, 5},
+                         Shape{128, 128, 64}, Shape{64, 72, 33}, Shape{5, 300, 70}})
+    for (bool strided_a : {false, true})
+      for (bool accumulate : {false, true}) {
+        SCOPED_TRACE("M " + std::to_string(sh.m) + " N " + std::to_string(sh.n) + " K2 " +
+                     std::to_string(sh.k2) + (strided_a ? " strided A" : "") +
+                     (accumulate ? " accumulate" : ""));
+        // A(m, k2) at a + m*ars + k2*ats: rows of 2*K2 values (padded by 6), or pairs along m
+        // with the k2 stride of a packed block (ats = 2 * ld).
+        const int64_t ld = sh.m + 3;
+        const int64_t ars = strided_a ? 2 : 2 * sh.k2 + 6, ats = strided_a ? 2 * ld : 2;
+        std::vector<uint16_t> a(static_cast<size_t>(strided_a ? 2 * ld * sh.k2 : sh.m * ars));
+        std::vector<uint32_t> b(static_cast<size_t>(sh.k2 * (sh.n + 5)));
+        const int64_t ldb = sh.n + 5;
+        uint64_t state = 12345 + static_cast<uint64_t>(sh.m * 7 + sh.n * 3 + sh.k2);
+        const auto next = [&state] {
+          state = state * 6364136223846793005ull + 1442695040888963407ull;
+          return static_cast<float>(static_cast<int64_t>(state >> 40) % 2001 - 1000) / 500.0f;
+        };
+        for (auto& x : a) x = bf16_t::from_float(next());
+        for (auto& w : b)
+          w = static_cast<uint32_t>(bf16_t::from_float(next())) |
+              (static_cast<uint32_t>(bf16_t::from_float(next())) << 16);
+        const int64_t ldc = sh.n + 2;
+        std::vector<float> c(static_cast<size_t>(sh.m * ldc));
+        for (auto& x : c) x = next();
+        std::vector<double> ref(c.begin(), c.end());
+        const float mul = 0.37f;
+        const auto val = [](uint16_t h) { return static_cast<double>(bf16_t::to_float(h)); };
+        double max_ref = 0;
+        for (int64_t m = 0; m < sh.m; ++m)
+          for (int64_t n = 0; n < sh.n; ++n) {
+            double acc = 0;
+            for (int64_t k = 0; k < sh.k2; ++k) {
+              const uint16_t* ap = a.data() + m * ars + k * ats;
+              const uint32_t w = b[static_cast<size_t>(k * ldb + n)];
+              acc += val(ap[0]) * val(static_cast<uint16_t>(w & 0xFFFFu)) +
+                     val(ap[1]) * val(static_cast<uint16_t>(w >> 16));
+            }
+            double& r = ref[static_cast<size_t>(m * ldc + n)];
+            r = (accumulate ? r : 0.0) + mul * acc;
+            max_ref = std::max(max_ref, std::abs(r));
+          }
+        AmxModelTiles::dps = 0;
+        kernels::cpu::amx_gemm_bf16<AmxModelTiles>(sh.m, sh.n, sh.k2, a.data(), ars, ats, b.data(),
+                                                   ldb, c.data(), ldc, accumulate, mul);
+        EXPECT_FALSE(AmxModelTiles::configured) << "tiles not released";
+        EXPECT_EQ(AmxModelTiles::dps,
+                  4 * ((sh.m + 31) / 32) * ((sh.n + 31) / 32) * ((sh.k2 + 15) / 16));
+        double max_err = 0;
+        for (size_t x = 0; x < c.size(); ++x) {
+          const bool in_c = static_cast<int64_t>(x) % ldc < sh.n;
+          max_err = std::max(max_err, std::abs(c[x] - (in_c ? ref[x] : ref[x])));
+        }
+        EXPECT_LE(max_err, 1e-5 * std::max(1.0, max_ref));
+      }
+}
+
 TEST(FlashKernels, IsaSelectionRejectsUnavailableAndNamesThem) {
   EXPECT_STREQ(kernels::cpu::cpu_kernel_isa_name(CpuKernelIsa::kPortable), "portable");
   EXPECT_TRUE(kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kPortable));
@@ -729,7 +875,7 @@ TEST(FlashKernels, IsaSelectionRejectsUnavailableAndNamesThem) {
     IsaGuard guard(CpuKernelIsa::kPortable);
     EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kPortable);
   }
-  for (CpuKernelIsa isa : {CpuKernelIsa::kAvx512, CpuKernelIsa::kAvx512Bf16}) {
+  for (CpuKernelIsa isa : {CpuKernelIsa::kAvx512, CpuKernelIsa::kAvx512Bf16, CpuKernelIsa::kAmx}) {
     SCOPED_TRACE(kernels::cpu::cpu_kernel_isa_name(isa));
     if (!kernels::cpu::cpu_kernel_isa_available(isa)) {
       EXPECT_THROW(kernels::cpu::set_cpu_kernel_isa(isa), Error);
@@ -739,6 +885,12 @@ TEST(FlashKernels, IsaSelectionRejectsUnavailableAndNamesThem) {
     }
   }
   EXPECT_STREQ(kernels::cpu::cpu_kernel_isa_name(CpuKernelIsa::kAvx512Bf16), "avx512bf16");
+  EXPECT_STREQ(kernels::cpu::cpu_kernel_isa_name(CpuKernelIsa::kAmx), "amx");
+  // AMX implies AVX512-BF16; auto never picks AMX (see flash_cpu.h).
+  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAmx))
+    EXPECT_TRUE(kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16));
+  if (std::getenv("DISTATTN_CPU_KERNEL") == nullptr)
+    EXPECT_NE(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kAmx);
   // AVX512-BF16 implies AVX-512, and auto takes the widest level the CPU has.
   if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16)) {
     EXPECT_TRUE(kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512));

@@ -148,7 +148,8 @@ std::string environment_header() {
   os << "# distattn " << DISTATTN_VERSION << " (" << DISTATTN_BUILD_TYPE
      << ", cuda=" << DISTATTN_WITH_CUDA << " archs=" << DISTATTN_CUDA_ARCHITECTURES
      << ", nccl=" << DISTATTN_WITH_NCCL << ", nvtx=" << DISTATTN_WITH_NVTX
-     << ", avx512=" << DISTATTN_WITH_AVX512 << ", avx512bf16=" << DISTATTN_WITH_AVX512BF16 << ")\n";
+     << ", avx512=" << DISTATTN_WITH_AVX512 << ", avx512bf16=" << DISTATTN_WITH_AVX512BF16
+     << ", amx=" << DISTATTN_WITH_AMX << ")\n";
   // The CPU attention kernels this run uses (DISTATTN_CPU_KERNEL or the CPU's widest level).
   os << "# cpu_kernel " << kernels::cpu::cpu_kernel_isa_name(kernels::cpu::active_cpu_kernel_isa())
      << "\n";
