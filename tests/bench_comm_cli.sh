@@ -3,23 +3,9 @@
 # `distattn-bench comm` rejects bad command lines with a message saying what to type.
 set -u
 bench=$1
+sub=comm
 fails=0
-expect() {  # expect <message substring> <args...>
-  want=$1
-  shift
-  out=$("$bench" comm "$@" 2>&1)
-  rc=$?
-  if [ "$rc" -eq 0 ]; then
-    echo "FAIL: 'comm $*' exited 0"
-    fails=$((fails + 1))
-  elif ! printf '%s\n' "$out" | grep -qF -- "$want"; then
-    echo "FAIL: 'comm $*' output lacks '$want':"
-    printf '%s\n' "$out"
-    fails=$((fails + 1))
-  else
-    echo "ok: comm $* -> $want"
-  fi
-}
+. "$(dirname "$0")/cli_expect.sh"
 expect "size '99999999999G' does not fit in 64 bits" -b 99999999999G
 expect "size '99999999999999999999999' does not fit in 64 bits" -e 99999999999999999999999
 expect "bad size '-1'" -b -1

@@ -20,6 +20,7 @@
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <limits>
@@ -67,6 +68,8 @@ struct Args {
   int check = 0;
   int64_t check_rows = 16;
   bool gemm_ceiling = false;
+  bool bw_ceiling = false;
+  int64_t bw_bytes = int64_t{1} << 30;
   std::optional<float> scale;
   std::string json, inputs, outputs;
   // Masks (issue 12): --window L,R, --sink-tokens N, --sinks, packed documents --doc-lens a,b,c
@@ -350,6 +353,44 @@ double sgemm_gflops(int iters) {
 #endif
 }
 
+// ---- memory copy ceiling -----------------------------------------------------------------
+
+// dst[0, n) = src[0, n) as a vector loop of plain loads and stores, the way tensor copies run
+// (scripts/bench_sdpa_cpu.py times PyTorch's). Not memcpy: glibc's large-copy paths (rep movsb,
+// non-temporal stores) measured 35-40 % below this on the 2-core VMs.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+#endif
+void copy_floats(const float* __restrict src, float* __restrict dst, size_t n) {
+#pragma omp simd
+  for (size_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+// Read + write bytes per second of a buffer copy (`bytes` each way, best of `iters`), split
+// evenly over this rank's OpenMP threads: the ceiling a decode step that reads its cache once
+// is measured against.
+double copy_gbps(int64_t bytes, int iters) {
+  const size_t n = static_cast<size_t>(bytes) / sizeof(float);
+  std::vector<float> src(n, 1.0f), dst(n, 0.0f);  // both written once: no page faults timed
+  auto once = [&] {
+#pragma omp parallel
+    {
+      const size_t t = static_cast<size_t>(omp_get_thread_num());
+      const size_t nt = static_cast<size_t>(omp_get_num_threads());
+      const size_t b = n * t / nt, e = n * (t + 1) / nt;
+      copy_floats(src.data() + b, dst.data() + b, e - b);
+    }
+  };
+  once();
+  double best = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < iters; ++i) {
+    const double t0 = now_seconds();
+    once();
+    best = std::min(best, now_seconds() - t0);
+  }
+  return 2.0 * static_cast<double>(n * sizeof(float)) / best / 1e9;
+}
+
 // ---- npy round trip ----------------------------------------------------------------------
 
 Tensor read_input(const std::string& dir, const char* name) {
@@ -449,7 +490,8 @@ int run_npy(const Args& a, int rank) {
 
 Args parse(int argc, char** argv, bool& help) {
   Args a;
-  std::string op = "fwd", device = "cpu", dtype = "fp32", b = "1024", e = "", scale;
+  std::string op = "fwd", device = "cpu", dtype = "fp32", b = "1024", e = "", scale,
+              bw_bytes = "1G";
   po::options_description desc(
       "distattn-bench attn: local attention timing and .npy round trip\n"
       "(run under mpirun: every rank runs the same problem; time is the max over ranks)");
@@ -491,6 +533,10 @@ Args parse(int argc, char** argv, bool& help) {
      "query rows checked at each end when the whole problem is too big for the reference")
     ("gemm-ceiling", po::bool_switch(&a.gemm_ceiling),
      "also time a 2048^3 OpenBLAS sgemm and print attention / sgemm")
+    ("bw-ceiling", po::bool_switch(&a.bw_ceiling),
+     "--op decode: also time a memory copy on the same threads and print KV GB/s / copy GB/s")
+    ("bw-bytes", po::value(&bw_bytes)->default_value("1G"),
+     "--bw-ceiling: bytes copied each way (K/M/G suffixes = 2^10/2^20/2^30)")
     ("json", po::value(&a.json)->default_value(""), "write rows to this JSON file")
     ("inputs", po::value(&a.inputs)->default_value(""),
      "directory with q.npy k.npy v.npy (+ dout.npy for bwd), float32 [B, S, H, D]; optional "
@@ -548,6 +594,16 @@ Args parse(int argc, char** argv, bool& help) {
                  "--decode-queries must be in [1, 16], got ", a.decode_queries);
   DISTATTN_CHECK(a.iters >= 1 && a.warmup >= 0, "-n must be >= 1 and -w >= 0");
   DISTATTN_CHECK(a.check_rows >= 1, "--check-rows must be >= 1");
+  DISTATTN_CHECK(!a.bw_ceiling || a.op == AttnOp::kDecode,
+                 "--bw-ceiling compares decode's KV bandwidth with a memory copy: use it with "
+                 "--op decode");
+  DISTATTN_CHECK(!a.bw_ceiling || a.device.is_cpu(),
+                 "--bw-ceiling times a host memory copy: use it with --device cpu");
+  a.bw_bytes = static_cast<int64_t>(parse_size(bw_bytes));
+  DISTATTN_CHECK(a.bw_bytes >= (int64_t{1} << 20) && a.bw_bytes <= (int64_t{8} << 30),
+                 "--bw-bytes must be in [1M, 8G] (below: it fits in cache and is no ceiling; the "
+                 "probe holds two buffers of that size), got ",
+                 bw_bytes);
   if (!scale.empty()) {
     try {
       a.scale = std::stof(scale);
@@ -575,6 +631,8 @@ int attn_main(int argc, char** argv) {
   const bool root = info.rank == 0;
   double gemm = 0;
   if (a.gemm_ceiling) gemm = max_over_ranks(*world, -sgemm_gflops(3)) * -1;  // min over ranks
+  double copy = 0;
+  if (a.bw_ceiling) copy = max_over_ranks(*world, -copy_gbps(a.bw_bytes, 5)) * -1;
   std::string command = argv[0];  // "distattn-bench attn"
   for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
   if (root) {
@@ -592,9 +650,14 @@ int attn_main(int argc, char** argv) {
         info.size, omp_get_max_threads(), a.iters, a.warmup);
     if (a.gemm_ceiling)
       std::printf("# sgemm 2048^3 (OpenBLAS): %.1f GFLOP/s (min over ranks)\n", gemm);
-    std::printf("# %9s %11s %10s %10s%s %12s%s\n", "seq", "time(ms)", "TFLOP/s", "GFLOP/s",
+    if (a.bw_ceiling)
+      std::printf(
+          "# memory copy of %.0f MiB, read + write, %d threads: %.1f GB/s (min over "
+          "ranks)\n",
+          static_cast<double>(a.bw_bytes) / (1 << 20), omp_get_max_threads(), copy);
+    std::printf("# %9s %11s %10s %10s%s %12s%s%s\n", "seq", "time(ms)", "TFLOP/s", "GFLOP/s",
                 a.op == AttnOp::kDecode ? "  kv_GB/s" : "", a.check ? "max_abs_err" : "",
-                a.gemm_ceiling ? "  vs_sgemm" : "");
+                a.gemm_ceiling ? "  vs_sgemm" : "", a.bw_ceiling ? "  vs_copy" : "");
   }
   JsonRow header;
   header.set("op", a.op_name)
@@ -616,6 +679,7 @@ int attn_main(int argc, char** argv) {
       .set("iters", a.iters)
       .set("warmup", a.warmup);
   if (a.gemm_ceiling) header.set("sgemm_gflops", gemm);
+  if (a.bw_ceiling) header.set("copy_gbps", copy).set("copy_bytes", a.bw_bytes);
   std::vector<JsonRow> rows;
   bool all_ok = true;
   for (int64_t s = a.seq_begin; s <= a.seq_end;) {
@@ -637,12 +701,16 @@ int attn_main(int argc, char** argv) {
         .set("flops", flops)
         .set("tflops", flops / t / 1e12)
         .set("gflops", flops / t / 1e9);
-    std::string kv_text;
+    std::string kv_text, copy_text;
     if (a.op == AttnOp::kDecode) {
       // Decode is bound by reading the cache: K and V bytes per second.
       const double gbps = p.kv_bytes() / t / 1e9;
       row.set("kv_gbps", gbps);
       kv_text = fmt("  %7.2f", gbps);
+      if (a.bw_ceiling) {
+        row.set("vs_copy", gbps / copy);
+        copy_text = fmt("  %7.3f", gbps / copy);
+      }
     }
     std::string err_text, check_line;
     if (a.check) {
@@ -677,9 +745,9 @@ int attn_main(int argc, char** argv) {
       ratio = buf;
     }
     if (root)
-      std::printf("  %9ld %11.3f %10.4f %10.2f%s %12s%s\n", static_cast<long>(p.sk), t * 1e3,
+      std::printf("  %9ld %11.3f %10.4f %10.2f%s %12s%s%s\n", static_cast<long>(p.sk), t * 1e3,
                   flops / t / 1e12, flops / t / 1e9, kv_text.c_str(), err_text.c_str(),
-                  ratio.c_str());
+                  ratio.c_str(), copy_text.c_str());
     if (root && !check_line.empty()) std::printf("%s\n", check_line.c_str());
     std::fflush(stdout);
     rows.push_back(row);
