@@ -6,8 +6,11 @@
 // then one transposing reduction), the online softmax on that vector, and O += P V with
 // the V rows as stored. Each K/V byte is read from memory once per call: the key range is
 // walked in blocks of 16 keys, all KV heads of a block before the next block (the block's
-// rows share pages); rows shorter than 512 bytes get the next block prefetched. The query
-// rows of a KV head go in groups of up to 4 that share every K and V vector loaded.
+// rows share pages). While a head step computes, its first row group requests the next
+// step's rows line by line, each beside the load of the same line of this step (the hardware
+// prefetchers do not follow rows that each lie in another page; a burst of requests at the
+// start of a step overflowed the miss buffers). The query rows of a KV head go in groups of
+// up to 4 that share every K and V vector loaded.
 //
 // Cache dtypes: fp32 and fp16 load 16 values per vector (fp16 through vcvtph2ps). bf16
 // loads 32: the even values are word << 16 and the odd ones word & 0xffff0000, so q and
@@ -36,6 +39,9 @@ enum class StreamLoad { kF32, kF16, kBf16 };
 // Elements one vector load covers.
 template <StreamLoad L>
 constexpr int64_t kStreamWidth = L == StreamLoad::kBf16 ? 32 : 16;
+// Bytes per element.
+template <StreamLoad L>
+constexpr int64_t kStreamBytes = L == StreamLoad::kF32 ? 4 : 2;
 
 inline __mmask32 tail_mask32(int64_t n) {
   return n >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
@@ -93,7 +99,7 @@ inline __m512 reduce16(__m512* acc) {
 // vector KQ; one transposing reduction per step, then the steps' lanes are regrouped by row.
 template <StreamLoad L, bool kDotRow, int RG, int KQ>
 inline void scores_group(__m512* s, const float* qrows, int64_t qld, const char* k, int64_t ks,
-                         int64_t D) {
+                         int64_t D, const char* knext) {
   static_assert(RG * KQ == kStreamKeys, "RG rows x KQ keys fill the 16 accumulators");
   constexpr int64_t W = kStreamWidth<L>;
   constexpr int kSteps = kStreamKeys / KQ;
@@ -104,8 +110,14 @@ inline void scores_group(__m512* s, const float* qrows, int64_t qld, const char*
 #pragma GCC unroll 16
     for (int a = 0; a < kStreamKeys; ++a) acc[a] = _mm512_setzero_ps();
     const char* kc = k + c * KQ * ks;
+    const char* kcn = knext != nullptr ? knext + c * KQ * ks : nullptr;
     for (int64_t x = 0; x * W < D; ++x) {
       const int64_t n = D - x * W;
+      if (kcn != nullptr) {
+#pragma GCC unroll 16
+        for (int t = 0; t < KQ; ++t)
+          _mm_prefetch(kcn + t * ks + x * W * kStreamBytes<L>, _MM_HINT_T0);
+      }
       if constexpr (kDotRow) {
 #if defined(__AVX512BF16__)
         const __mmask32 mk = tail_mask32(n);
@@ -191,7 +203,7 @@ inline void for_each_vec_block(int64_t vecs, F&& f) {
 // scales row r's old accumulator first. Every V vector loaded feeds RG rows.
 template <StreamLoad L, int RG, int NL>
 inline void pv_group(float* o, int64_t old, const float* alpha, const float* p, const char* v,
-                     int64_t vs, int64_t nk, int64_t x0, int64_t n_last) {
+                     int64_t vs, int64_t nk, int64_t x0, int64_t n_last, const char* vnext) {
   constexpr int64_t W = kStreamWidth<L>;
   constexpr int NA = L == StreamLoad::kBf16 ? 2 * NL : NL;
   __m512 acc[RG][NA];
@@ -204,6 +216,11 @@ inline void pv_group(float* o, int64_t old, const float* alpha, const float* p, 
   }
   for (int64_t j = 0; j < nk; ++j) {
     const char* vr = v + j * vs;
+    if (vnext != nullptr) {
+#pragma GCC unroll 8
+      for (int x = 0; x < NL; ++x)
+        _mm_prefetch(vnext + j * vs + (x0 + x) * W * kStreamBytes<L>, _MM_HINT_T0);
+    }
     __m512 vv[NA];
 #pragma GCC unroll 8
     for (int x = 0; x < NL; ++x) {
@@ -290,10 +307,6 @@ void decode_stream_impl(const FlashForwardParams& p) {
     const char* kb = byte_ptr(p.k.data, p.k.dtype, b * p.k.sb);
     const char* vb = byte_ptr(p.v.data, p.v.dtype, b * p.v.sb);
     const int64_t kss = p.k.ss * es, ksh = p.k.sh * es, vss = p.v.ss * es, vsh = p.v.sh * es;
-    const int64_t klines = (D * es + 63) / 64, vlines = (Dv * es + 63) / 64;
-    // Rows of 512 bytes or more stream well with the hardware prefetchers alone (software
-    // prefetch made fp32 D 128 slower); shorter rows (bf16/fp16 D 128: 4 lines) do not.
-    const bool sw_prefetch = std::max(klines, vlines) < 8;
     const __m512 ninf = _mm512_set1_ps(kNegInf);
 
     for (int64_t j0 = 0; j0 < n; j0 += kStreamKeys) {
@@ -316,23 +329,22 @@ void decode_stream_impl(const FlashForwardParams& p) {
           vr = tv;
           ks = kts;
           vs = vts;
-        } else if (sw_prefetch && j0 + 2 * kStreamKeys <= n) {
-          // Short rows: the same head's rows of the next block, requested up front.
-          for (int64_t j = j0 + kStreamKeys; j < j0 + 2 * kStreamKeys; ++j) {
-            const char* kn = kb + j * kss + hk * ksh;
-            const char* vn = vb + j * vss + hk * vsh;
-            for (int64_t c = 0; c < klines; ++c) _mm_prefetch(kn + 64 * c, _MM_HINT_T0);
-            for (int64_t c = 0; c < vlines; ++c) _mm_prefetch(vn + 64 * c, _MM_HINT_T0);
-          }
         }
+        // The next head step's rows (head hk + 1 of this block, or head 0 of the next one),
+        // fetched by the first row group line by line beside the loads of this step's.
+        const int64_t hn = hk + 1 < Hkv ? hk + 1 : 0;
+        const int64_t jn = hk + 1 < Hkv ? j0 : j0 + kStreamKeys;
+        const bool pf_next = nk == kStreamKeys && jn + kStreamKeys <= n;
+        const char* knext = pf_next ? kb + jn * kss + hn * ksh : nullptr;
+        const char* vnext = pf_next ? vb + jn * vss + hn * vsh : nullptr;
         // Rows in groups of 4, then 2, then 1 (RG rows x 16/RG keys per reduction step).
         for (int64_t r0 = 0; r0 < R;) {
           const int64_t left = R - r0;
           const auto group = [&]<int RG>() {
             const int64_t idx0 = hk * R + r0;
             __m512 s[RG];
-            scores_group<L, kDotRow, RG, kStreamKeys / RG>(s, qbuf.get() + idx0 * Dp, Dp, kr, ks,
-                                                           D);
+            scores_group<L, kDotRow, RG, kStreamKeys / RG>(s, qbuf.get() + idx0 * Dp, Dp, kr, ks, D,
+                                                           r0 == 0 ? knext : nullptr);
             float alpha[RG];
 #pragma GCC unroll 4
             for (int r = 0; r < RG; ++r) {
@@ -353,8 +365,8 @@ void decode_stream_impl(const FlashForwardParams& p) {
             constexpr int kMaxLoads =
                 (RG >= 4 ? 4 : 8) / (L == StreamLoad::kBf16 ? 2 : 1);  // <= 16 accumulators
             for_each_vec_block<kMaxLoads>(vvecs, [&]<int NL>(int64_t x0) {
-              pv_group<L, RG, NL>(o, Dvp, alpha, pbuf.get(), vr, vs, nk, x0,
-                                  Dv - (x0 + NL - 1) * W);
+              pv_group<L, RG, NL>(o, Dvp, alpha, pbuf.get(), vr, vs, nk, x0, Dv - (x0 + NL - 1) * W,
+                                  r0 == 0 ? vnext : nullptr);
             });
           };
           if (left >= 4) {
