@@ -275,12 +275,35 @@ void decode_stream_impl(const FlashForwardParams& p) {
   constexpr bool kDotRow = kDot && L == StreamLoad::kBf16;
   // State of row r of KV head hk at [hk * R + r]: q (Dp floats), o (Dvp), m, l.
   const int64_t rows = Hkv * R;
-  FloatBuffer qbuf(rows * Dp), obuf(rows * Dvp), stat(2 * rows), pbuf(4 * kStreamKeys), row(Dp);
-  // The last, partial key block of a head, copied with zero rows after the end.
+  // tail_k / tail_v: the last, partial key block of a head, copied with zero rows after the
+  // end. One allocation per call (paged decode calls this per run of pages), in 64-byte
+  // aligned sections.
   const int64_t kts = Dp * es, vts = Dvp * es;
-  FloatBuffer tail_k(kStreamKeys * kts / 4 + 16), tail_v(kStreamKeys * vts / 4 + 16);
-  float* m = stat.get();
+  const auto section = [](int64_t floats) { return (floats + 15) / 16 * 16; };
+  const int64_t sizes[7] = {rows * Dp,
+                            rows * Dvp,
+                            2 * rows,
+                            4 * kStreamKeys,
+                            Dp,
+                            kStreamKeys * kts / 4,
+                            kStreamKeys * vts / 4};
+  int64_t total = 0;
+  for (int64_t x : sizes) total += section(x);
+  FloatBuffer scratch(total);
+  float* parts[7];
+  int64_t off = 0;
+  for (int i = 0; i < 7; ++i) {
+    parts[i] = scratch.get() + off;
+    off += section(sizes[i]);
+  }
+  float* const qb = parts[0];
+  float* const ob = parts[1];
+  float* m = parts[2];
   float* l = m + rows;
+  float* const pb = parts[3];
+  float* const rowp = parts[4];
+  float* const tail_k = parts[5];
+  float* const tail_v = parts[6];
   const int64_t vvecs = (Dv + W - 1) / W;
 
   // The hook (set only on the caller's thread 0) runs at entry and every 64 blocks.
@@ -291,16 +314,15 @@ void decode_stream_impl(const FlashForwardParams& p) {
         const int64_t i = r / g, h = hk * g + r % g;
         const int64_t idx = hk * R + r;
         const char* src = byte_ptr(p.q.data, p.q.dtype, b * p.q.sb + i * p.q.ss + h * p.q.sh);
-        float* qr = qbuf.get() + idx * Dp;
+        float* qr = qb + idx * Dp;
         std::fill(qr, qr + Dp, 0.f);
         if constexpr (kDotRow) {
           std::memcpy(qr, src, static_cast<size_t>(D) * 2);
         } else {
-          load_row(src, p.q.dtype, D, row.get(), c2);
-          for (int64_t d = 0; d < D; ++d)
-            qr[L == StreamLoad::kBf16 ? pair_pos(d) : d] = row.get()[d];
+          load_row(src, p.q.dtype, D, rowp, c2);
+          for (int64_t d = 0; d < D; ++d) qr[L == StreamLoad::kBf16 ? pair_pos(d) : d] = rowp[d];
         }
-        std::fill(obuf.get() + idx * Dvp, obuf.get() + (idx + 1) * Dvp, 0.f);
+        std::fill(ob + idx * Dvp, ob + (idx + 1) * Dvp, 0.f);
         m[idx] = kNegInf;
         l[idx] = 0.f;
       }
@@ -317,8 +339,8 @@ void decode_stream_impl(const FlashForwardParams& p) {
         const char* vr = vb + j0 * vss + hk * vsh;
         int64_t ks = kss, vs = vss;
         if (nk < kStreamKeys) {
-          char* tk = reinterpret_cast<char*>(tail_k.get());
-          char* tv = reinterpret_cast<char*>(tail_v.get());
+          char* tk = reinterpret_cast<char*>(tail_k);
+          char* tv = reinterpret_cast<char*>(tail_v);
           std::memset(tk, 0, static_cast<size_t>(kStreamKeys * kts));
           std::memset(tv, 0, static_cast<size_t>(kStreamKeys * vts));
           for (int64_t j = 0; j < nk; ++j) {
@@ -343,7 +365,7 @@ void decode_stream_impl(const FlashForwardParams& p) {
           const auto group = [&]<int RG>() {
             const int64_t idx0 = hk * R + r0;
             __m512 s[RG];
-            scores_group<L, kDotRow, RG, kStreamKeys / RG>(s, qbuf.get() + idx0 * Dp, Dp, kr, ks, D,
+            scores_group<L, kDotRow, RG, kStreamKeys / RG>(s, qb + idx0 * Dp, Dp, kr, ks, D,
                                                            r0 == 0 ? knext : nullptr);
             float alpha[RG];
 #pragma GCC unroll 4
@@ -359,13 +381,13 @@ void decode_stream_impl(const FlashForwardParams& p) {
               alpha[r] = _mm512_cvtss_f32(exp2_ps(_mm512_set1_ps(m[idx] - mu)));
               l[idx] = l[idx] * alpha[r] + hsum(e);
               m[idx] = m_new;
-              _mm512_storeu_ps(pbuf.get() + r * kStreamKeys, e);
+              _mm512_storeu_ps(pb + r * kStreamKeys, e);
             }
-            float* o = obuf.get() + idx0 * Dvp;
+            float* o = ob + idx0 * Dvp;
             constexpr int kMaxLoads =
                 (RG >= 4 ? 4 : 8) / (L == StreamLoad::kBf16 ? 2 : 1);  // <= 16 accumulators
             for_each_vec_block<kMaxLoads>(vvecs, [&]<int NL>(int64_t x0) {
-              pv_group<L, RG, NL>(o, Dvp, alpha, pbuf.get(), vr, vs, nk, x0, Dv - (x0 + NL - 1) * W,
+              pv_group<L, RG, NL>(o, Dvp, alpha, pb, vr, vs, nk, x0, Dv - (x0 + NL - 1) * W,
                                   r0 == 0 ? vnext : nullptr);
             });
           };
@@ -390,7 +412,7 @@ void decode_stream_impl(const FlashForwardParams& p) {
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = r / g, h = hk * g + r % g;
         const int64_t idx = hk * R + r;
-        const float* o = obuf.get() + idx * Dvp;
+        const float* o = ob + idx * Dvp;
         float* dst = out + b * p.out.sb + i * p.out.ss + h * p.out.sh;
         const float inv = l[idx] > 0.f ? 1.f / l[idx] : 0.f;
         for (int64_t e = 0; e < Dv; ++e) dst[e] = o[L == StreamLoad::kBf16 ? pair_pos(e) : e] * inv;

@@ -50,26 +50,27 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
   p.dk = grad_operand(dk, k, "dk");
   p.dv = grad_operand(dv, v, "dv");
   p.accumulate = bopts.accumulate;
+  [[maybe_unused]] const CpuKernelIsa isa = active_cpu_kernel_isa();
 #if DISTATTN_WITH_AMX
-  if (active_cpu_kernel_isa() == CpuKernelIsa::kAmx) {
+  if (isa == CpuKernelIsa::kAmx) {
     flash_backward_amx(p);
     return;
   }
 #endif
 #if DISTATTN_WITH_AVX512BF16
-  if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx512Bf16) {
+  if (isa == CpuKernelIsa::kAvx512Bf16) {
     flash_backward_avx512bf16(p);
     return;
   }
 #endif
 #if DISTATTN_WITH_AVX512
-  if (is_avx512_level(active_cpu_kernel_isa())) {
+  if (is_avx512_level(isa)) {
     flash_backward_avx512(p);
     return;
   }
 #endif
 #if DISTATTN_FLASH_AVX2
-  if (active_cpu_kernel_isa() == CpuKernelIsa::kAvx2) {
+  if (isa == CpuKernelIsa::kAvx2) {
     flash_backward_avx2(p);
     return;
   }
