@@ -49,6 +49,18 @@ alive() { # a started daemon that has not exited (a zombie child counts as exite
   [ -n "$state" ] && [ "$state" != Z ]
 }
 
+stop_daemon() { # stop_daemon <name:pid>: SIGTERM, SIGKILL after 10 s, reaped
+  local name="${1%%:*}" pid="${1#*:}"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do alive "$pid" || break; sleep 0.2; done
+  if alive "$pid"; then
+    echo "[slurm_launch] $name (pid $pid) ignored SIGTERM: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  echo "[slurm_launch] stopped $name (pid $pid)"
+}
+
 cleanup() {
   local rc=$? i name pid
   trap - EXIT INT TERM
@@ -60,18 +72,7 @@ cleanup() {
       sleep 0.5
     done
   fi
-  for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
-    name="${DAEMONS[i]%%:*}"
-    pid="${DAEMONS[i]#*:}"
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do alive "$pid" || break; sleep 0.2; done
-    if alive "$pid"; then
-      echo "[slurm_launch] $name (pid $pid) ignored SIGTERM: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    echo "[slurm_launch] stopped $name (pid $pid)"
-  done
+  for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[i]}"; done
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ]; then
     for log in "$TMP"/*.log; do
       [ -f "$log" ] && { echo "--- tail of $log"; tail -n 20 "$log"; }
@@ -97,6 +98,26 @@ wait_for() { # wait_for <seconds> <what> <command...>: polls the command until i
   done
 }
 
+# wait_up <seconds> <what> <name:pid> <command...>: as wait_for, but returns 1 at once when
+# the daemon exits first or its log says it could not bind its port (another process took
+# it): the caller retries
+wait_up() {
+  local limit=$1 what=$2 daemon=$3
+  shift 3
+  local end=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if ! alive "${daemon#*:}" || grep -qs 'Unable to bind' "$TMP/${daemon%%:*}.log"; then
+      echo "[slurm_launch] ${daemon%%:*} exited or lost its port before $what"
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$end" ]; then
+      echo "FAIL: $what not within $limit s"
+      exit 1
+    fi
+    sleep 0.5
+  done
+}
+
 start() { # start <name> <command...>: in the background, output to $TMP/<name>.out
   local name=$1
   shift
@@ -105,13 +126,24 @@ start() { # start <name> <command...>: in the background, output to $TMP/<name>.
   echo "[slurm_launch] started $name (pid $!)"
 }
 
+# Two TCP ports for slurmctld and slurmd, below the kernel's ephemeral range (an outgoing
+# connection of any process, the MPI tests running beside this one included, may take a port
+# inside it at any moment). A port can still be taken between this check and the daemon's
+# bind: start_cluster then retries with another pair.
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-PORT=""
-for _ in $(seq 100); do
-  p=$((20000 + RANDOM % 20000))
-  if port_free "$p" && port_free "$((p + 1))"; then PORT=$p; break; fi
-done
-[ -n "$PORT" ] || { echo "FAIL: no free pair of TCP ports"; exit 1; }
+EPHEMERAL_LOW=32768
+read -r EPHEMERAL_LOW _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+PORT_HIGH=$((EPHEMERAL_LOW > 12002 ? EPHEMERAL_LOW - 2 : 40000))
+pick_ports() {
+  local p
+  PORT=""
+  for _ in $(seq 100); do
+    p=$((10000 + RANDOM % (PORT_HIGH - 10000)))
+    if port_free "$p" && port_free "$((p + 1))"; then PORT=$p; return 0; fi
+  done
+  echo "FAIL: no free pair of TCP ports in 10000-$((PORT_HIGH + 1))"
+  exit 1
+}
 
 # munge: a fresh key and socket of our own (the system's munged, if any, is left alone).
 head -c 1024 /dev/urandom >"$TMP/munge.key"
@@ -123,9 +155,20 @@ wait_for 20 "munged socket" test -S "$TMP/munge.socket"
 NODE_LINE="$(slurmd -C | head -n 1)" # NodeName=<host> CPUs=... RealMemory=...
 NODE="$(sed -n 's/^NodeName=\([^ ]*\).*/\1/p' <<<"$NODE_LINE")"
 CPUS="$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$NODE_LINE")"
-mkdir -p "$TMP/state" "$TMP/spool"
 export SLURM_CONF="$TMP/slurm.conf"
-cat >"$SLURM_CONF" <<EOF
+# PMIx's files (spmix_appdir_<uid>_<job>.<step>, /tmp by default) in our folder too, and job
+# ids (FirstJobId) unlike another test cluster's running at the same time.
+mkdir -p "$TMP/pmix"
+echo "PMIxCliTmpDirBase=$TMP/pmix" >"$TMP/mpi.conf"
+node_idle() { scontrol show node "$NODE" -o | grep -q 'State=IDLE'; }
+
+start_cluster() { # writes slurm.conf for a fresh pair of ports, starts both daemons
+  local attempt
+  for attempt in 1 2 3; do
+    pick_ports
+    rm -rf "$TMP/state" "$TMP/spool"
+    mkdir -p "$TMP/state" "$TMP/spool"
+    cat >"$SLURM_CONF" <<EOF
 ClusterName=distattn-test
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$PORT
@@ -155,17 +198,26 @@ FirstJobId=$((1000 + RANDOM * 1000))
 $NODE_LINE NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-# PMIx's files (spmix_appdir_<uid>_<job>.<step>, /tmp by default) in our folder too, and job
-# ids (FirstJobId) unlike another test cluster's running at the same time.
-mkdir -p "$TMP/pmix"
-echo "PMIxCliTmpDirBase=$TMP/pmix" >"$TMP/mpi.conf"
-echo "[slurm_launch] $SLURM_CONF: $NODE_LINE, ports $PORT-$((PORT + 1))"
-
-start slurmctld slurmctld -D -f "$SLURM_CONF"
-wait_for 30 "slurmctld answering" scontrol ping
-start slurmd slurmd -D -f "$SLURM_CONF"
-node_idle() { scontrol show node "$NODE" -o | grep -q 'State=IDLE'; }
-wait_for 60 "node $NODE idle" node_idle
+    echo "[slurm_launch] $SLURM_CONF: $NODE_LINE, ports $PORT-$((PORT + 1))"
+    start slurmctld slurmctld -D -f "$SLURM_CONF"
+    if wait_up 30 "slurmctld answering" "${DAEMONS[-1]}" scontrol ping; then
+      start slurmd slurmd -D -f "$SLURM_CONF"
+      wait_up 60 "node $NODE idle" "${DAEMONS[-1]}" node_idle && return 0
+      stop_daemon "${DAEMONS[-1]}"
+      unset 'DAEMONS[-1]'
+    fi
+    stop_daemon "${DAEMONS[-1]}"
+    unset 'DAEMONS[-1]'
+    grep -h 'error' "$TMP/slurmctld.log" "$TMP/slurmd.log" 2>/dev/null | tail -n 3 || true
+    for log in slurmctld slurmd; do
+      [ -f "$TMP/$log.log" ] && mv "$TMP/$log.log" "$TMP/$log.try$attempt.log"
+    done
+    echo "[slurm_launch] attempt $attempt: a daemon exited early; again with other ports"
+  done
+  echo "FAIL: the SLURM daemons did not come up in 3 attempts"
+  exit 1
+}
+start_cluster
 up=$SECONDS
 
 # srun without its PMIx plugin, as at a site whose SLURM lacks it: the job must fall back to
