@@ -37,7 +37,7 @@ const RuntimeInfo& runtime_info();  // throws if not initialized
 
 // The watchdog timeout as DISTATTN_COMM_TIMEOUT_S gives it (seconds, may be fractional),
 // else 300 s. comm::default_timeout() returns the same value; runtime_finalize() bounds its
-// own waits by it.
+// own waits by twice that (a peer still in a collective times out, reports and joins first).
 std::chrono::milliseconds watchdog_timeout_from_env();
 
 namespace detail {

@@ -161,13 +161,17 @@ const RuntimeInfo& runtime_init(int* argc, char*** argv, const RuntimeOptions& o
 namespace {
 
 // MPI_Finalize blocks until every rank reaches it (and, with requests that never complete,
-// possibly forever). Everything before it is bounded by the watchdog timeout: a barrier
-// over the world (a peer stuck elsewhere), then the requests an abort left behind (a peer
-// that never joined a collective). When either does not finish, the job is ended with
-// MPI_Abort so that it exits non-zero instead of hanging. Returns only when MPI_Finalize
-// is safe.
+// possibly forever). Everything before it is bounded: a barrier over the world (a peer
+// stuck elsewhere), then the requests an abort left behind (a peer that never joined a
+// collective). When either does not finish, the job is ended with MPI_Abort so that it
+// exits non-zero instead of hanging. Returns only when MPI_Finalize is safe.
+//
+// The barrier waits two watchdog timeouts, not one: a peer may be blocked in a collective
+// that this rank left by an error at the same moment; its watchdog fires one timeout later,
+// it reports its own error and comes here. Aborting after one timeout would race that
+// report (and kill the peer while it prints it).
 void bounded_finalize_or_abort(int rank, int size) {
-  const auto timeout = watchdog_timeout_from_env();
+  const auto timeout = 2 * watchdog_timeout_from_env();
   char secs[32];
   std::snprintf(secs, sizeof(secs), "%.1f", std::chrono::duration<double>(timeout).count());
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -180,7 +184,7 @@ void bounded_finalize_or_abort(int rank, int size) {
       if (std::chrono::steady_clock::now() >= deadline) {
         runtime_abort(1, "runtime_finalize: not every one of the " + std::to_string(size) +
                              " ranks reached runtime_finalize within " + secs +
-                             " s (DISTATTN_COMM_TIMEOUT_S); a rank is stuck or died, so "
+                             " s (twice DISTATTN_COMM_TIMEOUT_S); a rank is stuck or died, so "
                              "MPI_Finalize would block forever");
       }
       if (polls > 200) {
