@@ -255,6 +255,12 @@ template <class Isa>
 constexpr bool kHasBf16Dot = requires {
   Isa::kBf16Dot;
 };
+// Policies that prefetch the forward's next K and V tiles (flash_isa_avx2.h):
+//   Isa::prefetch_rows(base, ld_bytes, rows, row_bytes)
+template <class Isa>
+constexpr bool kPrefetchTiles = requires {
+  &Isa::prefetch_rows;
+};
 
 // ---------------------------------------------------------------------------------------
 // Forward. Work item = (batch, query head, block of <= kBq queries); K/V tiles of kBk keys.
@@ -375,7 +381,19 @@ void forward_impl(const FlashForwardParams& p) {
                              2 * kBq, vp, Dv, o.get(), Dv, true, 1.f);
           }
         } else {
+          // The next tile's K during this P V, its V after it (kPrefetchTiles policies).
+          const int64_t next_rows = std::min(kBk, jhi - j0 - kBk);
+          auto prefetch_next = [&](const FlashOperand& op, int64_t off, int64_t width) {
+            if constexpr (kPrefetchTiles<Isa>) {
+              const int64_t es = dtype_size(op.dtype);
+              if (next_rows > 0)
+                Isa::prefetch_rows(byte_ptr(op.data, op.dtype, off + kBk * op.ss), op.ss * es,
+                                   next_rows, width * es);
+            }
+          };
+          prefetch_next(p.k, koff, D);
           Isa::gemm(bq, Dv, bk, st.get(), 1, kBq, vr.ptr, vr.ld, o.get(), Dv, true);
+          prefetch_next(p.v, voff, Dv);
         }
         progress.tick();
       }
