@@ -261,6 +261,17 @@ template <class Isa>
 constexpr bool kPrefetchTiles = requires {
   &Isa::prefetch_rows;
 };
+// `rows` rows of `width` elements of `op` from element `off` on, into the cache (a tile that
+// the next step reads); nothing for policies without prefetch_rows.
+template <class Isa>
+inline void prefetch_tile(const FlashOperand& op, int64_t off, int64_t rows, int64_t width) {
+  if constexpr (kPrefetchTiles<Isa>) {
+    const int64_t es = dtype_size(op.dtype);
+    if (rows > 0)
+      Isa::prefetch_rows(static_cast<const char*>(op.data) + off * es, op.ss * es, rows,
+                         width * es);
+  }
+}
 
 // ---------------------------------------------------------------------------------------
 // Forward. Work item = (batch, query head, block of <= kBq queries); K/V tiles of kBk keys.
@@ -383,17 +394,9 @@ void forward_impl(const FlashForwardParams& p) {
         } else {
           // The next tile's K during this P V, its V after it (kPrefetchTiles policies).
           const int64_t next_rows = std::min(kBk, jhi - j0 - kBk);
-          auto prefetch_next = [&](const FlashOperand& op, int64_t off, int64_t width) {
-            if constexpr (kPrefetchTiles<Isa>) {
-              const int64_t es = dtype_size(op.dtype);
-              if (next_rows > 0)
-                Isa::prefetch_rows(byte_ptr(op.data, op.dtype, off + kBk * op.ss), op.ss * es,
-                                   next_rows, width * es);
-            }
-          };
-          prefetch_next(p.k, koff, D);
+          prefetch_tile<Isa>(p.k, koff + kBk * p.k.ss, next_rows, D);
           Isa::gemm(bq, Dv, bk, st.get(), 1, kBq, vr.ptr, vr.ld, o.get(), Dv, true);
-          prefetch_next(p.v, voff, Dv);
+          prefetch_tile<Isa>(p.v, voff + kBk * p.v.ss, next_rows, Dv);
         }
         progress.tick();
       }
