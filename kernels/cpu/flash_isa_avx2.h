@@ -161,7 +161,7 @@ struct Avx2Isa {
   }
 
   // Lane i is query i; rows j are keys (see PortableIsa::softmax_columns). Full groups of 8
-  // queries use plain loads and stores: AVX2's masked store is slow on AMD (microcoded).
+  // queries use plain loads and stores: AVX2's masked store is slow on AMD.
   template <bool FULL>
   static void softmax_lanes(float* st, int64_t ld, int64_t rows, int64_t n, float* m, float* l,
                             float* alpha) {
