@@ -62,7 +62,7 @@ stop_daemon() { # stop_daemon <name:pid>: SIGTERM, SIGKILL after 10 s, reaped
 }
 
 cleanup() {
-  local rc=$? i name pid
+  local rc=$? i
   trap - EXIT INT TERM
   if [ "${#JOBS[@]}" -gt 0 ]; then
     scancel "${JOBS[@]}" >/dev/null 2>&1 || true
@@ -85,22 +85,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-wait_for() { # wait_for <seconds> <what> <command...>: polls the command until it succeeds
-  local limit=$1 what=$2
-  shift 2
-  local end=$((SECONDS + limit))
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$end" ]; then
-      echo "FAIL: $what not within $limit s"
-      exit 1
-    fi
-    sleep 0.5
-  done
-}
-
-# wait_up <seconds> <what> <name:pid> <command...>: as wait_for, but returns 1 at once when
-# the daemon exits first or its log says it could not bind its port (another process took
-# it): the caller retries
+# wait_up <seconds> <what> <name:pid> <command...>: polls the command until it succeeds. Fails
+# the test when that takes longer than <seconds>; returns 1 at once when the daemon exits
+# first or its log says it could not bind its port (another process took it)
 wait_up() {
   local limit=$1 what=$2 daemon=$3
   shift 3
@@ -150,7 +137,7 @@ head -c 1024 /dev/urandom >"$TMP/munge.key"
 chmod 600 "$TMP/munge.key"
 start munged munged --foreground --socket="$TMP/munge.socket" --key-file="$TMP/munge.key" \
   --log-file="$TMP/munged.log" --pid-file="$TMP/munged.pid" --seed-file="$TMP/munged.seed"
-wait_for 20 "munged socket" test -S "$TMP/munge.socket"
+wait_up 20 "munged socket" "${DAEMONS[-1]}" test -S "$TMP/munge.socket" || { echo "FAIL: munged exited"; exit 1; }
 
 NODE_LINE="$(slurmd -C | head -n 1)" # NodeName=<host> CPUs=... RealMemory=...
 NODE="$(sed -n 's/^NodeName=\([^ ]*\).*/\1/p' <<<"$NODE_LINE")"
@@ -206,11 +193,11 @@ EOF
       stop_daemon "${DAEMONS[-1]}"
       unset 'DAEMONS[-1]'
     fi
-    stop_daemon "${DAEMONS[-1]}"
+    stop_daemon "${DAEMONS[-1]}" # slurmctld
     unset 'DAEMONS[-1]'
     grep -h 'error' "$TMP/slurmctld.log" "$TMP/slurmd.log" 2>/dev/null | tail -n 3 || true
     for log in slurmctld slurmd; do
-      [ -f "$TMP/$log.log" ] && mv "$TMP/$log.log" "$TMP/$log.try$attempt.log"
+      if [ -f "$TMP/$log.log" ]; then mv "$TMP/$log.log" "$TMP/$log.try$attempt.log"; fi
     done
     echo "[slurm_launch] attempt $attempt: a daemon exited early; again with other ports"
   done
