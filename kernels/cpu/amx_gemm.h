@@ -12,15 +12,29 @@
 //
 // Tiles (palette 1, every tile 16 rows x 64 bytes): 0-3 accumulate a 32 x 32 block of C as
 // 2 x 2 blocks of 16 x 16 fp32, 4-5 hold two A blocks (16 rows x 16 pairs), 6-7 two B
-// blocks (16 pair rows x 16 columns). Full blocks load straight from the operands (A only
-// when its pairs are contiguous, ats == 2); partial ones are copied into zero-padded scratch.
+// blocks (16 pair rows x 16 columns). A loads in place when its pairs are contiguous (ats ==
+// 2) and M and K2 are multiples of 16, B when N and K2 are; otherwise the operand is packed
+// once per call into a zero-padded scratch (A's word-transposed layout, ars == 2, as the
+// P V and dS^T Q products pass it, is transposed 16 x 16 words at a time). C tiles load from
+// and store to C in place when a 16 x 16 block is whole and mul is 1; other blocks go
+// through a scratch and the scaled epilogue.
 //
 // The backend T provides: begin(const AmxTileConfig*) / end() around a call, zero_c()
-// (tiles 0-3), load_ab(a0, sa0, a1, sa1, b0, sb0, b1, sb1) (tiles 4-7, strides in bytes),
-// dp4() (C[2i + j] += A[i] . B[j]), store_c(c0, c1, c2, c3, stride).
+// (tiles 0-3), load_c(c0, c1, c2, c3, stride) (tiles 0-3 from memory), load_ab(a0, sa0, a1,
+// sa1, b0, sb0, b1, sb1) (tiles 4-7, strides in bytes), dp4() (C[2i + j] += A[i] . B[j]),
+// store_c(c0, c1, c2, c3, stride).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+// GCC 12 flags the _mm512_undefined_* inside some intrinsics as maybe-uninitialized when they
+// inline (as in flash_isa_avx512.h); the lanes are fully written.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#endif
 
 namespace distattn::kernels::cpu {
 namespace {
@@ -51,56 +65,131 @@ inline uint32_t amx_load_word(const uint16_t* p) {
   return w;
 }
 
+inline int64_t amx_round16(int64_t n) {
+  return (n + 15) / 16 * 16;
+}
+
+// dst[r*ldd + k] = the words src[k*lds + r] for r < 16, k < 16 (a 16 x 16 transpose).
+inline void amx_transpose16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
+#if defined(__AVX512F__)
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + s] holds, in 128-bit lane L, rows 4q..4q+3 of column 4L + s: a 4 x 4 transpose
+  // of lanes per s puts column c = 4L + s together.
+  for (int s = 0; s < 4; ++s) {
+    const __m512i p = _mm512_shuffle_i32x4(r[s], r[4 + s], 0x88);
+    const __m512i q = _mm512_shuffle_i32x4(r[s], r[4 + s], 0xDD);
+    const __m512i u = _mm512_shuffle_i32x4(r[8 + s], r[12 + s], 0x88);
+    const __m512i v = _mm512_shuffle_i32x4(r[8 + s], r[12 + s], 0xDD);
+    _mm512_storeu_si512(dst + s * ldd, _mm512_shuffle_i32x4(p, u, 0x88));
+    _mm512_storeu_si512(dst + (s + 8) * ldd, _mm512_shuffle_i32x4(p, u, 0xDD));
+    _mm512_storeu_si512(dst + (s + 4) * ldd, _mm512_shuffle_i32x4(q, v, 0x88));
+    _mm512_storeu_si512(dst + (s + 12) * ldd, _mm512_shuffle_i32x4(q, v, 0xDD));
+  }
+#else
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) dst[r * ldd + k] = src[k * lds + r];
+#endif
+}
+
+// Scratch of the packed operands: one per thread, grown to the largest call and kept.
+inline uint32_t* amx_scratch(int which, int64_t words) {
+  thread_local std::vector<uint32_t> buf[2];
+  std::vector<uint32_t>& v = buf[which];
+  if (static_cast<int64_t>(v.size()) < words) v.resize(static_cast<size_t>(words));
+  return v.data();
+}
+
+// A as M16 x K16 words, row-major with row stride K16, zero-padded (M16, K16: M, K2 rounded
+// up to 16).
+inline void amx_pack_a(int64_t M, int64_t K2, const uint16_t* a, int64_t ars, int64_t ats,
+                       uint32_t* out) {
+  const int64_t M16 = amx_round16(M), K16 = amx_round16(K2);
+  if (ars == 2 && M16 == M && K16 == K2 && ats % 2 == 0) {
+    // Words laid out [k2][m] (pairs along m packed as in pack_p): transpose 16 x 16 blocks.
+    const auto* w = reinterpret_cast<const uint32_t*>(a);
+    const int64_t ldw = ats / 2;
+    for (int64_t k0 = 0; k0 < K2; k0 += 16)
+      for (int64_t m0 = 0; m0 < M; m0 += 16)
+        amx_transpose16(w + k0 * ldw + m0, ldw, out + m0 * K16 + k0, K16);
+    return;
+  }
+  for (int64_t m = 0; m < M16; ++m)
+    for (int64_t k = 0; k < K16; ++k)
+      out[m * K16 + k] = m < M && k < K2 ? amx_load_word(a + m * ars + k * ats) : 0u;
+}
+
 template <class T>
 void amx_gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_t ars, int64_t ats,
                    const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
                    float mul) {
   constexpr int64_t kT = 16;
-  alignas(64) uint32_t abuf[2][kT * kT];
-  alignas(64) uint32_t bbuf[2][kT * kT];
+  if (M <= 0 || N <= 0) return;
+  if (K2 <= 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, 0.f);
+    return;
+  }
+  const int64_t M16 = amx_round16(M), N16 = amx_round16(N), K16 = amx_round16(K2);
+  // A and B as loaded: in place, or packed (row strides in bytes).
+  const uint16_t* ap = a;
+  int64_t a_row_bytes = ars * 2;
+  if (ats != 2 || M16 != M || K16 != K2) {
+    uint32_t* pa = amx_scratch(0, M16 * K16);
+    amx_pack_a(M, K2, a, ars, ats, pa);
+    ap = reinterpret_cast<const uint16_t*>(pa);
+    a_row_bytes = K16 * 4;
+  }
+  const uint32_t* bp = b;
+  int64_t b_row_bytes = ldb * 4;
+  if (N16 != N || K16 != K2) {
+    uint32_t* pb = amx_scratch(1, K16 * N16);
+    for (int64_t k = 0; k < K16; ++k)
+      for (int64_t n = 0; n < N16; ++n) pb[k * N16 + n] = k < K2 && n < N ? b[k * ldb + n] : 0u;
+    bp = pb;
+    b_row_bytes = N16 * 4;
+  }
+  const auto a_at = [&](int64_t r0, int64_t k0) {
+    return reinterpret_cast<const char*>(ap) + r0 * a_row_bytes + k0 * 4;
+  };
+  const auto b_at = [&](int64_t k0, int64_t c0) {
+    return reinterpret_cast<const char*>(bp) + k0 * b_row_bytes + c0 * 4;
+  };
+  // Rows past M16 / columns past N16 of a 32 x 32 block read the zero block.
+  alignas(64) static const char zeros[kT * kT * 4] = {};
   alignas(64) float cbuf[4][kT * kT];
   const AmxTileConfig cfg = amx_gemm_tile_config();
+  const bool in_place = mul == 1.f;
   T::begin(&cfg);
-  for (int64_t m0 = 0; m0 < M; m0 += 2 * kT)
-    for (int64_t n0 = 0; n0 < N; n0 += 2 * kT) {
-      T::zero_c();
-      for (int64_t k0 = 0; k0 < K2; k0 += kT) {
-        const int64_t kk = std::min(kT, K2 - k0);
-        const void* ap[2];
-        int64_t as[2];
-        for (int h = 0; h < 2; ++h) {
-          const int64_t r0 = m0 + kT * h;
-          const int64_t rr = std::clamp<int64_t>(M - r0, 0, kT);
-          if (rr == kT && kk == kT && ats == 2) {
-            ap[h] = a + r0 * ars + k0 * ats;
-            as[h] = ars * 2;
-            continue;
-          }
-          for (int64_t r = 0; r < kT; ++r)
-            for (int64_t k = 0; k < kT; ++k)
-              abuf[h][r * kT + k] =
-                  r < rr && k < kk ? amx_load_word(a + (r0 + r) * ars + (k0 + k) * ats) : 0u;
-          ap[h] = abuf[h];
-          as[h] = kT * 4;
-        }
-        const void* bp[2];
-        int64_t bs[2];
-        for (int h = 0; h < 2; ++h) {
-          const int64_t c0 = n0 + kT * h;
-          const int64_t nn = std::clamp<int64_t>(N - c0, 0, kT);
-          if (nn == kT && kk == kT) {
-            bp[h] = b + k0 * ldb + c0;
-            bs[h] = ldb * 4;
-            continue;
-          }
-          for (int64_t k = 0; k < kT; ++k)
-            for (int64_t n = 0; n < kT; ++n)
-              bbuf[h][k * kT + n] = k < kk && n < nn ? b[(k0 + k) * ldb + c0 + n] : 0u;
-          bp[h] = bbuf[h];
-          bs[h] = kT * 4;
-        }
-        T::load_ab(ap[0], as[0], ap[1], as[1], bp[0], bs[0], bp[1], bs[1]);
+  for (int64_t m0 = 0; m0 < M16; m0 += 2 * kT)
+    for (int64_t n0 = 0; n0 < N16; n0 += 2 * kT) {
+      const bool m1 = m0 + kT < M16, n1 = n0 + kT < N16;
+      // C in place: every 16 x 16 block of the 32 x 32 one inside C, and no scale.
+      const bool direct = in_place && m0 + 2 * kT <= M && n0 + 2 * kT <= N;
+      float* const cd = c + m0 * ldc + n0;
+      if (direct && accumulate)
+        T::load_c(cd, cd + kT, cd + kT * ldc, cd + kT * ldc + kT, ldc * 4);
+      else
+        T::zero_c();
+      for (int64_t k0 = 0; k0 < K16; k0 += kT) {
+        T::load_ab(a_at(m0, k0), a_row_bytes, m1 ? a_at(m0 + kT, k0) : zeros, m1 ? a_row_bytes : 64,
+                   b_at(k0, n0), b_row_bytes, n1 ? b_at(k0, n0 + kT) : zeros,
+                   n1 ? b_row_bytes : 64);
         T::dp4();
+      }
+      if (direct) {
+        T::store_c(cd, cd + kT, cd + kT * ldc, cd + kT * ldc + kT, ldc * 4);
+        continue;
       }
       T::store_c(cbuf[0], cbuf[1], cbuf[2], cbuf[3], kT * 4);
       for (int i = 0; i < 2; ++i)

@@ -255,7 +255,27 @@ template <class Isa>
 constexpr bool kHasBf16Dot = requires {
   Isa::kBf16Dot;
 };
-// Policies that prefetch the forward's next K and V tiles (flash_isa_avx2.h):
+// Policies whose bf16 P V product wants P row by row, pairs along the keys (AMX tiles load
+// that in place) fuse the softmax with the packing of P (flash_isa_amx.h):
+//   Isa::softmax_pack_rows(st, ld, rows, cols, scale, m, l, alpha, pw, pw_lo, ldw)
+template <class Isa>
+constexpr bool kSoftmaxPacksRows = requires {
+  &Isa::softmax_pack_rows;
+};
+// prefetcht0 of every cache line of `rows` rows of `row_bytes` bytes, ld_bytes apart. An asm
+// statement: with __builtin_prefetch, GCC 12 -O3 compiled the whole loop away in
+// flash_forward_avx2.cpp.
+inline void prefetch_rows_t0(const char* base, int64_t ld_bytes, int64_t rows, int64_t row_bytes) {
+#if defined(__x86_64__)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < row_bytes; c += 64)
+      asm volatile("prefetcht0 %0" : : "m"(*(base + r * ld_bytes + c)));
+#else
+  (void)base, (void)ld_bytes, (void)rows, (void)row_bytes;
+#endif
+}
+// Policies that prefetch the forward's next K and V tiles (flash_isa_avx2.h,
+// flash_isa_amx.h):
 //   Isa::prefetch_rows(base, ld_bytes, rows, row_bytes)
 template <class Isa>
 constexpr bool kPrefetchTiles = requires {
@@ -306,12 +326,16 @@ void forward_impl(const FlashForwardParams& p) {
   const int64_t kb2 = (kBk + 1) / 2;  // key pairs of a tile
   // fp32 outputs carry P as bf16 hi + lo (two P V passes); bf16 outputs round P once.
   const bool p_split = bf16_dot && p.out.dtype != DType::kBFloat16;
+  // P by rows (kSoftmaxPacksRows): pw[i*ldw + j2], the scale applied in the softmax (scores
+  // stored unscaled; a positive scale keeps the mask's -inf).
+  const int64_t ldw = (kb2 + 15) / 16 * 16;
+  const bool p_rows = kSoftmaxPacksRows<Isa> && bf16_dot && c2 > 0.f;
 
 #pragma omp parallel if (parallel_main)
   {
     // fp32 tiles (qt, kbuf, vbuf) or bf16-pair tiles (qt holds qp, kbuf pp, vbuf vp).
     FloatBuffer qt(bf16_dot ? D / 2 * kBq : D * kBq), st(kBk * kBq), o(kBq * Dv),
-        kbuf(bf16_dot ? 2 * kb2 * kBq : kBk * D), vbuf(bf16_dot ? kb2 * Dv : kBk * Dv),
+        kbuf(bf16_dot ? 2 * ldw * kBq : kBk * D), vbuf(bf16_dot ? kb2 * Dv : kBk * Dv),
         stats(3 * kBq), row(std::max(D, Dv));
     float* m = stats.get();
     float* l = m + kBq;
@@ -356,46 +380,70 @@ void forward_impl(const FlashForwardParams& p) {
         if (kind == Mask::kSkip) continue;
         const int64_t koff = b * p.k.sb + j0 * p.k.ss + hk * p.k.sh;
         const int64_t voff = b * p.v.sb + j0 * p.v.ss + hk * p.v.sh;
+        // Queries of the block that see some key of the tile: columns [ia, ia + nq) of the
+        // tile, rounded out to multiples of 16 (a partial tile on a causal diagonal or a
+        // window edge leaves the rest out; their m, l and o do not change).
+        int64_t ia = 0, nq = bq;
+        if (kind == Mask::kPartial) {
+          const int64_t ka = p.k_offset + j0, kz = ka + bk - 1;
+          ia = std::clamp<int64_t>(mask.first_query(ka) - p.q_offset - i0, 0, bq) / 16 * 16;
+          const int64_t iz = std::clamp<int64_t>(mask.last_query(kz) - p.q_offset - i0 + 1, 0, bq);
+          nq = std::min<int64_t>(bq, (iz + 15) / 16 * 16) - ia;
+          if (nq <= 0) continue;
+        }
+        float* const sq = st.get() + ia;
         Rows vr{nullptr, 0};
         if (bf16_dot) {
           // st = c2 * K Q^T: the scale is applied to the fp32 scores, q stays as stored.
           if constexpr (kHasBf16Dot<Isa>)
-            Isa::gemm_bf16(bk, bq, D / 2, static_cast<const uint16_t*>(p.k.data) + koff, p.k.ss, 2,
-                           reinterpret_cast<const uint32_t*>(qt.get()), kBq, st.get(), kBq, false,
-                           c2);
+            Isa::gemm_bf16(bk, nq, D / 2, static_cast<const uint16_t*>(p.k.data) + koff, p.k.ss, 2,
+                           reinterpret_cast<const uint32_t*>(qt.get()) + ia, kBq, sq, kBq, false,
+                           p_rows ? 1.f : c2);
         } else {
           const Rows kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
           vr = fp32_rows(p.v, voff, p.v.ss, bk, Dv, vbuf.get());
-          Isa::gemm(bk, bq, D, kr.ptr, kr.ld, 1, qt.get(), kBq, st.get(), kBq, false);
+          Isa::gemm(bk, nq, D, kr.ptr, kr.ld, 1, qt.get() + ia, kBq, sq, kBq, false);
         }
-        if (kind == Mask::kPartial) mask.apply_transposed(st.get(), kBq, i0, bq, j0, bk);
-        Isa::softmax_columns(st.get(), kBq, bk, bq, m, l, alpha);
-        for (int64_t i = 0; i < bq; ++i) {
+        if (kind == Mask::kPartial) mask.apply_transposed(sq, kBq, i0 + ia, nq, j0, bk);
+        auto* const pw = reinterpret_cast<uint32_t*>(kbuf.get());
+        if (p_rows) {
+          if constexpr (kSoftmaxPacksRows<Isa>)
+            Isa::softmax_pack_rows(sq, kBq, bk, nq, c2, m + ia, l + ia, alpha + ia, pw,
+                                   p_split ? pw + ldw * kBq : nullptr, ldw);
+        } else {
+          Isa::softmax_columns(sq, kBq, bk, nq, m + ia, l + ia, alpha + ia);
+        }
+        for (int64_t i = ia; i < ia + nq; ++i) {
           const float a = alpha[i];
           if (a != 1.f) {
             float* orow = o.get() + i * Dv;
             for (int64_t d = 0; d < Dv; ++d) orow[d] *= a;
           }
         }
+        // The next tile's K during this P V, its V after it (kPrefetchTiles policies).
+        const int64_t next_rows = std::min(kBk, jhi - j0 - kBk);
+        float* const oq = o.get() + ia * Dv;
         if (bf16_dot) {
           // O += P V with P rounded to bf16 (the normalizer l keeps the fp32 P).
           if constexpr (kHasBf16Dot<Isa>) {
             auto* vp = reinterpret_cast<uint32_t*>(vbuf.get());
-            auto* pp = reinterpret_cast<uint32_t*>(kbuf.get());
-            uint32_t* pp_lo = p_split ? pp + kb2 * kBq : nullptr;
             Isa::pack_v(static_cast<const uint16_t*>(p.v.data) + voff, p.v.ss, bk, Dv, vp);
-            Isa::pack_p(st.get(), kBq, bk, bq, pp, pp_lo);
-            Isa::gemm_bf16(bq, Dv, (bk + 1) / 2, reinterpret_cast<const uint16_t*>(pp), 2, 2 * kBq,
-                           vp, Dv, o.get(), Dv, true, 1.f);
-            if (p_split)
-              Isa::gemm_bf16(bq, Dv, (bk + 1) / 2, reinterpret_cast<const uint16_t*>(pp_lo), 2,
-                             2 * kBq, vp, Dv, o.get(), Dv, true, 1.f);
+            // A(i, j2) of P: pw rows from 0 (p_rows) or the pairs pack_p lays along the
+            // queries, from column ia.
+            const int64_t p_hi = p_rows ? ldw * kBq : kb2 * kBq;
+            const int64_t ars = p_rows ? 2 * ldw : 2, ats = p_rows ? 2 : 2 * kBq;
+            uint32_t* const pa = p_rows ? pw : pw + ia;
+            if (!p_rows) Isa::pack_p(sq, kBq, bk, nq, pa, p_split ? pa + p_hi : nullptr);
+            prefetch_tile<Isa>(p.k, koff + kBk * p.k.ss, next_rows, D);
+            for (int pass = 0; pass < (p_split ? 2 : 1); ++pass)
+              Isa::gemm_bf16(nq, Dv, (bk + 1) / 2,
+                             reinterpret_cast<const uint16_t*>(pa + pass * p_hi), ars, ats, vp, Dv,
+                             oq, Dv, true, 1.f);
+            prefetch_tile<Isa>(p.v, voff + kBk * p.v.ss, next_rows, Dv);
           }
         } else {
-          // The next tile's K during this P V, its V after it (kPrefetchTiles policies).
-          const int64_t next_rows = std::min(kBk, jhi - j0 - kBk);
           prefetch_tile<Isa>(p.k, koff + kBk * p.k.ss, next_rows, D);
-          Isa::gemm(bq, Dv, bk, st.get(), 1, kBq, vr.ptr, vr.ld, o.get(), Dv, true);
+          Isa::gemm(nq, Dv, bk, sq, 1, kBq, vr.ptr, vr.ld, oq, Dv, true);
           prefetch_tile<Isa>(p.v, voff + kBk * p.v.ss, next_rows, Dv);
         }
         progress.tick();

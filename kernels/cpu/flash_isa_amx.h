@@ -24,6 +24,13 @@ struct AmxHwTiles {
     _tile_zero(2);
     _tile_zero(3);
   }
+  static void load_c(const float* c0, const float* c1, const float* c2, const float* c3,
+                     int64_t stride) {
+    _tile_loadd(0, c0, stride);
+    _tile_loadd(1, c1, stride);
+    _tile_loadd(2, c2, stride);
+    _tile_loadd(3, c3, stride);
+  }
   static void load_ab(const void* a0, int64_t sa0, const void* a1, int64_t sa1, const void* b0,
                       int64_t sb0, const void* b1, int64_t sb1) {
     _tile_loadd(4, a0, sa0);
@@ -46,6 +53,74 @@ struct AmxHwTiles {
 };
 
 struct AmxIsa : Avx512Bf16Isa {
+  static constexpr int64_t kFwdBlockQ = 512;
+  // The forward's next K and V tiles into the cache (kPrefetchTiles): K rows feed the tile
+  // loads straight from memory.
+  static void prefetch_rows(const char* base, int64_t ld_bytes, int64_t rows, int64_t row_bytes) {
+    prefetch_rows_t0(base, ld_bytes, rows, row_bytes);
+  }
+
+  // softmax_columns and pack_p in one pass, writing P in the layout an A tile loads in place
+  // (flash_impl.h, kSoftmaxPacksRows): the scores st[j][i] (keys j in rows, queries i in
+  // columns, not yet scaled) become P = exp2(scale * st - m_new) with the running m, l and
+  // alpha updated as softmax_columns does (l sums the fp32 P), and
+  //   pw[i*ldw + j2] = (bf16(P[i][2*j2]), bf16(P[i][2*j2+1])) for j2 < round16(ceil(rows/2)),
+  // zero past the last key; with pw_lo also the rounding residues (as pack_p). Rows i of pw
+  // past `cols` up to the next multiple of 16 are written with don't-care values. scale > 0
+  // (masked scores are -inf before scaling).
+  static void softmax_pack_rows(const float* st, int64_t ld, int64_t rows, int64_t cols,
+                                float scale, float* m, float* l, float* alpha, uint32_t* pw,
+                                uint32_t* pw_lo, int64_t ldw) {
+    const __m512 ninf = _mm512_set1_ps(kNegInf);
+    const __m512 vs = _mm512_set1_ps(scale);
+    const int64_t groups = ((rows + 1) / 2 + 15) / 16;
+    alignas(64) uint32_t hbuf[16 * 16];
+    alignas(64) uint32_t lbuf[16 * 16];
+    const auto split = [](__m512 x, __m512i& hi_w, __m512i& lo_w, bool want_lo) {
+      const __m512i h = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+      hi_w = h;
+      if (want_lo) {
+        const __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+        lo_w = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r)));
+      }
+    };
+    for (int64_t i0 = 0; i0 < cols; i0 += 16) {
+      const __mmask16 mk = tail_mask(cols - i0);
+      const __m512 m_old = _mm512_mask_loadu_ps(ninf, mk, m + i0);
+      // max(scale * s) = scale * max(s) for scale > 0.
+      const __m512 mx =
+          _mm512_max_ps(m_old, _mm512_mul_ps(column_max(st + i0, ld, rows, mk, ninf), vs));
+      const __m512 mu = softmax_shift(mx);
+      const __m512 al = exp2_ps(_mm512_sub_ps(m_old, mu));
+      __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t t = 0; t < 16; ++t) {
+          const int64_t j = 2 * (16 * g + t);
+          __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
+          if (j < rows)
+            e0 = exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, st + j * ld + i0), vs, mu));
+          if (j + 1 < rows)
+            e1 =
+                exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, st + (j + 1) * ld + i0), vs, mu));
+          sum0 = _mm512_add_ps(sum0, e0);
+          sum1 = _mm512_add_ps(sum1, e1);
+          __m512i h0, l0 = _mm512_setzero_si512(), h1, l1 = _mm512_setzero_si512();
+          split(e0, h0, l0, pw_lo != nullptr);
+          split(e1, h1, l1, pw_lo != nullptr);
+          _mm512_store_si512(hbuf + 16 * t, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
+          if (pw_lo != nullptr)
+            _mm512_store_si512(lbuf + 16 * t, _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
+        }
+        amx_transpose16(hbuf, 16, pw + i0 * ldw + 16 * g, ldw);
+        if (pw_lo != nullptr) amx_transpose16(lbuf, 16, pw_lo + i0 * ldw + 16 * g, ldw);
+      }
+      const __m512 l_old = _mm512_maskz_loadu_ps(mk, l + i0);
+      _mm512_mask_storeu_ps(l + i0, mk, _mm512_fmadd_ps(l_old, al, _mm512_add_ps(sum0, sum1)));
+      _mm512_mask_storeu_ps(m + i0, mk, mx);
+      _mm512_mask_storeu_ps(alpha + i0, mk, al);
+    }
+  }
+
   static void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_t ars,
                         int64_t ats, const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
                         bool accumulate, float mul) {

@@ -155,9 +155,7 @@ struct Avx2Isa {
   // late, so a tile read from L3 or DRAM would stall on every line. An asm statement: with
   // __builtin_prefetch, GCC 12 -O3 compiled the whole loop away in flash_forward_avx2.cpp.
   static void prefetch_rows(const char* base, int64_t ld_bytes, int64_t rows, int64_t row_bytes) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < row_bytes; c += 64)
-        asm volatile("prefetcht0 %0" : : "m"(*(base + r * ld_bytes + c)));
+    prefetch_rows_t0(base, ld_bytes, rows, row_bytes);
   }
 
   // Lane i is query i; rows j are keys (see PortableIsa::softmax_columns). Full groups of 8

@@ -735,6 +735,7 @@ struct AmxModelTiles {
   static inline bool configured = false;
   static inline uint8_t tmm[8][16][64];
   static inline int64_t dps = 0;
+  static inline int64_t c_loads = 0;
 
   static void begin(const kernels::cpu::AmxTileConfig* c) {
     EXPECT_FALSE(configured) << "tile config loaded twice without a release";
@@ -756,6 +757,14 @@ struct AmxModelTiles {
     std::memset(tmm[t], 0, sizeof(tmm[t]));
     for (int r = 0; r < cfg.rows[t]; ++r)
       std::memcpy(tmm[t][r], static_cast<const char*>(p) + r * stride, cfg.colsb[t]);
+  }
+  static void load_c(const float* c0, const float* c1, const float* c2, const float* c3,
+                     int64_t stride) {
+    load(0, c0, stride);
+    load(1, c1, stride);
+    load(2, c2, stride);
+    load(3, c3, stride);
+    ++c_loads;
   }
   static void load_ab(const void* a0, int64_t sa0, const void* a1, int64_t sa1, const void* b0,
                       int64_t sb0, const void* b1, int64_t sb1) {
@@ -813,59 +822,63 @@ TEST(FlashKernels, AmxGemmDriverMatchesFp64OnTheTileModel) {
   for (const Shape sh : {Shape{1, 1, 1}, Shape{16, 16, 16}, Shape{32, 32, 32}, Shape{17, 33, 5},
                          Shape{128, 128, 64}, Shape{64, 72, 33}, Shape{5, 300, 70}})
     for (bool strided_a : {false, true})
-      for (bool accumulate : {false, true}) {
-        SCOPED_TRACE("M " + std::to_string(sh.m) + " N " + std::to_string(sh.n) + " K2 " +
-                     std::to_string(sh.k2) + (strided_a ? " strided A" : "") +
-                     (accumulate ? " accumulate" : ""));
-        // A(m, k2) at a + m*ars + k2*ats: rows of 2*K2 values (padded by 6), or pairs along m
-        // with the k2 stride of a packed block (ats = 2 * ld).
-        const int64_t ld = sh.m + 3;
-        const int64_t ars = strided_a ? 2 : 2 * sh.k2 + 6, ats = strided_a ? 2 * ld : 2;
-        std::vector<uint16_t> a(static_cast<size_t>(strided_a ? 2 * ld * sh.k2 : sh.m * ars));
-        std::vector<uint32_t> b(static_cast<size_t>(sh.k2 * (sh.n + 5)));
-        const int64_t ldb = sh.n + 5;
-        uint64_t state = 12345 + static_cast<uint64_t>(sh.m * 7 + sh.n * 3 + sh.k2);
-        const auto next = [&state] {
-          state = state * 6364136223846793005ull + 1442695040888963407ull;
-          return static_cast<float>(static_cast<int64_t>(state >> 40) % 2001 - 1000) / 500.0f;
-        };
-        for (auto& x : a) x = bf16_t::from_float(next());
-        for (auto& w : b)
-          w = static_cast<uint32_t>(bf16_t::from_float(next())) |
-              (static_cast<uint32_t>(bf16_t::from_float(next())) << 16);
-        const int64_t ldc = sh.n + 2;
-        std::vector<float> c(static_cast<size_t>(sh.m * ldc));
-        for (auto& x : c) x = next();
-        std::vector<double> ref(c.begin(), c.end());
-        const float mul = 0.37f;
-        const auto val = [](uint16_t h) { return static_cast<double>(bf16_t::to_float(h)); };
-        double max_ref = 0;
-        for (int64_t m = 0; m < sh.m; ++m)
-          for (int64_t n = 0; n < sh.n; ++n) {
-            double acc = 0;
-            for (int64_t k = 0; k < sh.k2; ++k) {
-              const uint16_t* ap = a.data() + m * ars + k * ats;
-              const uint32_t w = b[static_cast<size_t>(k * ldb + n)];
-              acc += val(ap[0]) * val(static_cast<uint16_t>(w & 0xFFFFu)) +
-                     val(ap[1]) * val(static_cast<uint16_t>(w >> 16));
+      for (bool accumulate : {false, true})
+        for (const float mul : {0.37f, 1.f}) {
+          SCOPED_TRACE("M " + std::to_string(sh.m) + " N " + std::to_string(sh.n) + " K2 " +
+                       std::to_string(sh.k2) + (strided_a ? " strided A" : "") +
+                       (accumulate ? " accumulate" : "") + " mul " + std::to_string(mul));
+          // A(m, k2) at a + m*ars + k2*ats: rows of 2*K2 values (padded by 6), or pairs along m
+          // with the k2 stride of a packed block (ats = 2 * ld).
+          const int64_t ld = sh.m + 3;
+          const int64_t ars = strided_a ? 2 : 2 * sh.k2 + 6, ats = strided_a ? 2 * ld : 2;
+          std::vector<uint16_t> a(static_cast<size_t>(strided_a ? 2 * ld * sh.k2 : sh.m * ars));
+          std::vector<uint32_t> b(static_cast<size_t>(sh.k2 * (sh.n + 5)));
+          const int64_t ldb = sh.n + 5;
+          uint64_t state = 12345 + static_cast<uint64_t>(sh.m * 7 + sh.n * 3 + sh.k2);
+          const auto next = [&state] {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            return static_cast<float>(static_cast<int64_t>(state >> 40) % 2001 - 1000) / 500.0f;
+          };
+          for (auto& x : a) x = bf16_t::from_float(next());
+          for (auto& w : b)
+            w = static_cast<uint32_t>(bf16_t::from_float(next())) |
+                (static_cast<uint32_t>(bf16_t::from_float(next())) << 16);
+          const int64_t ldc = sh.n + 2;
+          std::vector<float> c(static_cast<size_t>(sh.m * ldc));
+          for (auto& x : c) x = next();
+          std::vector<double> ref(c.begin(), c.end());
+          const auto val = [](uint16_t h) { return static_cast<double>(bf16_t::to_float(h)); };
+          double max_ref = 0;
+          for (int64_t m = 0; m < sh.m; ++m)
+            for (int64_t n = 0; n < sh.n; ++n) {
+              double acc = 0;
+              for (int64_t k = 0; k < sh.k2; ++k) {
+                const uint16_t* ap = a.data() + m * ars + k * ats;
+                const uint32_t w = b[static_cast<size_t>(k * ldb + n)];
+                acc += val(ap[0]) * val(static_cast<uint16_t>(w & 0xFFFFu)) +
+                       val(ap[1]) * val(static_cast<uint16_t>(w >> 16));
+              }
+              double& r = ref[static_cast<size_t>(m * ldc + n)];
+              r = (accumulate ? r : 0.0) + mul * acc;
+              max_ref = std::max(max_ref, std::abs(r));
             }
-            double& r = ref[static_cast<size_t>(m * ldc + n)];
-            r = (accumulate ? r : 0.0) + mul * acc;
-            max_ref = std::max(max_ref, std::abs(r));
+          AmxModelTiles::dps = 0;
+          AmxModelTiles::c_loads = 0;
+          kernels::cpu::amx_gemm_bf16<AmxModelTiles>(sh.m, sh.n, sh.k2, a.data(), ars, ats,
+                                                     b.data(), ldb, c.data(), ldc, accumulate, mul);
+          EXPECT_FALSE(AmxModelTiles::configured) << "tiles not released";
+          EXPECT_EQ(AmxModelTiles::dps,
+                    4 * ((sh.m + 31) / 32) * ((sh.n + 31) / 32) * ((sh.k2 + 15) / 16));
+          // Whole 32 x 32 blocks of C accumulate in place when there is no scale.
+          EXPECT_EQ(AmxModelTiles::c_loads,
+                    accumulate && mul == 1.f ? (sh.m / 32) * (sh.n / 32) : 0);
+          double max_err = 0;
+          for (size_t x = 0; x < c.size(); ++x) {
+            const bool in_c = static_cast<int64_t>(x) % ldc < sh.n;
+            max_err = std::max(max_err, std::abs(c[x] - (in_c ? ref[x] : ref[x])));
           }
-        AmxModelTiles::dps = 0;
-        kernels::cpu::amx_gemm_bf16<AmxModelTiles>(sh.m, sh.n, sh.k2, a.data(), ars, ats, b.data(),
-                                                   ldb, c.data(), ldc, accumulate, mul);
-        EXPECT_FALSE(AmxModelTiles::configured) << "tiles not released";
-        EXPECT_EQ(AmxModelTiles::dps,
-                  4 * ((sh.m + 31) / 32) * ((sh.n + 31) / 32) * ((sh.k2 + 15) / 16));
-        double max_err = 0;
-        for (size_t x = 0; x < c.size(); ++x) {
-          const bool in_c = static_cast<int64_t>(x) % ldc < sh.n;
-          max_err = std::max(max_err, std::abs(c[x] - (in_c ? ref[x] : ref[x])));
+          EXPECT_LE(max_err, 1e-5 * std::max(1.0, max_ref));
         }
-        EXPECT_LE(max_err, 1e-5 * std::max(1.0, max_ref));
-      }
 }
 
 TEST(FlashKernels, IsaSelectionRejectsUnavailableAndNamesThem) {
