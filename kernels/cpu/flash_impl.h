@@ -302,6 +302,11 @@ template <class Isa>
 void forward_impl(const FlashForwardParams& p) {
   constexpr int64_t kBq = Isa::kFwdBlockQ;
   constexpr int64_t kBk = Isa::kFwdBlockK;
+  // Row stride of the score tile st[j][i]: a multiple of 16 floats (aligned column blocks)
+  // that is not a multiple of 1024 bytes, so that a column block's rows (the softmax reads
+  // one column block down all key rows, twice) spread over the L1 sets instead of sharing
+  // a few.
+  constexpr int64_t kLdS = kBq + 16;
   const int64_t B = p.batch, Sq = p.seq_q, Sk = p.seq_k, Hq = p.heads_q, D = p.head_dim,
                 Dv = p.head_dim_v;
   const int64_t group = Hq / p.heads_kv;
@@ -334,9 +339,9 @@ void forward_impl(const FlashForwardParams& p) {
 #pragma omp parallel if (parallel_main)
   {
     // fp32 tiles (qt, kbuf, vbuf) or bf16-pair tiles (qt holds qp, kbuf pp, vbuf vp).
-    FloatBuffer qt(bf16_dot ? D / 2 * kBq : D * kBq), st(kBk * kBq), o(kBq * Dv),
-        kbuf(bf16_dot ? 2 * ldw * kBq : kBk * D), vbuf(bf16_dot ? kb2 * Dv : kBk * Dv),
-        stats(3 * kBq), row(std::max(D, Dv));
+    FloatBuffer qt(bf16_dot ? D / 2 * kBq : D * kBq), st(kBk * kLdS), o(kBq * Dv),
+        kbuf(bf16_dot ? 2 * std::max(ldw * kBq, kb2 * kLdS) : kBk * D),
+        vbuf(bf16_dot ? kb2 * Dv : kBk * Dv), stats(3 * kBq), row(std::max(D, Dv));
     float* m = stats.get();
     float* l = m + kBq;
     float* alpha = l + kBq;
@@ -397,21 +402,21 @@ void forward_impl(const FlashForwardParams& p) {
           // st = c2 * K Q^T: the scale is applied to the fp32 scores, q stays as stored.
           if constexpr (kHasBf16Dot<Isa>)
             Isa::gemm_bf16(bk, nq, D / 2, static_cast<const uint16_t*>(p.k.data) + koff, p.k.ss, 2,
-                           reinterpret_cast<const uint32_t*>(qt.get()) + ia, kBq, sq, kBq, false,
+                           reinterpret_cast<const uint32_t*>(qt.get()) + ia, kBq, sq, kLdS, false,
                            p_rows ? 1.f : c2);
         } else {
           const Rows kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
           vr = fp32_rows(p.v, voff, p.v.ss, bk, Dv, vbuf.get());
-          Isa::gemm(bk, nq, D, kr.ptr, kr.ld, 1, qt.get() + ia, kBq, sq, kBq, false);
+          Isa::gemm(bk, nq, D, kr.ptr, kr.ld, 1, qt.get() + ia, kBq, sq, kLdS, false);
         }
-        if (kind == Mask::kPartial) mask.apply_transposed(sq, kBq, i0 + ia, nq, j0, bk);
+        if (kind == Mask::kPartial) mask.apply_transposed(sq, kLdS, i0 + ia, nq, j0, bk);
         auto* const pw = reinterpret_cast<uint32_t*>(kbuf.get());
         if (p_rows) {
           if constexpr (kSoftmaxPacksRows<Isa>)
-            Isa::softmax_pack_rows(sq, kBq, bk, nq, c2, m + ia, l + ia, alpha + ia, pw,
+            Isa::softmax_pack_rows(sq, kLdS, bk, nq, c2, m + ia, l + ia, alpha + ia, pw,
                                    p_split ? pw + ldw * kBq : nullptr, ldw);
         } else {
-          Isa::softmax_columns(sq, kBq, bk, nq, m + ia, l + ia, alpha + ia);
+          Isa::softmax_columns(sq, kLdS, bk, nq, m + ia, l + ia, alpha + ia);
         }
         for (int64_t i = ia; i < ia + nq; ++i) {
           const float a = alpha[i];
@@ -430,10 +435,11 @@ void forward_impl(const FlashForwardParams& p) {
             Isa::pack_v(static_cast<const uint16_t*>(p.v.data) + voff, p.v.ss, bk, Dv, vp);
             // A(i, j2) of P: pw rows from 0 (p_rows) or the pairs pack_p lays along the
             // queries, from column ia.
-            const int64_t p_hi = p_rows ? ldw * kBq : kb2 * kBq;
-            const int64_t ars = p_rows ? 2 * ldw : 2, ats = p_rows ? 2 : 2 * kBq;
+            // (pack_p lays its pairs with the stride of st.)
+            const int64_t p_hi = p_rows ? ldw * kBq : kb2 * kLdS;
+            const int64_t ars = p_rows ? 2 * ldw : 2, ats = p_rows ? 2 : 2 * kLdS;
             uint32_t* const pa = p_rows ? pw : pw + ia;
-            if (!p_rows) Isa::pack_p(sq, kBq, bk, nq, pa, p_split ? pa + p_hi : nullptr);
+            if (!p_rows) Isa::pack_p(sq, kLdS, bk, nq, pa, p_split ? pa + p_hi : nullptr);
             prefetch_tile<Isa>(p.k, koff + kBk * p.k.ss, next_rows, D);
             for (int pass = 0; pass < (p_split ? 2 : 1); ++pass)
               Isa::gemm_bf16(nq, Dv, (bk + 1) / 2,
@@ -443,7 +449,7 @@ void forward_impl(const FlashForwardParams& p) {
           }
         } else {
           prefetch_tile<Isa>(p.k, koff + kBk * p.k.ss, next_rows, D);
-          Isa::gemm(nq, Dv, bk, sq, 1, kBq, vr.ptr, vr.ld, oq, Dv, true);
+          Isa::gemm(nq, Dv, bk, sq, 1, kLdS, vr.ptr, vr.ld, oq, Dv, true);
           prefetch_tile<Isa>(p.v, voff + kBk * p.v.ss, next_rows, Dv);
         }
         progress.tick();

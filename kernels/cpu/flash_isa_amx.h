@@ -76,13 +76,16 @@ struct AmxIsa : Avx512Bf16Isa {
     const int64_t groups = ((rows + 1) / 2 + 15) / 16;
     alignas(64) uint32_t hbuf[16 * 16];
     alignas(64) uint32_t lbuf[16 * 16];
-    const auto split = [](__m512 x, __m512i& hi_w, __m512i& lo_w, bool want_lo) {
-      const __m512i h = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
-      hi_w = h;
-      if (want_lo) {
-        const __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
-        lo_w = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r)));
-      }
+    // 16-bit element 2i of a word vector from lane i of the first float vector, 2i + 1 from
+    // lane i of the second (cvtne2ps_pbh puts the second's 16 lanes after the first's).
+    alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                         21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                         11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i interleave = _mm512_load_si512(kInterleave);
+    const __m512i hi_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const auto words = [&](__m512 e0, __m512 e1) {
+      return _mm512_permutexvar_epi16(interleave,
+                                      reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
     };
     for (int64_t i0 = 0; i0 < cols; i0 += 16) {
       const __mmask16 mk = tail_mask(cols - i0);
@@ -104,12 +107,14 @@ struct AmxIsa : Avx512Bf16Isa {
                 exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, st + (j + 1) * ld + i0), vs, mu));
           sum0 = _mm512_add_ps(sum0, e0);
           sum1 = _mm512_add_ps(sum1, e1);
-          __m512i h0, l0 = _mm512_setzero_si512(), h1, l1 = _mm512_setzero_si512();
-          split(e0, h0, l0, pw_lo != nullptr);
-          split(e1, h1, l1, pw_lo != nullptr);
-          _mm512_store_si512(hbuf + 16 * t, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
-          if (pw_lo != nullptr)
-            _mm512_store_si512(lbuf + 16 * t, _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
+          const __m512i w = words(e0, e1);
+          _mm512_store_si512(hbuf + 16 * t, w);
+          if (pw_lo != nullptr) {
+            // Residues against the rounded values: e0's is the low half, e1's the high one.
+            const __m512 r0 = _mm512_sub_ps(e0, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+            const __m512 r1 = _mm512_sub_ps(e1, _mm512_castsi512_ps(_mm512_and_si512(w, hi_half)));
+            _mm512_store_si512(lbuf + 16 * t, words(r0, r1));
+          }
         }
         amx_transpose16(hbuf, 16, pw + i0 * ldw + 16 * g, ldw);
         if (pw_lo != nullptr) amx_transpose16(lbuf, 16, pw_lo + i0 * ldw + 16 * g, ldw);
