@@ -29,9 +29,10 @@
 #include <vector>
 #if defined(__AVX512F__)
 // GCC 12 flags the _mm512_undefined_* inside some intrinsics as maybe-uninitialized when they
-// inline (as in flash_isa_avx512.h); the lanes are fully written.
+// inline (as in flash_isa_avx512.h), or as uninitialized; the lanes are fully written.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 #endif
@@ -70,7 +71,7 @@ inline int64_t amx_round16(int64_t n) {
 }
 
 // dst[r*ldd + k] = the words src[k*lds + r] for r < 16, k < 16 (a 16 x 16 transpose).
-inline void amx_transpose16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
+inline void transpose_words16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
 #if defined(__AVX512F__)
   __m512i r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * lds);
@@ -121,7 +122,7 @@ inline void amx_pack_a(int64_t M, int64_t K2, const uint16_t* a, int64_t ars, in
     const int64_t ldw = ats / 2;
     for (int64_t k0 = 0; k0 < K2; k0 += 16)
       for (int64_t m0 = 0; m0 < M; m0 += 16)
-        amx_transpose16(w + k0 * ldw + m0, ldw, out + m0 * K16 + k0, K16);
+        transpose_words16(w + k0 * ldw + m0, ldw, out + m0 * K16 + k0, K16);
     return;
   }
   for (int64_t m = 0; m < M16; ++m)

@@ -54,12 +54,6 @@ struct AmxHwTiles {
 
 struct AmxIsa : Avx512Bf16Isa {
   static constexpr int64_t kFwdBlockQ = 512;
-  // The forward's next K and V tiles into the cache (kPrefetchTiles): K rows feed the tile
-  // loads straight from memory.
-  static void prefetch_rows(const char* base, int64_t ld_bytes, int64_t rows, int64_t row_bytes) {
-    prefetch_rows_t0(base, ld_bytes, rows, row_bytes);
-  }
-
   // softmax_columns and pack_p in one pass, writing P in the layout an A tile loads in place
   // (flash_impl.h, kSoftmaxPacksRows): the scores st[j][i] (keys j in rows, queries i in
   // columns, not yet scaled) become P = exp2(scale * st - m_new) with the running m, l and
@@ -116,8 +110,8 @@ struct AmxIsa : Avx512Bf16Isa {
             _mm512_store_si512(lbuf + 16 * t, words(r0, r1));
           }
         }
-        amx_transpose16(hbuf, 16, pw + i0 * ldw + 16 * g, ldw);
-        if (pw_lo != nullptr) amx_transpose16(lbuf, 16, pw_lo + i0 * ldw + 16 * g, ldw);
+        transpose_words16(hbuf, 16, pw + i0 * ldw + 16 * g, ldw);
+        if (pw_lo != nullptr) transpose_words16(lbuf, 16, pw_lo + i0 * ldw + 16 * g, ldw);
       }
       const __m512 l_old = _mm512_maskz_loadu_ps(mk, l + i0);
       _mm512_mask_storeu_ps(l + i0, mk, _mm512_fmadd_ps(l_old, al, _mm512_add_ps(sum0, sum1)));

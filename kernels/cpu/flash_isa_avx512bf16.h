@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/cpu/amx_gemm.h"  // transpose_words16
 #include "kernels/cpu/flash_isa_avx512.h"
 
 namespace distattn::kernels::cpu {
@@ -94,9 +95,16 @@ struct Avx512Bf16Isa : Avx512Isa {
   static void pack_q(const uint16_t* q, int64_t ss, int64_t rows, int64_t D, uint32_t* qp,
                      int64_t ld) {
     const int64_t D2 = D / 2;
+    // Whole 16 x 16 blocks of words (rows whose stride is a whole number of words) as
+    // register transposes; the rest word by word.
+    const int64_t i16 = ss % 2 == 0 ? rows / 16 * 16 : 0, d16 = D2 / 16 * 16;
+    for (int64_t i0 = 0; i0 < i16; i0 += 16)
+      for (int64_t d0 = 0; d0 < d16; d0 += 16)
+        transpose_words16(reinterpret_cast<const uint32_t*>(q + i0 * ss) + d0, ss / 2,
+                          qp + d0 * ld + i0, ld);
     for (int64_t i = 0; i < rows; ++i) {
       const uint16_t* r = q + i * ss;
-      for (int64_t d2 = 0; d2 < D2; ++d2) qp[d2 * ld + i] = load_word(r + 2 * d2);
+      for (int64_t d2 = i < i16 ? d16 : 0; d2 < D2; ++d2) qp[d2 * ld + i] = load_word(r + 2 * d2);
     }
     if (rows < ld)
       for (int64_t d2 = 0; d2 < D2; ++d2) std::memset(qp + d2 * ld + rows, 0, (ld - rows) * 4);
