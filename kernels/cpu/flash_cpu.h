@@ -32,9 +32,8 @@ enum class CpuKernelIsa { kAuto, kPortable, kAvx2, kAvx512, kAvx512Bf16, kAmx };
 // requested set is not available in this build or on this CPU.
 void set_cpu_kernel_isa(CpuKernelIsa isa);
 // What the next call uses. DISTATTN_CPU_KERNEL=auto|portable|avx2|avx512|avx512bf16|amx is
-// read once; auto takes AVX512-BF16, else AVX-512, else AVX2+FMA, else portable. AMX runs
-// when asked for: its tiles have not yet run on an AMX machine (their driver is checked
-// against a model of the tile instructions, see amx_gemm.h), so auto does not pick them.
+// read once; auto takes AMX (when Linux grants the tile state), else AVX512-BF16, else
+// AVX-512, else AVX2+FMA, else portable.
 CpuKernelIsa active_cpu_kernel_isa();
 // True for the AVX-512 levels (kAvx512, kAvx512Bf16, kAmx): the AVX-512 kernels run.
 inline bool is_avx512_level(CpuKernelIsa isa) {

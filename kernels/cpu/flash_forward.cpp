@@ -148,6 +148,7 @@ CpuKernelIsa active_cpu_kernel_isa() {
   CpuKernelIsa isa = static_cast<CpuKernelIsa>(g_forced_isa.load());
   if (isa == CpuKernelIsa::kAuto) isa = env_isa();
   if (isa == CpuKernelIsa::kAuto) {
+    if (cpu_kernel_isa_available(CpuKernelIsa::kAmx)) return CpuKernelIsa::kAmx;
     if (cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16)) return CpuKernelIsa::kAvx512Bf16;
     if (cpu_kernel_isa_available(CpuKernelIsa::kAvx512)) return CpuKernelIsa::kAvx512;
     if (cpu_kernel_isa_available(CpuKernelIsa::kAvx2)) return CpuKernelIsa::kAvx2;

@@ -274,6 +274,15 @@ inline void prefetch_rows_t0(const char* base, int64_t ld_bytes, int64_t rows, i
   (void)base, (void)ld_bytes, (void)rows, (void)row_bytes;
 #endif
 }
+// The forward's query block on fp32 tiles: Isa::kFwdBlockQFp32 where a policy's bf16 tiles
+// want a larger kFwdBlockQ (flash_isa_amx.h), else kFwdBlockQ.
+template <class Isa>
+constexpr int64_t fwd_block_q_fp32() {
+  if constexpr (requires { Isa::kFwdBlockQFp32; })
+    return Isa::kFwdBlockQFp32;
+  else
+    return Isa::kFwdBlockQ;
+}
 // Policies that prefetch the forward's next K and V tiles (flash_isa_avx2.h,
 // flash_isa_amx.h):
 //   Isa::prefetch_rows(base, ld_bytes, rows, row_bytes)
@@ -310,9 +319,16 @@ void forward_impl(const FlashForwardParams& p) {
   const int64_t B = p.batch, Sq = p.seq_q, Sk = p.seq_k, Hq = p.heads_q, D = p.head_dim,
                 Dv = p.head_dim_v;
   const int64_t group = Hq / p.heads_kv;
-  // Query block: kBq, halved (down to 32) while that leaves threads without an item.
+  // bf16 tiles: K is read as stored, Q, V and P are packed as bf16 pairs
+  // (flash_isa_avx512bf16.h).
+  bool bf16_dot = false;
+  if constexpr (kHasBf16Dot<Isa>)
+    bf16_dot = p.q.dtype == DType::kBFloat16 && p.k.dtype == DType::kBFloat16 &&
+               p.v.dtype == DType::kBFloat16 && D % 2 == 0;
+  // Query block: kBq (the fp32 tiles' own block where the policy sets one), halved (down to
+  // 32) while that leaves threads without an item.
   const int64_t threads = omp_get_max_threads();
-  int64_t qstep = kBq;
+  int64_t qstep = bf16_dot ? kBq : fwd_block_q_fp32<Isa>();
   while (qstep > 32 && B * Hq * ((Sq + qstep - 1) / qstep) < threads) qstep /= 2;
   const int64_t nqb = (Sq + qstep - 1) / qstep;
   const int64_t items = B * Hq * nqb;
@@ -322,12 +338,6 @@ void forward_impl(const FlashForwardParams& p) {
   const bool parallel_main =
       items > 1 && static_cast<double>(B * Hq * Sq) * static_cast<double>(Sk * (D + Dv)) >=
                        static_cast<double>(kMinParallelMacs);
-  // bf16 tiles: K is read as stored, Q, V and P are packed as bf16 pairs
-  // (flash_isa_avx512bf16.h).
-  bool bf16_dot = false;
-  if constexpr (kHasBf16Dot<Isa>)
-    bf16_dot = p.q.dtype == DType::kBFloat16 && p.k.dtype == DType::kBFloat16 &&
-               p.v.dtype == DType::kBFloat16 && D % 2 == 0;
   const int64_t kb2 = (kBk + 1) / 2;  // key pairs of a tile
   // fp32 outputs carry P as bf16 hi + lo (two P V passes); bf16 outputs round P once.
   const bool p_split = bf16_dot && p.out.dtype != DType::kBFloat16;

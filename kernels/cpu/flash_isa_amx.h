@@ -53,7 +53,10 @@ struct AmxHwTiles {
 };
 
 struct AmxIsa : Avx512Bf16Isa {
+  // 512 queries per forward item on the bf16 tiles (each K/V tile is packed and loaded once
+  // for more queries: 1.1x over 128 at S 4K, D 128); the fp32 tiles keep AVX-512's 128.
   static constexpr int64_t kFwdBlockQ = 512;
+  static constexpr int64_t kFwdBlockQFp32 = Avx512Bf16Isa::kFwdBlockQ;
   // softmax_columns and pack_p in one pass, writing P in the layout an A tile loads in place
   // (flash_impl.h, kSoftmaxPacksRows): the scores st[j][i] (keys j in rows, queries i in
   // columns, not yet scaled) become P = exp2(scale * st - m_new) with the running m, l and

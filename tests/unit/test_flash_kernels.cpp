@@ -899,17 +899,16 @@ TEST(FlashKernels, IsaSelectionRejectsUnavailableAndNamesThem) {
   }
   EXPECT_STREQ(kernels::cpu::cpu_kernel_isa_name(CpuKernelIsa::kAvx512Bf16), "avx512bf16");
   EXPECT_STREQ(kernels::cpu::cpu_kernel_isa_name(CpuKernelIsa::kAmx), "amx");
-  // AMX implies AVX512-BF16; auto never picks AMX (see flash_cpu.h).
-  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAmx))
+  // AMX implies AVX512-BF16, which implies AVX-512; auto takes the widest level the CPU has.
+  const bool env_unset = std::getenv("DISTATTN_CPU_KERNEL") == nullptr;
+  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAmx)) {
     EXPECT_TRUE(kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16));
-  if (std::getenv("DISTATTN_CPU_KERNEL") == nullptr)
-    EXPECT_NE(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kAmx);
-  // AVX512-BF16 implies AVX-512, and auto takes the widest level the CPU has.
-  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16)) {
-    EXPECT_TRUE(kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512));
-    if (std::getenv("DISTATTN_CPU_KERNEL") == nullptr)
-      EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kAvx512Bf16);
+    if (env_unset) EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kAmx);
+  } else if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16) && env_unset) {
+    EXPECT_EQ(kernels::cpu::active_cpu_kernel_isa(), CpuKernelIsa::kAvx512Bf16);
   }
+  if (kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512Bf16))
+    EXPECT_TRUE(kernels::cpu::cpu_kernel_isa_available(CpuKernelIsa::kAvx512));
 }
 
 }  // namespace
