@@ -274,15 +274,6 @@ inline void prefetch_rows_t0(const char* base, int64_t ld_bytes, int64_t rows, i
   (void)base, (void)ld_bytes, (void)rows, (void)row_bytes;
 #endif
 }
-// The forward's query block on fp32 tiles: Isa::kFwdBlockQFp32 where a policy's bf16 tiles
-// want a larger kFwdBlockQ (flash_isa_amx.h), else kFwdBlockQ.
-template <class Isa>
-constexpr int64_t fwd_block_q_fp32() {
-  if constexpr (requires { Isa::kFwdBlockQFp32; })
-    return Isa::kFwdBlockQFp32;
-  else
-    return Isa::kFwdBlockQ;
-}
 // Policies that prefetch the forward's next K and V tiles (flash_isa_avx2.h,
 // flash_isa_amx.h):
 //   Isa::prefetch_rows(base, ld_bytes, rows, row_bytes)
@@ -316,6 +307,9 @@ void forward_impl(const FlashForwardParams& p) {
   // one column block down all key rows, twice) spread over the L1 sets instead of sharing
   // a few.
   constexpr int64_t kLdS = kBq + 16;
+  // Likewise the packed queries qt[d][i] (the B panel of the scores, read down d for every
+  // block of keys).
+  constexpr int64_t kLdQ = kBq + 16;
   const int64_t B = p.batch, Sq = p.seq_q, Sk = p.seq_k, Hq = p.heads_q, D = p.head_dim,
                 Dv = p.head_dim_v;
   const int64_t group = Hq / p.heads_kv;
@@ -325,10 +319,9 @@ void forward_impl(const FlashForwardParams& p) {
   if constexpr (kHasBf16Dot<Isa>)
     bf16_dot = p.q.dtype == DType::kBFloat16 && p.k.dtype == DType::kBFloat16 &&
                p.v.dtype == DType::kBFloat16 && D % 2 == 0;
-  // Query block: kBq (the fp32 tiles' own block where the policy sets one), halved (down to
-  // 32) while that leaves threads without an item.
+  // Query block: kBq, halved (down to 32) while that leaves threads without an item.
   const int64_t threads = omp_get_max_threads();
-  int64_t qstep = bf16_dot ? kBq : fwd_block_q_fp32<Isa>();
+  int64_t qstep = kBq;
   while (qstep > 32 && B * Hq * ((Sq + qstep - 1) / qstep) < threads) qstep /= 2;
   const int64_t nqb = (Sq + qstep - 1) / qstep;
   const int64_t items = B * Hq * nqb;
@@ -344,14 +337,15 @@ void forward_impl(const FlashForwardParams& p) {
   // P by rows (kSoftmaxPacksRows): pw[i*ldw + j2], the scale applied in the softmax (scores
   // stored unscaled; a positive scale keeps the mask's -inf).
   const int64_t ldw = (kb2 + 15) / 16 * 16;
+  const int64_t ldv = (Dv + 15) / 16 * 16 + 16;  // fp32 V tile stride (not a multiple of 1 KB)
   const bool p_rows = kSoftmaxPacksRows<Isa> && bf16_dot && c2 > 0.f;
 
 #pragma omp parallel if (parallel_main)
   {
     // fp32 tiles (qt, kbuf, vbuf) or bf16-pair tiles (qt holds qp, kbuf pp, vbuf vp).
-    FloatBuffer qt(bf16_dot ? D / 2 * kBq : D * kBq), st(kBk * kLdS), o(kBq * Dv),
+    FloatBuffer qt(bf16_dot ? D / 2 * kLdQ : D * kLdQ), st(kBk * kLdS), o(kBq * Dv),
         kbuf(bf16_dot ? 2 * std::max(ldw * kBq, kb2 * kLdS) : kBk * D),
-        vbuf(bf16_dot ? kb2 * Dv : kBk * Dv), stats(3 * kBq), row(std::max(D, Dv));
+        vbuf(bf16_dot ? kb2 * Dv : kBk * ldv), stats(3 * kBq), row(std::max(D, Dv));
     float* m = stats.get();
     float* l = m + kBq;
     float* alpha = l + kBq;
@@ -372,12 +366,12 @@ void forward_impl(const FlashForwardParams& p) {
         if constexpr (kHasBf16Dot<Isa>)
           Isa::pack_q(
               static_cast<const uint16_t*>(p.q.data) + b * p.q.sb + i0 * p.q.ss + h * p.q.sh,
-              p.q.ss, bq, D, reinterpret_cast<uint32_t*>(qt.get()), kBq);
+              p.q.ss, bq, D, reinterpret_cast<uint32_t*>(qt.get()), kLdQ);
       } else {
         for (int64_t i = 0; i < bq; ++i) {
           const int64_t off = b * p.q.sb + (i0 + i) * p.q.ss + h * p.q.sh;
           load_row(byte_ptr(p.q.data, p.q.dtype, off), p.q.dtype, D, row.get(), c2);
-          for (int64_t d = 0; d < D; ++d) qt.get()[d * kBq + i] = row.get()[d];
+          for (int64_t d = 0; d < D; ++d) qt.get()[d * kLdQ + i] = row.get()[d];
         }
       }
       for (int64_t i = 0; i < bq; ++i) {
@@ -412,12 +406,17 @@ void forward_impl(const FlashForwardParams& p) {
           // st = c2 * K Q^T: the scale is applied to the fp32 scores, q stays as stored.
           if constexpr (kHasBf16Dot<Isa>)
             Isa::gemm_bf16(bk, nq, D / 2, static_cast<const uint16_t*>(p.k.data) + koff, p.k.ss, 2,
-                           reinterpret_cast<const uint32_t*>(qt.get()) + ia, kBq, sq, kLdS, false,
+                           reinterpret_cast<const uint32_t*>(qt.get()) + ia, kLdQ, sq, kLdS, false,
                            p_rows ? 1.f : c2);
         } else {
           const Rows kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
-          vr = fp32_rows(p.v, voff, p.v.ss, bk, Dv, vbuf.get());
-          Isa::gemm(bk, nq, D, kr.ptr, kr.ld, 1, qt.get() + ia, kBq, sq, kLdS, false);
+          // V, the B panel of P V, always as a copy with a padded stride: rows of a [S, H, D]
+          // operand are whole kilobytes apart and would share a few L1 sets.
+          for (int64_t j = 0; j < bk; ++j)
+            load_row(byte_ptr(p.v.data, p.v.dtype, voff + j * p.v.ss), p.v.dtype, Dv,
+                     vbuf.get() + j * ldv);
+          vr = Rows{vbuf.get(), ldv};
+          Isa::gemm(bk, nq, D, kr.ptr, kr.ld, 1, qt.get() + ia, kLdQ, sq, kLdS, false);
         }
         if (kind == Mask::kPartial) mask.apply_transposed(sq, kLdS, i0 + ia, nq, j0, bk);
         auto* const pw = reinterpret_cast<uint32_t*>(kbuf.get());

@@ -41,11 +41,19 @@ inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-// max(init, column block st[j*ld + 0..15] over rows j), lanes outside mk read as 0.
+// max(init, column block st[j*ld + 0..15] over rows j), lanes outside mk read as 0. Four
+// running maxima: one would chain every row on the max latency.
 inline __m512 column_max(const float* st, int64_t ld, int64_t rows, __mmask16 mk, __m512 init) {
-  __m512 mx = init;
-  for (int64_t j = 0; j < rows; ++j) mx = _mm512_max_ps(mx, _mm512_maskz_loadu_ps(mk, st + j * ld));
-  return mx;
+  __m512 m0 = init, m1 = init, m2 = init, m3 = init;
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    m0 = _mm512_max_ps(m0, _mm512_maskz_loadu_ps(mk, st + j * ld));
+    m1 = _mm512_max_ps(m1, _mm512_maskz_loadu_ps(mk, st + (j + 1) * ld));
+    m2 = _mm512_max_ps(m2, _mm512_maskz_loadu_ps(mk, st + (j + 2) * ld));
+    m3 = _mm512_max_ps(m3, _mm512_maskz_loadu_ps(mk, st + (j + 3) * ld));
+  }
+  for (; j < rows; ++j) m0 = _mm512_max_ps(m0, _mm512_maskz_loadu_ps(mk, st + j * ld));
+  return _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
 }
 
 // The softmax's exponent shift for a running max mx: mx, or 0 in columns with no visible key
@@ -120,8 +128,11 @@ inline void for_each_block(int64_t M, int64_t N, F&& f) {
     const int64_t nn = std::min<int64_t>(64, N - n0);
     const int64_t nv = (nn + 15) / 16;
     const __mmask16 last = tail_mask(nn - 16 * (nv - 1));
-    for (int64_t m0 = 0; m0 < M; m0 += 6) {
-      const int64_t mr = std::min<int64_t>(6, M - m0);
+    for (int64_t m0 = 0, mr = 0; m0 < M; m0 += mr) {
+      // Blocks of 6 rows; 7-11 left over split into two near-equal blocks (8 = 4 + 4, not
+      // 6 + 2: a 2-row block is load-bound).
+      const int64_t rem = M - m0;
+      mr = rem >= 12 || rem == 6 ? 6 : rem > 6 ? (rem + 1) / 2 : rem;
       switch (nv) {
         case 4:
           rows.template operator()<4>(mr, m0, n0, last);
