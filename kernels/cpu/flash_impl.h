@@ -158,6 +158,22 @@ inline Rows fp32_rows(const FlashOperand& op, int64_t offset, int64_t ld, int64_
   return {scratch, cols};
 }
 
+// The same rows always copied into `scratch` with row stride `lds` (any dtype): a GEMM's B
+// panel read from a [S, H, D] operand has rows whole kilobytes apart, which share a few L1
+// sets; a padded stride (padded_ld) spreads them.
+inline Rows fp32_rows_copy(const FlashOperand& op, int64_t offset, int64_t ld, int64_t rows,
+                           int64_t cols, float* scratch, int64_t lds) {
+  for (int64_t r = 0; r < rows; ++r)
+    load_row(byte_ptr(op.data, op.dtype, offset + r * ld), op.dtype, cols, scratch + r * lds);
+  return {scratch, lds};
+}
+// A row stride of >= n floats: an odd number of 64-byte lines, so that successive rows
+// fall in different L1 sets.
+constexpr int64_t padded_ld(int64_t n) {
+  const int64_t lines = (n + 15) / 16;
+  return (lines % 2 == 0 ? lines + 1 : lines) * 16;
+}
+
 // Key j (global k_offset+j) is visible to query i (global q_offset+i) iff
 // lo(qpos) <= kpos <= hi(qpos); lo and hi are nondecreasing in qpos.
 struct Mask {
@@ -337,7 +353,7 @@ void forward_impl(const FlashForwardParams& p) {
   // P by rows (kSoftmaxPacksRows): pw[i*ldw + j2], the scale applied in the softmax (scores
   // stored unscaled; a positive scale keeps the mask's -inf).
   const int64_t ldw = (kb2 + 15) / 16 * 16;
-  const int64_t ldv = (Dv + 15) / 16 * 16 + 16;  // fp32 V tile stride (not a multiple of 1 KB)
+  const int64_t ldv = padded_ld(Dv);  // fp32 V tile stride
   const bool p_rows = kSoftmaxPacksRows<Isa> && bf16_dot && c2 > 0.f;
 
 #pragma omp parallel if (parallel_main)
@@ -410,12 +426,8 @@ void forward_impl(const FlashForwardParams& p) {
                            p_rows ? 1.f : c2);
         } else {
           const Rows kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
-          // V, the B panel of P V, always as a copy with a padded stride: rows of a [S, H, D]
-          // operand are whole kilobytes apart and would share a few L1 sets.
-          for (int64_t j = 0; j < bk; ++j)
-            load_row(byte_ptr(p.v.data, p.v.dtype, voff + j * p.v.ss), p.v.dtype, Dv,
-                     vbuf.get() + j * ldv);
-          vr = Rows{vbuf.get(), ldv};
+          // V, the B panel of P V, as a copy with a padded stride.
+          vr = fp32_rows_copy(p.v, voff, p.v.ss, bk, Dv, vbuf.get(), ldv);
           Isa::gemm(bk, nq, D, kr.ptr, kr.ld, 1, qt.get() + ia, kLdQ, sq, kLdS, false);
         }
         if (kind == Mask::kPartial) mask.apply_transposed(sq, kLdS, i0 + ia, nq, j0, bk);
@@ -563,6 +575,10 @@ void backward_impl(const FlashBackwardParams& p) {
   const bool split = bf16_dot && (p.dq.dtype != DType::kBFloat16 ||
                                   p.dk.dtype != DType::kBFloat16 || p.dv.dtype != DType::kBFloat16);
   const int64_t kq2 = (kBq + 1) / 2, kk2 = (kBk + 1) / 2;  // query / key pairs of a block
+  // fp32 tiles: K^T, V^T (kt, vt) and the K, Q, dO rows (kbuf, qbuf, dobuf; copies even of
+  // fp32 operands) with padded strides, so that the GEMMs' B panels spread over the L1 sets.
+  const int64_t ldt = bf16_dot ? kBk : padded_ld(kBk);
+  const int64_t ldk = bf16_dot ? D : padded_ld(D), ldo = bf16_dot ? Dv : padded_ld(Dv);
 
 #pragma omp parallel if (parallel_main)
   {
@@ -571,8 +587,8 @@ void backward_impl(const FlashBackwardParams& p) {
     // dobuf Q and dO as pairs along queries (B of dK = dS^T Q, dV = P^T dO); pw and dsw hold
     // P and dS as pairs along queries (A of dV, dK), dsr dS as pairs along keys (A of dQ),
     // each with its lo half after the hi half.
-    FloatBuffer kt(D * kBk), vt(Dv * kBk), kbuf(kBk * D), vbuf(bf16_dot ? 0 : kBk * Dv),
-        dk_acc(kBk * D), dv_acc(kBk * Dv), qbuf(kBq * D), dobuf(kBq * Dv), s(kBq * kBk),
+    FloatBuffer kt(D * ldt), vt(Dv * ldt), kbuf(kBk * ldk), vbuf(bf16_dot ? 0 : kBk * Dv),
+        dk_acc(kBk * D), dv_acc(kBk * Dv), qbuf(kBq * ldk), dobuf(kBq * ldo), s(kBq * kBk),
         dp(kBq * kBk), pw(bf16_dot ? 2 * kq2 * kBk : 0), dsw(bf16_dot ? 2 * kq2 * kBk : 0),
         dsr(bf16_dot ? 2 * kBq * kk2 : 0);
     auto* const kt_w = reinterpret_cast<uint32_t*>(kt.get());
@@ -608,11 +624,11 @@ void backward_impl(const FlashBackwardParams& p) {
             Isa::pack_v(u16(p.k, koff), p.k.ss, bk, D, kv_w);
           }
         } else {
-          kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
+          kr = fp32_rows_copy(p.k, koff, p.k.ss, bk, D, kbuf.get(), ldk);
           const Rows vr = fp32_rows(p.v, voff, p.v.ss, bk, Dv, vbuf.get());
           for (int64_t j = 0; j < bk; ++j) {
-            for (int64_t d = 0; d < D; ++d) kt.get()[d * kBk + j] = kr.ptr[j * kr.ld + d];
-            for (int64_t d = 0; d < Dv; ++d) vt.get()[d * kBk + j] = vr.ptr[j * vr.ld + d];
+            for (int64_t d = 0; d < D; ++d) kt.get()[d * ldt + j] = kr.ptr[j * kr.ld + d];
+            for (int64_t d = 0; d < Dv; ++d) vt.get()[d * ldt + j] = vr.ptr[j * vr.ld + d];
           }
         }
         std::fill(dk_acc.get(), dk_acc.get() + bk * D, 0.f);
@@ -655,14 +671,14 @@ void backward_impl(const FlashBackwardParams& p) {
                                  2 * kBk, dov_w, Dv, dv_acc.get(), Dv, true, 1.f);
               }
             } else {
-              qr = fp32_rows(p.q, qoff, p.q.ss, bq, D, qbuf.get());
-              dor = fp32_rows(p.dout, dooff, p.dout.ss, bq, Dv, dobuf.get());
+              qr = fp32_rows_copy(p.q, qoff, p.q.ss, bq, D, qbuf.get(), ldk);
+              dor = fp32_rows_copy(p.dout, dooff, p.dout.ss, bq, Dv, dobuf.get(), ldo);
               // S = Q K^T, P = exp2(S * scale*log2e - lse2).
-              Isa::gemm(bq, bk, D, qr.ptr, qr.ld, 1, kt.get(), kBk, s.get(), kBk, false);
+              Isa::gemm(bq, bk, D, qr.ptr, qr.ld, 1, kt.get(), ldt, s.get(), kBk, false);
               if (kind == Mask::kPartial) mask.apply_rows(s.get(), kBk, i0, bq, j0, bk);
               Isa::probs_rows(s.get(), kBk, bq, bk, c2, lse2.get() + row0 + i0);
               // dP = dO V^T; dV += P^T dO.
-              Isa::gemm(bq, bk, Dv, dor.ptr, dor.ld, 1, vt.get(), kBk, dp.get(), kBk, false);
+              Isa::gemm(bq, bk, Dv, dor.ptr, dor.ld, 1, vt.get(), ldt, dp.get(), kBk, false);
               Isa::gemm(bk, Dv, bq, s.get(), 1, kBk, dor.ptr, dor.ld, dv_acc.get(), Dv, true);
             }
             // dS = scale * P * (dP - delta), kept in dp.
