@@ -290,8 +290,7 @@ inline void prefetch_rows_t0(const char* base, int64_t ld_bytes, int64_t rows, i
   (void)base, (void)ld_bytes, (void)rows, (void)row_bytes;
 #endif
 }
-// Policies that prefetch the forward's next K and V tiles (flash_isa_avx2.h,
-// flash_isa_amx.h):
+// Policies that prefetch the fp32 forward's next K and V tiles (flash_isa_avx2.h):
 //   Isa::prefetch_rows(base, ld_bytes, rows, row_bytes)
 template <class Isa>
 constexpr bool kPrefetchTiles = requires {
@@ -446,8 +445,6 @@ void forward_impl(const FlashForwardParams& p) {
             for (int64_t d = 0; d < Dv; ++d) orow[d] *= a;
           }
         }
-        // The next tile's K during this P V, its V after it (kPrefetchTiles policies).
-        const int64_t next_rows = std::min(kBk, jhi - j0 - kBk);
         float* const oq = o.get() + ia * Dv;
         if (bf16_dot) {
           // O += P V with P rounded to bf16 (the normalizer l keeps the fp32 P).
@@ -455,20 +452,19 @@ void forward_impl(const FlashForwardParams& p) {
             auto* vp = reinterpret_cast<uint32_t*>(vbuf.get());
             Isa::pack_v(static_cast<const uint16_t*>(p.v.data) + voff, p.v.ss, bk, Dv, vp);
             // A(i, j2) of P: pw rows from 0 (p_rows) or the pairs pack_p lays along the
-            // queries, from column ia.
-            // (pack_p lays its pairs with the stride of st.)
+            // queries (with the stride of st), from column ia.
             const int64_t p_hi = p_rows ? ldw * kBq : kb2 * kLdS;
             const int64_t ars = p_rows ? 2 * ldw : 2, ats = p_rows ? 2 : 2 * kLdS;
             uint32_t* const pa = p_rows ? pw : pw + ia;
             if (!p_rows) Isa::pack_p(sq, kLdS, bk, nq, pa, p_split ? pa + p_hi : nullptr);
-            prefetch_tile<Isa>(p.k, koff + kBk * p.k.ss, next_rows, D);
             for (int pass = 0; pass < (p_split ? 2 : 1); ++pass)
               Isa::gemm_bf16(nq, Dv, (bk + 1) / 2,
                              reinterpret_cast<const uint16_t*>(pa + pass * p_hi), ars, ats, vp, Dv,
                              oq, Dv, true, 1.f);
-            prefetch_tile<Isa>(p.v, voff + kBk * p.v.ss, next_rows, Dv);
           }
         } else {
+          // The next tile's K during this P V, its V after it (kPrefetchTiles policies).
+          const int64_t next_rows = std::min(kBk, jhi - j0 - kBk);
           prefetch_tile<Isa>(p.k, koff + kBk * p.k.ss, next_rows, D);
           Isa::gemm(nq, Dv, bk, sq, 1, kLdS, vr.ptr, vr.ld, oq, Dv, true);
           prefetch_tile<Isa>(p.v, voff + kBk * p.v.ss, next_rows, Dv);
