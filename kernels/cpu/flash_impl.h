@@ -354,6 +354,41 @@ void forward_impl(const FlashForwardParams& p) {
   const int64_t ldw = (kb2 + 15) / 16 * 16;
   const int64_t ldv = padded_ld(Dv);  // fp32 V tile stride
   const bool p_rows = kSoftmaxPacksRows<Isa> && bf16_dot && c2 > 0.f;
+  // With several query blocks per head, K and V are packed once per call for all items:
+  // bf16 tiles: kpk[b][hk][j][D] (K as stored, rows contiguous) and vpk[b][hk][j/2][Dv]
+  // (pack_v's layout for the whole sequence); fp32 tiles: both as fp32 rows, V with the
+  // padded stride ldv. Every item then reads them contiguously instead of converting or
+  // re-packing its tiles and striding across heads (rows H*D apart, a page each: loads that
+  // miss to L3 without the hardware prefetcher's help). Extra memory: this call's K and V
+  // once more, up to kPrepackBytes; above that, per tile as before.
+  constexpr int64_t kPrepackBytes = int64_t{512} << 20;
+  const int64_t Hkv = p.heads_kv, Sk2 = (Sk + 1) / 2;
+  const int64_t kpk_floats = bf16_dot ? Sk * D / 2 : Sk * D;
+  const int64_t vpk_floats = bf16_dot ? Sk2 * Dv : Sk * ldv;
+  const bool prepack = nqb > 1 && B * Hkv * (kpk_floats + vpk_floats) * 4 <= kPrepackBytes;
+  FloatBuffer kpk(prepack ? B * Hkv * kpk_floats : 0), vpk(prepack ? B * Hkv * vpk_floats : 0);
+  if (prepack) {
+    const int64_t chunks = (Sk + kBk - 1) / kBk;
+#pragma omp parallel for schedule(static) if (parallel_main)
+    for (int64_t x = 0; x < B * Hkv * chunks; ++x) {
+      const int64_t c0 = x % chunks * kBk, bh = x / chunks, hk = bh % Hkv, b = bh / Hkv;
+      const int64_t rows = std::min(kBk, Sk - c0);
+      const int64_t koff = b * p.k.sb + hk * p.k.sh, voff = b * p.v.sb + c0 * p.v.ss + hk * p.v.sh;
+      if (bf16_dot) {
+        if constexpr (kHasBf16Dot<Isa>) {
+          const auto* ks = static_cast<const uint16_t*>(p.k.data) + koff;
+          auto* kd = reinterpret_cast<uint16_t*>(kpk.get()) + bh * Sk * D;
+          for (int64_t j = c0; j < c0 + rows; ++j)
+            std::memcpy(kd + j * D, ks + j * p.k.ss, static_cast<size_t>(D) * 2);
+          Isa::pack_v(static_cast<const uint16_t*>(p.v.data) + voff, p.v.ss, rows, Dv,
+                      reinterpret_cast<uint32_t*>(vpk.get()) + (bh * Sk2 + c0 / 2) * Dv);
+        }
+      } else {
+        fp32_rows_copy(p.k, koff + c0 * p.k.ss, p.k.ss, rows, D, kpk.get() + (bh * Sk + c0) * D, D);
+        fp32_rows_copy(p.v, voff, p.v.ss, rows, Dv, vpk.get() + (bh * Sk + c0) * ldv, ldv);
+      }
+    }
+  }
 
 #pragma omp parallel if (parallel_main)
   {
@@ -419,14 +454,27 @@ void forward_impl(const FlashForwardParams& p) {
         Rows vr{nullptr, 0};
         if (bf16_dot) {
           // st = c2 * K Q^T: the scale is applied to the fp32 scores, q stays as stored.
-          if constexpr (kHasBf16Dot<Isa>)
-            Isa::gemm_bf16(bk, nq, D / 2, static_cast<const uint16_t*>(p.k.data) + koff, p.k.ss, 2,
+          if constexpr (kHasBf16Dot<Isa>) {
+            const uint16_t* kp = static_cast<const uint16_t*>(p.k.data) + koff;
+            int64_t kld = p.k.ss;
+            if (prepack) {
+              kp = reinterpret_cast<const uint16_t*>(kpk.get()) + ((b * Hkv + hk) * Sk + j0) * D;
+              kld = D;
+            }
+            Isa::gemm_bf16(bk, nq, D / 2, kp, kld, 2,
                            reinterpret_cast<const uint32_t*>(qt.get()) + ia, kLdQ, sq, kLdS, false,
                            p_rows ? 1.f : c2);
+          }
         } else {
-          const Rows kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
-          // V, the B panel of P V, as a copy with a padded stride.
-          vr = fp32_rows_copy(p.v, voff, p.v.ss, bk, Dv, vbuf.get(), ldv);
+          // K rows, and V (the B panel of P V) as a copy with a padded stride.
+          Rows kr{nullptr, 0};
+          if (prepack) {
+            kr = Rows{kpk.get() + ((b * Hkv + hk) * Sk + j0) * D, D};
+            vr = Rows{vpk.get() + ((b * Hkv + hk) * Sk + j0) * ldv, ldv};
+          } else {
+            kr = fp32_rows(p.k, koff, p.k.ss, bk, D, kbuf.get());
+            vr = fp32_rows_copy(p.v, voff, p.v.ss, bk, Dv, vbuf.get(), ldv);
+          }
           Isa::gemm(bk, nq, D, kr.ptr, kr.ld, 1, qt.get() + ia, kLdQ, sq, kLdS, false);
         }
         if (kind == Mask::kPartial) mask.apply_transposed(sq, kLdS, i0 + ia, nq, j0, bk);
@@ -449,8 +497,15 @@ void forward_impl(const FlashForwardParams& p) {
         if (bf16_dot) {
           // O += P V with P rounded to bf16 (the normalizer l keeps the fp32 P).
           if constexpr (kHasBf16Dot<Isa>) {
-            auto* vp = reinterpret_cast<uint32_t*>(vbuf.get());
-            Isa::pack_v(static_cast<const uint16_t*>(p.v.data) + voff, p.v.ss, bk, Dv, vp);
+            // The prepacked pairs when this tile's pairs are the sequence's: j0 even, and an
+            // odd tile only at the end (its last pair's zero half is padding, not a key).
+            const uint32_t* vp = reinterpret_cast<uint32_t*>(vbuf.get());
+            if (prepack && j0 % 2 == 0 && (bk % 2 == 0 || j0 + bk == Sk))
+              vp = reinterpret_cast<const uint32_t*>(vpk.get()) +
+                   ((b * Hkv + hk) * Sk2 + j0 / 2) * Dv;
+            else
+              Isa::pack_v(static_cast<const uint16_t*>(p.v.data) + voff, p.v.ss, bk, Dv,
+                          reinterpret_cast<uint32_t*>(vbuf.get()));
             // A(i, j2) of P: pw rows from 0 (p_rows) or the pairs pack_p lays along the
             // queries (with the stride of st), from column ia.
             const int64_t p_hi = p_rows ? ldw * kBq : kb2 * kLdS;
