@@ -237,6 +237,10 @@ inline Mask make_mask(const FlashForwardParams& p) {
   return Mask{p.causal, p.window_left, p.window_right, p.q_offset, p.k_offset};
 }
 
+// Operands the forward and backward pack once per call for all their items (see there)
+// take at most this much extra memory; larger calls pack per tile.
+constexpr int64_t kPrepackBytes = int64_t{512} << 20;
+
 // Small problems run on the calling thread: a thread team's start and barriers cost more
 // than the work (and much more when cores are oversubscribed and waiting threads spin).
 constexpr int64_t kMinParallelMacs = int64_t{1} << 21;
@@ -361,7 +365,6 @@ void forward_impl(const FlashForwardParams& p) {
   // re-packing its tiles and striding across heads (rows H*D apart, a page each: loads that
   // miss to L3 without the hardware prefetcher's help). Extra memory: this call's K and V
   // once more, up to kPrepackBytes; above that, per tile as before.
-  constexpr int64_t kPrepackBytes = int64_t{512} << 20;
   const int64_t Hkv = p.heads_kv, Sk2 = (Sk + 1) / 2;
   const int64_t kpk_floats = bf16_dot ? Sk * D / 2 : Sk * D;
   const int64_t vpk_floats = bf16_dot ? Sk2 * Dv : Sk * ldv;
@@ -631,6 +634,46 @@ void backward_impl(const FlashBackwardParams& p) {
   const int64_t ldt = bf16_dot ? kBk : padded_ld(kBk);
   const int64_t ldk = bf16_dot ? D : padded_ld(D), ldo = bf16_dot ? Dv : padded_ld(Dv);
 
+  // With several key blocks per (batch, KV head), Q and dO are packed once per call, as the
+  // forward packs K and V. bf16 tiles: rows as stored, contiguous (the A of S = Q K^T and
+  // dP = dO V^T), then pairs along the queries (pack_v's layout, the B of dK and dV); fp32
+  // tiles: rows with the padded strides ldk, ldo. Per (b, h): q_floats, do_floats.
+  const int64_t Sq2 = (Sq + 1) / 2;
+  const int64_t q_floats = bf16_dot ? Sq * D / 2 + Sq2 * D : Sq * ldk;
+  const int64_t do_floats = bf16_dot ? Sq * Dv / 2 + Sq2 * Dv : Sq * ldo;
+  const bool prepack = nkb > 1 && B * Hq * (q_floats + do_floats) * 4 <= kPrepackBytes;
+  FloatBuffer qpk(prepack ? B * Hq * q_floats : 0), dopk(prepack ? B * Hq * do_floats : 0);
+  if (prepack) {
+    const int64_t qchunks = (Sq + kBq - 1) / kBq;
+#pragma omp parallel for schedule(static) if (parallel_main)
+    for (int64_t x = 0; x < B * Hq * qchunks; ++x) {
+      const int64_t c0 = x % qchunks * kBq, bh = x / qchunks, h = bh % Hq, b = bh / Hq;
+      const int64_t rows = std::min(kBq, Sq - c0);
+      const int64_t qoff = b * p.q.sb + c0 * p.q.ss + h * p.q.sh;
+      const int64_t dooff = b * p.dout.sb + c0 * p.dout.ss + h * p.dout.sh;
+      float* const qd = qpk.get() + bh * q_floats;
+      float* const dod = dopk.get() + bh * do_floats;
+      if (bf16_dot) {
+        if constexpr (kHasBf16Dot<Isa>) {
+          const auto rows_and_pairs = [&](const FlashOperand& op, int64_t off, int64_t n,
+                                          float* dst) {
+            auto* r = reinterpret_cast<uint16_t*>(dst) + c0 * n;
+            const auto* src = static_cast<const uint16_t*>(op.data) + off;
+            for (int64_t i = 0; i < rows; ++i)
+              std::memcpy(r + i * n, src + i * op.ss, static_cast<size_t>(n) * 2);
+            Isa::pack_v(src, op.ss, rows, n,
+                        reinterpret_cast<uint32_t*>(dst + Sq * n / 2) + c0 / 2 * n);
+          };
+          rows_and_pairs(p.q, qoff, D, qd);
+          rows_and_pairs(p.dout, dooff, Dv, dod);
+        }
+      } else {
+        fp32_rows_copy(p.q, qoff, p.q.ss, rows, D, qd + c0 * ldk, ldk);
+        fp32_rows_copy(p.dout, dooff, p.dout.ss, rows, Dv, dod + c0 * ldo, ldo);
+      }
+    }
+  }
+
 #pragma omp parallel if (parallel_main)
   {
     // fp32 tiles, or in bf16 mode: kt holds K packed as pairs along d (B of S = Q K^T), vt V
@@ -704,26 +747,44 @@ void backward_impl(const FlashBackwardParams& p) {
             const int64_t qoff = b * p.q.sb + i0 * p.q.ss + h * p.q.sh;
             const int64_t dooff = b * p.dout.sb + i0 * p.dout.ss + h * p.dout.sh;
             const int64_t bq2 = (bq + 1) / 2, bk2 = (bk + 1) / 2;
+            // The prepacked rows of this head, and its prepacked pairs when they are this
+            // block's: i0 even, and an odd block only at the end (as in the forward).
+            const float* const qh = prepack ? qpk.get() + (b * Hq + h) * q_floats : nullptr;
+            const float* const doh = prepack ? dopk.get() + (b * Hq + h) * do_floats : nullptr;
+            const bool pairs = prepack && i0 % 2 == 0 && (bq % 2 == 0 || i0 + bq == Sq);
             Rows qr{nullptr, 0}, dor{nullptr, 0};
             if (bf16_dot) {
               if constexpr (kHasBf16Dot<Isa>) {
+                const uint16_t* qa =
+                    prepack ? reinterpret_cast<const uint16_t*>(qh) + i0 * D : u16(p.q, qoff);
+                const uint16_t* doa =
+                    prepack ? reinterpret_cast<const uint16_t*>(doh) + i0 * Dv : u16(p.dout, dooff);
                 // S = Q K^T, P = exp2(S * scale*log2e - lse2); dP = dO V^T; dV += P^T dO.
-                Isa::gemm_bf16(bq, bk, D / 2, u16(p.q, qoff), p.q.ss, 2, kt_w, kBk, s.get(), kBk,
+                Isa::gemm_bf16(bq, bk, D / 2, qa, prepack ? D : p.q.ss, 2, kt_w, kBk, s.get(), kBk,
                                false, 1.f);
                 if (kind == Mask::kPartial) mask.apply_rows(s.get(), kBk, i0, bq, j0, bk);
                 Isa::probs_rows(s.get(), kBk, bq, bk, c2, lse2.get() + row0 + i0);
-                Isa::gemm_bf16(bq, bk, Dv / 2, u16(p.dout, dooff), p.dout.ss, 2, vt_w, kBk,
+                Isa::gemm_bf16(bq, bk, Dv / 2, doa, prepack ? Dv : p.dout.ss, 2, vt_w, kBk,
                                dp.get(), kBk, false, 1.f);
                 Isa::pack_p(s.get(), kBk, bq, bk, pw_w, split ? pw_w + kq2 * kBk : nullptr);
-                Isa::pack_v(u16(p.dout, dooff), p.dout.ss, bq, Dv, dov_w);
+                const uint32_t* dov = dov_w;
+                if (pairs)
+                  dov = reinterpret_cast<const uint32_t*>(doh + Sq * Dv / 2) + i0 / 2 * Dv;
+                else
+                  Isa::pack_v(u16(p.dout, dooff), p.dout.ss, bq, Dv, dov_w);
                 for (int pass = 0; pass < (split ? 2 : 1); ++pass)
                   Isa::gemm_bf16(bk, Dv, bq2,
                                  reinterpret_cast<const uint16_t*>(pw_w + pass * kq2 * kBk), 2,
-                                 2 * kBk, dov_w, Dv, dv_acc.get(), Dv, true, 1.f);
+                                 2 * kBk, dov, Dv, dv_acc.get(), Dv, true, 1.f);
               }
             } else {
-              qr = fp32_rows_copy(p.q, qoff, p.q.ss, bq, D, qbuf.get(), ldk);
-              dor = fp32_rows_copy(p.dout, dooff, p.dout.ss, bq, Dv, dobuf.get(), ldo);
+              if (prepack) {
+                qr = Rows{qh + i0 * ldk, ldk};
+                dor = Rows{doh + i0 * ldo, ldo};
+              } else {
+                qr = fp32_rows_copy(p.q, qoff, p.q.ss, bq, D, qbuf.get(), ldk);
+                dor = fp32_rows_copy(p.dout, dooff, p.dout.ss, bq, Dv, dobuf.get(), ldo);
+              }
               // S = Q K^T, P = exp2(S * scale*log2e - lse2).
               Isa::gemm(bq, bk, D, qr.ptr, qr.ld, 1, kt.get(), ldt, s.get(), kBk, false);
               if (kind == Mask::kPartial) mask.apply_rows(s.get(), kBk, i0, bq, j0, bk);
@@ -744,13 +805,17 @@ void backward_impl(const FlashBackwardParams& p) {
             if (bf16_dot) {
               if constexpr (kHasBf16Dot<Isa>) {
                 Isa::pack_p(dp.get(), kBk, bq, bk, dsw_w, split ? dsw_w + kq2 * kBk : nullptr);
-                Isa::pack_v(u16(p.q, qoff), p.q.ss, bq, D, qv_w);
+                const uint32_t* qv = qv_w;
+                if (pairs)
+                  qv = reinterpret_cast<const uint32_t*>(qh + Sq * D / 2) + i0 / 2 * D;
+                else
+                  Isa::pack_v(u16(p.q, qoff), p.q.ss, bq, D, qv_w);
                 Isa::pack_rows(dp.get(), kBk, bq, bk, dsr_w, split ? dsr_w + kBq * kk2 : nullptr,
                                kk2);
                 for (int pass = 0; pass < (split ? 2 : 1); ++pass) {
                   Isa::gemm_bf16(bk, D, bq2,
                                  reinterpret_cast<const uint16_t*>(dsw_w + pass * kq2 * kBk), 2,
-                                 2 * kBk, qv_w, D, dk_acc.get(), D, true, 1.f);
+                                 2 * kBk, qv, D, dk_acc.get(), D, true, 1.f);
                   Isa::gemm_bf16(bq, D, bk2,
                                  reinterpret_cast<const uint16_t*>(dsr_w + pass * kBq * kk2),
                                  2 * kk2, 2, kv_w, D, dq_rows + i0 * dq_ld, dq_ld, true, 1.f);
