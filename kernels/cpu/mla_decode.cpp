@@ -7,6 +7,7 @@
 
 #include "distattn/config.h"
 #include "distattn/core/error.h"
+#include "kernels/cpu/flash_cpu.h"
 #include "kernels/cpu/mla_cpu.h"
 #include "kernels/cpu/mla_decode_body.h"
 
@@ -18,6 +19,9 @@ void mla_decode_run_portable(const MlaDecodeParams& p) {
 }
 #if DISTATTN_WITH_AVX512
 void mla_decode_run_avx512(const MlaDecodeParams& p);  // mla_decode_avx512.cpp
+#endif
+#if DISTATTN_WITH_AMX
+void mla_decode_run_amx(const MlaDecodeParams& p);  // mla_decode_amx.cpp
 #endif
 }  // namespace detail
 
@@ -116,9 +120,26 @@ void mla_decode_avx512(const TensorView& q_lat, const TensorView& q_pe,
 #endif
 }
 
+bool mla_decode_amx_available() {
+  return cpu_kernel_isa_available(CpuKernelIsa::kAmx);
+}
+
+void mla_decode_amx(const TensorView& q_lat, const TensorView& q_pe,
+                    const ops::MlaPagedCache& cache, const TensorView& out, const TensorView& lse,
+                    const ops::MlaDecodeOptions& opts) {
+  DISTATTN_CHECK_STATUS(mla_decode_amx_available(), Status::kUnsupported,
+                        "mla_decode_amx: this CPU, kernel or build has no AMX tiles (use "
+                        "mla_decode_avx512 or mla_decode_portable)");
+#if DISTATTN_WITH_AMX
+  run_with(&detail::mla_decode_run_amx, q_lat, q_pe, cache, out, lse, opts);
+#endif
+}
+
 void mla_decode(const TensorView& q_lat, const TensorView& q_pe, const ops::MlaPagedCache& cache,
                 const TensorView& out, const TensorView& lse, const ops::MlaDecodeOptions& opts) {
-  if (mla_decode_avx512_available())
+  if (active_cpu_kernel_isa() == CpuKernelIsa::kAmx)
+    mla_decode_amx(q_lat, q_pe, cache, out, lse, opts);
+  else if (mla_decode_avx512_available())
     mla_decode_avx512(q_lat, q_pe, cache, out, lse, opts);
   else
     mla_decode_portable(q_lat, q_pe, cache, out, lse, opts);

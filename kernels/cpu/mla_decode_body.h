@@ -49,16 +49,33 @@ struct MlaDecodeParams {
   float* part_l = nullptr;    // [B*splits, H]
 };
 
-// Floats of per-thread scratch the body needs.
+// Tokens per AMX step (two 16-row tiles; a kMlaTile tile is two steps).
+constexpr int kMlaAmxTokens = 32;
+
+// Floats of per-thread scratch the AMX task needs (below): the query's three bf16 parts as
+// B words [part][head block][W32/2][16], a token tile [32][W32] bf16, its value pairs
+// [16][Dl16] words, the scores [32][16], P's three parts [3][16][16] words, a transpose
+// block, and a 16-head block of accumulators [16][Dl16].
+inline int64_t mla_amx_scratch_floats(int64_t heads, int64_t latent, int64_t rope) {
+  const int64_t w32 = (latent + rope + 31) / 32 * 32, h16 = (heads + 15) / 16 * 16;
+  const int64_t dl16 = (latent + 15) / 16 * 16;
+  return 3 * (w32 / 2) * h16 + kMlaAmxTokens * w32 / 2 + (kMlaAmxTokens / 2) * dl16 +
+         kMlaAmxTokens * 16 + 4 * 256 + 16 * dl16 + 64;
+}
+
+// Floats of per-thread scratch the body needs (either task).
 inline int64_t mla_thread_scratch_floats(int64_t heads, int64_t latent, int64_t rope) {
   const int64_t w = latent + rope;
-  return 2 * w * kMlaTile + heads * w + 2 * 4 * kMlaTile + 64;
+  const int64_t simd = 2 * w * kMlaTile + heads * w + 2 * 4 * kMlaTile + 64;
+  const int64_t amx = mla_amx_scratch_floats(heads, latent, rope);
+  return simd > amx ? simd : amx;
 }
 
 }  // namespace distattn::kernels::cpu::detail
 
 namespace {
 
+using distattn::kernels::cpu::detail::kMlaAmxTokens;
 using distattn::kernels::cpu::detail::kMlaTile;
 using distattn::kernels::cpu::detail::MlaDecodeParams;
 
@@ -345,6 +362,15 @@ inline void mla_gather(const MlaDecodeParams& pr, int64_t b, int64_t tok0, int n
     for (int t = 0; t < kMlaTile; ++t) kt[d0 * kMlaTile + t] = rows[t * w + d0];
 }
 
+// A task's partial state before its first tile: no keys seen.
+inline void mla_task_start(int64_t heads, int64_t latent, float* acc, float* m, float* l) {
+  for (int64_t i = 0; i < heads * latent; ++i) acc[i] = 0.0f;
+  for (int64_t i = 0; i < heads; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+  }
+}
+
 inline void mla_decode_task(const MlaDecodeParams& pr, int64_t task, float* scratch) {
   const int64_t b = task / pr.splits, split = task % pr.splits;
   const int64_t h = pr.heads, dl = pr.latent, dr = pr.rope, w = dl + dr;
@@ -353,14 +379,10 @@ inline void mla_decode_task(const MlaDecodeParams& pr, int64_t task, float* scra
   float* qbuf = v + kMlaTile * w;
   float* s_scr = qbuf + h * w;
   float* p_scr = s_scr + 4 * kMlaTile;
-  float* acc = pr.part_acc + task * h * dl;
-  float* m = pr.part_m + task * h;
-  float* l = pr.part_l + task * h;
-  for (int64_t i = 0; i < h * dl; ++i) acc[i] = 0.0f;
-  for (int64_t i = 0; i < h; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-  }
+  float* const acc = pr.part_acc + task * h * dl;
+  float* const m = pr.part_m + task * h;
+  float* const l = pr.part_l + task * h;
+  mla_task_start(h, dl, acc, m, l);
   // Pre-scaled query rows [mu*scale*q_lat | scale*q_pe]: one W-wide dot gives the logit.
   for (int64_t hh = 0; hh < h; ++hh) {
     const float* ql = pr.q_lat + b * pr.ql_sb + hh * pr.ql_sh;
@@ -385,6 +407,213 @@ inline void mla_decode_task(const MlaDecodeParams& pr, int64_t task, float* scra
     for (; h0 < h; ++h0) mla_head_block<1>(pr, h0, qbuf, kt, v, nt, acc, m, l, s_scr, p_scr);
   }
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The AMX-BF16 task for bf16 pages. Per 32-token step and block of 16 heads:
+//   S^T[t][h] = K[t] . (q0 + q1 + q2)[h]      tiles 0-1 (tokens 0-15, 16-31), A 2-3, B 4-6
+//   online softmax per head (lanes = heads), natural exp as mla_softmax
+//   O[h][:] += (p0 + p1 + p2)[h] . V           C tile 0, P parts 1-3, V pairs 4
+// q (fp32, pre-scaled) and P are split into three bf16 parts (x = x0 + x1 + x2 to ~2^-24
+// relative), so the products keep the fp32 kernel's accuracy; the cache values are bf16
+// already, and the tiles accumulate in fp32.
+struct alignas(64) MlaAmxTileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Three bf16 parts of 16 floats (round to nearest even): x - x0 - x1 - x2 ~ 2^-24 |x|.
+inline void mla_split3(__m512 x, __m256i* parts) {
+  for (int k = 0; k < 3; ++k) {
+    const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+    parts[k] = h;
+    x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+}
+
+// dst[r*ldd + k] = src[k*lds + r] for a 16 x 16 block of 32-bit words.
+inline void mla_transpose_words16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
+  mla_transpose16(reinterpret_cast<const float*>(src), lds, reinterpret_cast<float*>(dst), ldd);
+}
+
+inline void mla_decode_task_amx(const MlaDecodeParams& pr, int64_t task, float* scratch) {
+  const int64_t b = task / pr.splits, split = task % pr.splits;
+  const int64_t h = pr.heads, dl = pr.latent, dr = pr.rope, w = dl + dr;
+  const int64_t w32 = (w + 31) / 32 * 32, h16 = (h + 15) / 16 * 16, dl16 = (dl + 15) / 16 * 16;
+  const int64_t hblocks = h16 / 16, ksteps = w32 / 32, w2 = w32 / 2;
+  auto* qw = reinterpret_cast<uint32_t*>(scratch);                        // [3][hblocks][w2][16]
+  auto* kt = reinterpret_cast<uint16_t*>(qw + 3 * w2 * h16);              // [32][w32]
+  auto* vp = reinterpret_cast<uint32_t*>(kt + kMlaAmxTokens * w32);       // [16][dl16]
+  float* st = reinterpret_cast<float*>(vp + (kMlaAmxTokens / 2) * dl16);  // [32][16]
+  auto* pw = reinterpret_cast<uint32_t*>(st + kMlaAmxTokens * 16);        // [3][16][16]
+  uint32_t* tb = pw + 3 * 256;                                            // [16][16]
+  float* ob = reinterpret_cast<float*>(tb + 256);                         // [16][dl16]
+  float* const acc = pr.part_acc + task * h * dl;
+  float* const m = pr.part_m + task * h;
+  float* const l = pr.part_l + task * h;
+  mla_task_start(h, dl, acc, m, l);
+  // The query rows [mu*scale*q_lat | scale*q_pe | 0...] as three parts of B words.
+  auto* qh = reinterpret_cast<uint16_t*>(qw);
+  for (int64_t hh = 0; hh < h16; ++hh) {
+    const float* ql = hh < h ? pr.q_lat + b * pr.ql_sb + hh * pr.ql_sh : nullptr;
+    const float* qp = hh < h && dr > 0 ? pr.q_pe + b * pr.qp_sb + hh * pr.qp_sh : nullptr;
+    for (int64_t d0 = 0; d0 < w32; d0 += 16) {
+      alignas(64) float v[16];
+      for (int k = 0; k < 16; ++k) {
+        const int64_t d = d0 + k;
+        v[k] = hh >= h || d >= w ? 0.0f : d < dl ? pr.scale * pr.mu * ql[d] : pr.scale * qp[d - dl];
+      }
+      __m256i parts[3];
+      mla_split3(_mm512_load_ps(v), parts);
+      for (int p = 0; p < 3; ++p) {
+        alignas(32) uint16_t u[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(u), parts[p]);
+        uint16_t* base = qh + 2 * ((p * hblocks + hh / 16) * w2 * 16);
+        for (int k = 0; k < 16; ++k) {
+          const int64_t d = d0 + k;
+          base[2 * ((d / 2) * 16 + hh % 16) + (d & 1)] = u[k];
+        }
+      }
+    }
+  }
+  MlaAmxTileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t len = pr.seq_lens[b * pr.sl_s0];
+  const int64_t tiles = (len + kMlaTile - 1) / kMlaTile;
+  const int64_t t_begin = tiles * split / pr.splits, t_end = tiles * (split + 1) / pr.splits;
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                       21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  for (int64_t step = t_begin * (kMlaTile / kMlaAmxTokens);
+       step < t_end * (kMlaTile / kMlaAmxTokens); ++step) {
+    const int64_t tok0 = step * kMlaAmxTokens;
+    if (tok0 >= len) break;
+    const int nt = static_cast<int>(len - tok0 < kMlaAmxTokens ? len - tok0 : kMlaAmxTokens);
+    // Gather the token rows (bf16, zero past W and past the last token).
+    for (int t = 0; t < kMlaAmxTokens; ++t) {
+      uint16_t* dst = kt + t * w32;
+      int64_t d = 0;
+      if (t < nt) {
+        const int64_t tok = tok0 + t;
+        const int64_t page = pr.page_table[b * pr.pt_s0 + (tok / pr.page_size) * pr.pt_s1];
+        const uint16_t* src = static_cast<const uint16_t*>(pr.pages) + page * pr.pg_s0 +
+                              (tok % pr.page_size) * pr.pg_s1;
+        std::memcpy(dst, src, static_cast<size_t>(w) * 2);
+        d = w;
+      }
+      for (; d < w32; ++d) dst[d] = 0;
+    }
+    // Value pairs vp[t2][e] = (V[2 t2][e], V[2 t2 + 1][e]), zero past Dl.
+    for (int t2 = 0; t2 < kMlaAmxTokens / 2; ++t2) {
+      const uint16_t* r0 = kt + 2 * t2 * w32;
+      const uint16_t* r1 = r0 + w32;
+      for (int64_t e = 0; e < dl16; e += 16) {
+        const __mmask16 mk = dl - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (dl - e)) - 1u);
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, r0 + e));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, r1 + e));
+        _mm512_storeu_si512(vp + t2 * dl16 + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+    for (int64_t hb = 0; hb < hblocks; ++hb) {
+      const int64_t h0 = hb * 16, hn = h - h0 < 16 ? h - h0 : 16;
+      // Scores.
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t ks = 0; ks < ksteps; ++ks) {
+        _tile_loadd(2, kt + ks * 32, w32 * 2);
+        _tile_loadd(3, kt + 16 * w32 + ks * 32, w32 * 2);
+        _tile_loadd(4, qw + ((0 * hblocks + hb) * w2 + ks * 16) * 16, 64);
+        _tile_loadd(5, qw + ((1 * hblocks + hb) * w2 + ks * 16) * 16, 64);
+        _tile_loadd(6, qw + ((2 * hblocks + hb) * w2 + ks * 16) * 16, 64);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(0, 2, 5);
+        _tile_dpbf16ps(0, 2, 6);
+        _tile_dpbf16ps(1, 3, 4);
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(1, 3, 6);
+      }
+      _tile_stored(0, st, 64);
+      _tile_stored(1, st + 256, 64);
+      // Online softmax of the 16 heads (lanes) over the nt tokens.
+      const __mmask16 hm = hn >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << hn) - 1u);
+      const __m512 m_old = _mm512_mask_loadu_ps(ninf, hm, m + h0);
+      __m512 mx = m_old;
+      for (int t = 0; t < nt; ++t) mx = _mm512_max_ps(mx, _mm512_loadu_ps(st + 16 * t));
+      const __mmask16 none = _mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ);
+      const __m512 mu = _mm512_mask_blend_ps(none, mx, _mm512_setzero_ps());
+      const __m512 al =
+          _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_old, ninf, _CMP_EQ_OQ),
+                               mla_exp16(_mm512_sub_ps(m_old, mu)), _mm512_setzero_ps());
+      __m512 sum = _mm512_setzero_ps();
+      for (int t2 = 0; t2 < kMlaAmxTokens / 2; ++t2) {
+        __m512 e[2];
+        for (int k = 0; k < 2; ++k) {
+          const int t = 2 * t2 + k;
+          e[k] = t < nt ? mla_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + 16 * t), mu))
+                        : _mm512_setzero_ps();
+          sum = _mm512_add_ps(sum, e[k]);
+        }
+        __m256i p0[3], p1[3];
+        mla_split3(e[0], p0);
+        mla_split3(e[1], p1);
+        // Words (P[h][2 t2], P[h][2 t2 + 1]) for the 16 heads, staged as [t2][h].
+        for (int p = 0; p < 3; ++p) {
+          const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(p0[p]), p1[p], 1);
+          _mm512_storeu_si512(pw + p * 256 + 16 * t2, _mm512_permutexvar_epi16(interleave, both));
+        }
+      }
+      // Heads in rows, token pairs in columns: the A tiles of P V.
+      for (int p = 0; p < 3; ++p) {
+        std::memcpy(tb, pw + p * 256, 1024);
+        mla_transpose_words16(tb, 16, pw + p * 256, 16);
+      }
+      _mm512_mask_storeu_ps(l + h0, hm,
+                            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(hm, l + h0), al, sum));
+      _mm512_mask_storeu_ps(m + h0, hm, mx);
+      // O = alpha O + P V; a partial head block or latent width goes through ob.
+      alignas(64) float alv[16];
+      _mm512_store_ps(alv, al);
+      const bool direct = hn == 16 && dl16 == dl;
+      float* const c = direct ? acc + h0 * dl : ob;
+      const int64_t ldc = direct ? dl : dl16;
+      for (int64_t hh = 0; hh < 16; ++hh) {
+        float* row = c + hh * ldc;
+        if (!direct) {
+          for (int64_t d = 0; d < dl16; ++d)
+            row[d] = hh < hn && d < dl ? acc[(h0 + hh) * dl + d] : 0.0f;
+        }
+        if (alv[hh] != 1.0f)
+          for (int64_t d = 0; d < dl16; d += 16)
+            _mm512_storeu_ps(row + d,
+                             _mm512_mul_ps(_mm512_set1_ps(alv[hh]), _mm512_loadu_ps(row + d)));
+      }
+      _tile_loadd(1, pw, 64);
+      _tile_loadd(2, pw + 256, 64);
+      _tile_loadd(3, pw + 512, 64);
+      for (int64_t e0 = 0; e0 < dl16; e0 += 16) {
+        _tile_loadd(0, c + e0, ldc * 4);
+        _tile_loadd(4, vp + e0, dl16 * 4);
+        _tile_dpbf16ps(0, 1, 4);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_stored(0, c + e0, ldc * 4);
+      }
+      if (!direct)
+        for (int64_t hh = 0; hh < hn; ++hh)
+          for (int64_t d = 0; d < dl; ++d) acc[(h0 + hh) * dl + d] = ob[hh * dl16 + d];
+    }
+  }
+  _tile_release();
+}
+#endif
 
 // LSE merge of the splits of sequence b, head hh, into out/lse.
 inline void mla_finish(const MlaDecodeParams& pr, int64_t b, int64_t hh) {
@@ -423,6 +652,12 @@ inline void mla_decode_run(const MlaDecodeParams& pr) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(pr.threads)
   for (int64_t task = 0; task < tasks; ++task) {
     float* scratch = pr.thread_scratch + omp_get_thread_num() * pr.thread_scratch_floats;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (pr.pages_bf16) {
+      mla_decode_task_amx(pr, task, scratch);
+      continue;
+    }
+#endif
     mla_decode_task(pr, task, scratch);
   }
   const int64_t rows = pr.batch * pr.heads;

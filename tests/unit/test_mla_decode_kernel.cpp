@@ -182,6 +182,25 @@ TEST(MlaDecodeKernel, AnySplitCountAndBothBuildsGiveTheSameResult) {
   omp_set_num_threads(saved);
 }
 
+// The AMX tiles (bf16 pages; q and P in three bf16 parts) at the fp32 tolerance: partial
+// head blocks (heads not a multiple of 16), widths not a multiple of 32, no RoPE, partial
+// pages and empty sequences, several split counts.
+TEST(MlaDecodeKernel, AmxTilesOnBf16PagesMatchReference) {
+  if (!kernels::cpu::mla_decode_amx_available())
+    GTEST_SKIP() << "no AMX tiles on this CPU or build (the amx kernel level is unavailable)";
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(2);
+  const std::vector<Case> cases = {
+      Case{20, 512, 64, 64, {130, 64, 1}, DType::kBFloat16},
+      Case{9, 16, 8, 16, {0, 5, 17, 64, 333}, DType::kBFloat16, 0.7f},
+      Case{4, 64, 0, 16, {70, 3}, DType::kBFloat16},
+      Case{32, 128, 64, 32, {1000, 250}, DType::kBFloat16},
+  };
+  for (const Case& c : cases)
+    for (int splits : {0, 1, 3}) check(c, splits, &kernels::cpu::mla_decode_amx, "amx");
+  omp_set_num_threads(saved);
+}
+
 TEST(MlaDecodeKernel, RejectsInconsistentInputs) {
   Case c{4, 64, 16, 16, {40}};
   Built b = build(c, 7);
