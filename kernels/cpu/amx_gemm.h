@@ -27,15 +27,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
-// GCC 12 flags the _mm512_undefined_* inside some intrinsics as maybe-uninitialized when they
-// inline (as in flash_isa_avx512.h), or as uninitialized; the lanes are fully written.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-#include <immintrin.h>
-#endif
+
+#include "kernels/cpu/transpose16.h"
 
 namespace distattn::kernels::cpu {
 namespace {
@@ -70,39 +63,6 @@ inline int64_t amx_round16(int64_t n) {
   return (n + 15) / 16 * 16;
 }
 
-// dst[r*ldd + k] = the words src[k*lds + r] for r < 16, k < 16 (a 16 x 16 transpose).
-inline void transpose_words16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
-#if defined(__AVX512F__)
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * lds);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // r[4q + s] holds, in 128-bit lane L, rows 4q..4q+3 of column 4L + s: a 4 x 4 transpose
-  // of lanes per s puts column c = 4L + s together.
-  for (int s = 0; s < 4; ++s) {
-    const __m512i p = _mm512_shuffle_i32x4(r[s], r[4 + s], 0x88);
-    const __m512i q = _mm512_shuffle_i32x4(r[s], r[4 + s], 0xDD);
-    const __m512i u = _mm512_shuffle_i32x4(r[8 + s], r[12 + s], 0x88);
-    const __m512i v = _mm512_shuffle_i32x4(r[8 + s], r[12 + s], 0xDD);
-    _mm512_storeu_si512(dst + s * ldd, _mm512_shuffle_i32x4(p, u, 0x88));
-    _mm512_storeu_si512(dst + (s + 8) * ldd, _mm512_shuffle_i32x4(p, u, 0xDD));
-    _mm512_storeu_si512(dst + (s + 4) * ldd, _mm512_shuffle_i32x4(q, v, 0x88));
-    _mm512_storeu_si512(dst + (s + 12) * ldd, _mm512_shuffle_i32x4(q, v, 0xDD));
-  }
-#else
-  for (int r = 0; r < 16; ++r)
-    for (int k = 0; k < 16; ++k) dst[r * ldd + k] = src[k * lds + r];
-#endif
-}
-
 // Scratch of the packed operands: one per thread, grown to the largest call and kept.
 inline uint32_t* amx_scratch(int which, int64_t words) {
   thread_local std::vector<uint32_t> buf[2];
@@ -122,7 +82,7 @@ inline void amx_pack_a(int64_t M, int64_t K2, const uint16_t* a, int64_t ars, in
     const int64_t ldw = ats / 2;
     for (int64_t k0 = 0; k0 < K2; k0 += 16)
       for (int64_t m0 = 0; m0 < M; m0 += 16)
-        transpose_words16(w + k0 * ldw + m0, ldw, out + m0 * K16 + k0, K16);
+        transpose16_words(w + k0 * ldw + m0, ldw, out + m0 * K16 + k0, K16);
     return;
   }
   for (int64_t m = 0; m < M16; ++m)

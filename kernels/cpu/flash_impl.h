@@ -167,6 +167,14 @@ inline Rows fp32_rows_copy(const FlashOperand& op, int64_t offset, int64_t ld, i
     load_row(byte_ptr(op.data, op.dtype, offset + r * ld), op.dtype, cols, scratch + r * lds);
   return {scratch, lds};
 }
+// `rows` rows of n 16-bit values of an operand from element `offset` on (row stride op.ss),
+// copied into dst with row stride n.
+inline void rows16_copy(const FlashOperand& op, int64_t offset, int64_t rows, int64_t n,
+                        uint16_t* dst) {
+  const auto* src = static_cast<const uint16_t*>(op.data) + offset;
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + r * n, src + r * op.ss, static_cast<size_t>(n) * 2);
+}
 // A row stride of >= n floats: an odd number of 64-byte lines, so that successive rows
 // fall in different L1 sets.
 constexpr int64_t padded_ld(int64_t n) {
@@ -379,10 +387,8 @@ void forward_impl(const FlashForwardParams& p) {
       const int64_t koff = b * p.k.sb + hk * p.k.sh, voff = b * p.v.sb + c0 * p.v.ss + hk * p.v.sh;
       if (bf16_dot) {
         if constexpr (kHasBf16Dot<Isa>) {
-          const auto* ks = static_cast<const uint16_t*>(p.k.data) + koff;
-          auto* kd = reinterpret_cast<uint16_t*>(kpk.get()) + bh * Sk * D;
-          for (int64_t j = c0; j < c0 + rows; ++j)
-            std::memcpy(kd + j * D, ks + j * p.k.ss, static_cast<size_t>(D) * 2);
+          rows16_copy(p.k, koff + c0 * p.k.ss, rows, D,
+                      reinterpret_cast<uint16_t*>(kpk.get()) + (bh * Sk + c0) * D);
           Isa::pack_v(static_cast<const uint16_t*>(p.v.data) + voff, p.v.ss, rows, Dv,
                       reinterpret_cast<uint32_t*>(vpk.get()) + (bh * Sk2 + c0 / 2) * Dv);
         }
@@ -657,11 +663,8 @@ void backward_impl(const FlashBackwardParams& p) {
         if constexpr (kHasBf16Dot<Isa>) {
           const auto rows_and_pairs = [&](const FlashOperand& op, int64_t off, int64_t n,
                                           float* dst) {
-            auto* r = reinterpret_cast<uint16_t*>(dst) + c0 * n;
-            const auto* src = static_cast<const uint16_t*>(op.data) + off;
-            for (int64_t i = 0; i < rows; ++i)
-              std::memcpy(r + i * n, src + i * op.ss, static_cast<size_t>(n) * 2);
-            Isa::pack_v(src, op.ss, rows, n,
+            rows16_copy(op, off, rows, n, reinterpret_cast<uint16_t*>(dst) + c0 * n);
+            Isa::pack_v(static_cast<const uint16_t*>(op.data) + off, op.ss, rows, n,
                         reinterpret_cast<uint32_t*>(dst + Sq * n / 2) + c0 / 2 * n);
           };
           rows_and_pairs(p.q, qoff, D, qd);

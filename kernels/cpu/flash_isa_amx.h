@@ -116,8 +116,8 @@ struct AmxIsa : Avx512Bf16Isa {
             _mm512_store_si512(lbuf + 16 * t, words(r0, r1));
           }
         }
-        transpose_words16(hbuf, 16, pw + i0 * ldw + 16 * g, ldw);
-        if (pw_lo != nullptr) transpose_words16(lbuf, 16, pw_lo + i0 * ldw + 16 * g, ldw);
+        transpose16_words(hbuf, 16, pw + i0 * ldw + 16 * g, ldw);
+        if (pw_lo != nullptr) transpose16_words(lbuf, 16, pw_lo + i0 * ldw + 16 * g, ldw);
       }
       const __m512 l_old = _mm512_maskz_loadu_ps(mk, l + i0);
       _mm512_mask_storeu_ps(l + i0, mk, _mm512_fmadd_ps(l_old, al, _mm512_add_ps(sum0, sum1)));

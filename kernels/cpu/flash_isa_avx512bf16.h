@@ -21,8 +21,8 @@
 #include <cstdint>
 #include <cstring>
 
-#include "kernels/cpu/amx_gemm.h"  // transpose_words16
 #include "kernels/cpu/flash_isa_avx512.h"
+#include "kernels/cpu/transpose16.h"
 
 namespace distattn::kernels::cpu {
 namespace {
@@ -100,7 +100,7 @@ struct Avx512Bf16Isa : Avx512Isa {
     const int64_t i16 = ss % 2 == 0 ? rows / 16 * 16 : 0, d16 = D2 / 16 * 16;
     for (int64_t i0 = 0; i0 < i16; i0 += 16)
       for (int64_t d0 = 0; d0 < d16; d0 += 16)
-        transpose_words16(reinterpret_cast<const uint32_t*>(q + i0 * ss) + d0, ss / 2,
+        transpose16_words(reinterpret_cast<const uint32_t*>(q + i0 * ss) + d0, ss / 2,
                           qp + d0 * ld + i0, ld);
     for (int64_t i = 0; i < rows; ++i) {
       const uint16_t* r = q + i * ss;

@@ -12,6 +12,8 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+#include "kernels/cpu/transpose16.h"
 #endif
 
 #include <cmath>
@@ -295,30 +297,10 @@ inline void mla_head_block(const MlaDecodeParams& pr, int64_t h0, const float* q
 }
 
 #if defined(__AVX512F__)
-// dst[c][r] = src[r][c] for a 16 x 16 block (row strides lds, ldd).
+// dst[c][r] = src[r][c] for a 16 x 16 block of floats (row strides lds, ldd).
 inline void mla_transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + 4 + j], 0x88);
-      t[i + 4 + j] = _mm512_shuffle_f32x4(r[i + j], r[i + 4 + j], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+  distattn::kernels::cpu::transpose16_words(reinterpret_cast<const uint32_t*>(src), lds,
+                                            reinterpret_cast<uint32_t*>(dst), ldd);
 }
 #endif
 
@@ -431,11 +413,6 @@ inline void mla_split3(__m512 x, __m256i* parts) {
     parts[k] = h;
     x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
   }
-}
-
-// dst[r*ldd + k] = src[k*lds + r] for a 16 x 16 block of 32-bit words.
-inline void mla_transpose_words16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
-  mla_transpose16(reinterpret_cast<const float*>(src), lds, reinterpret_cast<float*>(dst), ldd);
 }
 
 inline void mla_decode_task_amx(const MlaDecodeParams& pr, int64_t task, float* scratch) {
@@ -573,7 +550,7 @@ inline void mla_decode_task_amx(const MlaDecodeParams& pr, int64_t task, float* 
       // Heads in rows, token pairs in columns: the A tiles of P V.
       for (int p = 0; p < 3; ++p) {
         std::memcpy(tb, pw + p * 256, 1024);
-        mla_transpose_words16(tb, 16, pw + p * 256, 16);
+        distattn::kernels::cpu::transpose16_words(tb, 16, pw + p * 256, 16);
       }
       _mm512_mask_storeu_ps(l + h0, hm,
                             _mm512_fmadd_ps(_mm512_maskz_loadu_ps(hm, l + h0), al, sum));
