@@ -16,8 +16,8 @@
 // 2) and M and K2 are multiples of 16, B when N and K2 are; otherwise the operand is packed
 // once per call into a zero-padded scratch (A's word-transposed layout, ars == 2, as the
 // P V and dS^T Q products pass it, is transposed 16 x 16 words at a time). C tiles load from
-// and store to C in place when a 16 x 16 block is whole and mul is 1; other blocks go
-// through a scratch and the scaled epilogue.
+// and store to C in place when their whole 32 x 32 block lies inside C and mul is 1; other
+// blocks go through a scratch and the scaled epilogue.
 //
 // The backend T provides: begin(const AmxTileConfig*) / end() around a call, zero_c()
 // (tiles 0-3), load_c(c0, c1, c2, c3, stride) (tiles 0-3 from memory), load_ab(a0, sa0, a1,

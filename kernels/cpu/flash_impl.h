@@ -329,14 +329,12 @@ template <class Isa>
 void forward_impl(const FlashForwardParams& p) {
   constexpr int64_t kBq = Isa::kFwdBlockQ;
   constexpr int64_t kBk = Isa::kFwdBlockK;
-  // Row stride of the score tile st[j][i]: a multiple of 16 floats (aligned column blocks)
-  // that is not a multiple of 1024 bytes, so that a column block's rows (the softmax reads
-  // one column block down all key rows, twice) spread over the L1 sets instead of sharing
-  // a few.
-  constexpr int64_t kLdS = kBq + 16;
-  // Likewise the packed queries qt[d][i] (the B panel of the scores, read down d for every
-  // block of keys).
-  constexpr int64_t kLdQ = kBq + 16;
+  // Padded row strides (padded_ld) of the score tile st[j][i] (the softmax reads one column
+  // block down all key rows, twice) and of the packed queries qt[d][i] (the B panel of the
+  // scores, read down d for every block of keys), so that those rows spread over the L1 sets
+  // instead of sharing a few.
+  constexpr int64_t kLdS = padded_ld(kBq);
+  constexpr int64_t kLdQ = padded_ld(kBq);
   const int64_t B = p.batch, Sq = p.seq_q, Sk = p.seq_k, Hq = p.heads_q, D = p.head_dim,
                 Dv = p.head_dim_v;
   const int64_t group = Hq / p.heads_kv;
